@@ -1,0 +1,308 @@
+"""`raysae report RESULTS_DIR`: one offline HTML page answering "which penalty wins where".
+
+The page leads with a sentence that states the answer (computed by raysae.pareto), then the
+frontier figure, the tables (best penalty per target L0, who wins where, hypervolumes,
+trial counts, search settings) and the remaining figures. Images are embedded as base64
+data URIs, so report.html is one self-contained file; the PNGs also stay in figures/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raysae import pareto, plots
+
+SEARCH_SPACE = {"p": (0.2, 1.0, False), "s": (1e-2, 1e2, True), "lam": (1e-4, 10.0, True)}
+MIN_TRIALS_FOR_IMPORTANCE = 8
+TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
+CSS = """
+body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#222;
+ max-width:1020px;margin:2em auto;padding:0 1.2em;background:#fcfcfb}
+h1{font-size:1.6em;margin-bottom:.1em} h2{margin-top:2em;border-bottom:1px solid #ddd;
+ padding-bottom:.2em;font-size:1.2em} .sub{color:#777;margin-top:0}
+.headline{background:#eef4fb;border-left:5px solid #1f5fa8;padding:.9em 1.2em;
+ font-size:1.08em;border-radius:4px} .headline li{margin:.25em 0}
+figure{margin:1.2em 0} figure img{max-width:100%;border:1px solid #e4e4e4;background:#fff}
+figcaption{color:#555;font-size:.9em} table{border-collapse:collapse;margin:.6em 0;
+ font-size:.88em} th,td{padding:.3em .7em;border-bottom:1px solid #e6e6e6;text-align:right}
+th{background:#f1f1ef;text-align:center} td.l,th.l{text-align:left}
+tr:nth-child(even) td{background:#f8f8f6} .good{color:#18794e;font-weight:600}
+.bad{color:#b3261e} .note{color:#666;font-size:.9em}
+"""
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def representatives(trials: pd.DataFrame, table: pd.DataFrame | None) -> dict:
+    """Per family, the finished SAE in `table` whose L0 is closest (in log) to a common L0."""
+    if table is None or not len(table):
+        return {}
+    done = trials[(trials["status"] == "finished") & (trials["l0"] > 0)]
+    done = done[done["trial_id"].isin(set(table["trial_id"]))]
+    if not len(done):
+        return {}
+    centre = np.exp(np.median(np.log(done["l0"])))
+    out = {}
+    for fam in pareto.families(done):
+        sub = done[done["family"] == fam]
+        r = sub.loc[np.abs(np.log(sub["l0"] / centre)).idxmin()]
+        out[fam] = (r["trial_id"], float(r["l0"]))
+    return out
+
+
+def param_importances(trials: pd.DataFrame, direction: str = "minimize") -> dict | None:
+    """Optuna's importances of p, s, lam for the objective; None when too few usable trials."""
+    import optuna
+
+    dists = {k: optuna.distributions.FloatDistribution(lo, hi, log=log)
+             for k, (lo, hi, log) in SEARCH_SPACE.items()}
+    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
+    ok = ok[np.logical_and.reduce([ok[k].between(d.low, d.high) for k, d in dists.items()])]
+    if len(ok) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction)
+    study.add_trials([optuna.trial.create_trial(
+        params={k: float(r[k]) for k in dists}, distributions=dists, value=float(r["objective"]))
+        for _, r in ok.iterrows()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            imp = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError):
+            return None
+    return {k: float(v) for k, v in imp.items()} if sum(imp.values()) > 0 else None
+
+
+def analyse(res: pareto.Results) -> dict:
+    """Everything the page shows, computed once: fronts, curves, crossovers, tables."""
+    pts = pareto.points_table(res.trials, res.ablations)
+    if not len(pts):
+        raise ValueError("no finished trial with l0 > 0 and finite ce_sae; nothing to report")
+    curves = pareto.matched_l0(pts)
+    fams = pareto.families(pts)
+    switch = pd.DataFrame([pareto.switch_point(curves, f) for f in fams if f != "L1"],
+                          columns=list(pareto.switch_point(curves, "").keys()))
+    targets = res.search.get("target_l0s") or pareto.default_targets(res.trials, pts)
+    direction = "maximize" if str(res.search.get("mode", "min")).startswith("max") else "minimize"
+    return {"points": pts, "fronts": pareto.fronts(pts), "fronts_fvu": pareto.fronts(pts, "fvu")
+            if "fvu" in pts else None, "curves": curves, "switch": switch,
+            "wins": pareto.win_ranges(curves, fams, TIE_TOL), "direction": direction,
+            "summary": pareto.summary_table(res.trials, pts, [float(t) for t in targets]),
+            "hv": pd.concat([pareto.hypervolumes(pts, y).assign(metric=y) for y in ("ce_sae", "fvu")
+                             if y in pts], ignore_index=True),
+            "importance": param_importances(res.trials, direction)}
+
+
+def _versus_l1(r) -> str:
+    """One clause from a pareto.switch_point row: where a family beats L1, by how much."""
+    gain = (f", by up to {r.max_gain:.3g} nats at L0 {r.max_gain_l0:.3g}"
+            if r.max_gain > 0 else "")
+    span = f"L0 {r.l0_min:.3g}–{r.l0_max:.3g}"
+    cross = f"; the fronts cross {r.n_crossings} times" if r.n_crossings > 1 else ""
+    if r.side in ("above", "below"):
+        return (f"<b>{r.family}</b> beats L1 {r.side} L0 ≈ <b>{r.l0:.3g}</b>{gain} "
+                f"(compared over {span}{cross}).")
+    say = {"everywhere": "beats L1 everywhere in", "nowhere": "never beats L1 in",
+           "middle": "beats L1 only inside"}[r.side]
+    return f"<b>{r.family}</b> {say} {span}{gain}{cross}."
+
+
+def _vs(saved: float, family: str) -> str:
+    word = "below" if saved >= 0 else "above"
+    return f"{abs(saved):.3g} nats {word} {family}"
+
+
+def headline(a: dict) -> str:
+    """The answer in a few sentences (HTML list items)."""
+    items = [_versus_l1(r) for r in a["switch"].dropna(subset=["l0_min"]).itertuples()]
+    w = a["wins"]
+    if len(w):
+        spans = "; ".join(f"<b>{r.family}</b> for L0 {r.l0_from:.3g}–{r.l0_to:.3g}"
+                          + (" (alone there)" if np.isnan(r.max_margin) else "")
+                          for r in w.itertuples())
+        items.append(f"Lowest CE at matched L0 (leads under {TIE_TOL} nats count as ties): "
+                     f"{spans}.")
+    s = a["summary"].dropna(subset=["saved_vs_L1"])
+    if len(s):
+        r = s.loc[s["saved_vs_L1"].idxmax()]
+        vs_sqrt = (f" and {_vs(r['saved_vs_sqrt'], 'sqrt')}"
+                   if np.isfinite(r.get("saved_vs_sqrt", np.nan)) else "")
+        items.append(f"Best penalty found: p = <b>{r['p']:.3g}</b>, s = <b>{r['s']:.3g}</b> at "
+                     f"L0 {r['l0']:.3g} (target {r['target_l0']:.3g}): CE {r['ce_sae']:.4g}, "
+                     f"<b>{_vs(r['saved_vs_L1'], 'L1')}</b>{vs_sqrt} at the same L0.")
+    if not items:
+        items.append("Too little overlapping data to compare families; see the frontier.")
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _table(df: pd.DataFrame, cols: dict, signed: tuple = (), table_id: str = "",
+           left: tuple = ()) -> str:
+    """An HTML table of df[cols] headed cols.values(); signed columns green > 0 > red."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in cols.values())
+    body = []
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r.get(c, None)
+            cls = "l" if c in left or not isinstance(v, (int, float, np.number)) else ""
+            if c in signed and isinstance(v, float) and np.isfinite(v) and v != 0:
+                cls = "good" if v > 0 else "bad"
+            cells.append(f'<td class="{cls}">{_fmt(v)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def make_figures(res: pareto.Results, a: dict, out_dir: Path) -> list[tuple[str, str, Path]]:
+    """Draw every figure the data allows; returns (title, caption, png) in page order."""
+    t, d, figs = res.trials, out_dir, []
+    ce_clean = float(t["ce_clean"].median()) if "ce_clean" in t else None
+    best = a["summary"].dropna(subset=["l0"])
+    figs.append(("Frontier", ("CE vs L0 for every SAE (faint: threshold sweeps); lines: each "
+                 "family's Pareto front; stars: best penalty found near each target L0."),
+                 plots.frontier(a["points"], a["fronts"], d / "frontier.png", best=best,
+                                ce_clean=ce_clean)))
+    if any(c.startswith("delta_") for c in a["curves"]):
+        figs.append(("CE difference to L1", ("Each front minus L1's at the same L0, "
+                     "interpolated in log(L0); dashed lines: where a family starts to win."),
+                     plots.delta_to_baseline(a["curves"], a["switch"], d / "delta_l1.png")))
+    if a["fronts_fvu"] is not None:
+        figs.append(("FVU frontier", "Fraction of variance unexplained vs L0.",
+                     plots.frontier(a["points"], a["fronts_fvu"], d / "frontier_fvu.png", "fvu")))
+    figs.append(("Reconstruction metrics", "Trained SAEs only (no threshold sweeps).",
+                 plots.metrics_vs_l0(a["points"], d / "metrics.png")))
+    fam_of = dict(zip(t["trial_id"], t["family"], strict=True))
+    if res.ablations is not None and len(res.ablations):
+        figs.append(("Threshold removal, every SAE", "Global threshold raised from 0 (dot).",
+                     plots.ablation_curves(res.ablations, fam_of, d / "ablation_curves.png")))
+        n = res.ablations.groupby("trial_id")["method"].nunique()
+        if n.max() > 1:
+            figs.append(("Four removal methods", "On the SAE with the most methods swept.",
+                         plots.ablation_methods(res.ablations, n.idxmax(), d / "methods.png")))
+    reps = representatives(t, res.feature_stats)
+    if reps:
+        figs.append(("Feature frequency", "One SAE per family, chosen nearest a common L0.",
+                     plots.feature_frequency(res.feature_stats, reps, d / "frequency.png")))
+    reps = representatives(t, res.activation_samples)
+    if reps:
+        s = res.activation_samples
+        med = {f: float(s.loc[(s.trial_id == tid) & (s.activation > 0), "activation"].median())
+               for f, (tid, _) in reps.items()}
+        figs.append(("Activation histograms", "Nonzero activations of the first tokens.",
+                     plots.activation_hist(s, reps, med, d / "activations.png")))
+    if "objective" in t:
+        figs.append(("Search history", f"Objective ({a['direction']}) per trial.",
+                     plots.optuna_history(t, d / "history.png", a["direction"])))
+    if a["importance"]:
+        figs.append(("Parameter importance", "optuna.importance on the finished trials.",
+                     plots.importance(a["importance"], d / "importance.png")))
+    return figs
+
+
+def _img(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _refs(hv: pd.DataFrame) -> str:
+    return "; ".join(f"{y}: log10 L0 = {g['ref_log10_l0'].iloc[0]:.3g}, {y} = "
+                     f"{g['ref_' + y].iloc[0]:.4g}" for y, g in hv.groupby("metric", sort=False))
+
+
+def _settings(search: dict) -> pd.DataFrame:
+    flat = pd.json_normalize(search, sep=".").T if search else pd.DataFrame()
+    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in
+            (flat[0].items() if len(flat) else [])]
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
+    """The page as one HTML string."""
+    counts = res.trials.groupby(["family", "status"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=sorted(set(counts.columns) | {"finished"}), fill_value=0)
+    n_bad = int(counts.drop(columns="finished").to_numpy().sum())
+    fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{_img(p)}">'
+                f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
+                for i, (ti, cap, p) in enumerate(figs)]
+    y = "ce_sae"
+    summ = {"target_l0": "target L0", "trial_id": "best trial", "family": "family", "p": "p",
+            "s": "s", "lam": "λ", "l0": "L0", y: "CE", f"{y}_L1": "CE of L1 front",
+            "saved_vs_L1": "saved vs L1", f"{y}_sqrt": "CE of sqrt front",
+            "saved_vs_sqrt": "saved vs sqrt", "n_near": "trials near"}
+    parts = [
+        (f"<h1>Which sparsity penalty wins?</h1><p class='sub'>{html.escape(str(results_dir))}"
+         f" · {int(counts['finished'].sum())} finished SAEs, {n_bad} diverged or errored "
+         "(left out of every front)</p>"),
+        f"<div class='headline'>{headline(a)}</div>", fig_html[0],
+        "<h2>Best penalty per target L0</h2>",
+        _table(a["summary"], summ, ("saved_vs_L1", "saved_vs_sqrt"), "summary"),
+        ("<p class='note'>Best = lowest CE among finished SAEs whose L0 is within 25% of the "
+         "target; savings compare with a family's front at that SAE's own L0 (positive = "
+         "better). Fronts include threshold sweeps of each family's SAEs.</p>"),
+        *fig_html[1:2], "<h2>Who wins where</h2>",
+        "<p class='note'>L0 ranges where each family's front has the lowest CE.</p>",
+        _table(a["wins"], {"family": "family", "l0_from": "from L0", "l0_to": "to L0",
+                           "max_margin": "max CE margin"}, table_id="wins"),
+        ("<p class='note'>Each family against L1: the L0 beyond which it is better at every "
+        "matched L0 (its last or first crossing), and its largest CE gain.</p>"),
+        _table(a["switch"], {"family": "family", "side": "beats L1", "l0": "L0",
+                             "max_gain": "max CE gain", "max_gain_l0": "at L0",
+                             "n_crossings": "crossings", "l0_min": "compared from L0",
+                             "l0_max": "to L0"}, table_id="switch"),
+        "<h2>Hypervolume</h2>", _table(a["hv"], {"metric": "metric", "family": "family",
+               "n_points": "points", "n_front": "on front", "hypervolume": "hypervolume"}),
+        ("<p class='note'>Area dominated in (log10 L0, metric) space, bounded by a reference "
+         "point shared by all families: the maximum of each axis over all finished points plus "
+         f"10% of its range ({_refs(a['hv'])}). Larger is better.</p>"),
+        "<h2>Trials</h2>", _table(counts.reset_index(), {c: c for c in
+                                                         ["family", *counts.columns]}),
+        "<h2>Search settings</h2>", _table(_settings(res.search), {"setting": "setting",
+                                                                   "value": "value"},
+                                           table_id="settings", left=("value",)),
+        "<h2>More figures</h2>", *fig_html[2:]]
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>raysae report"
+            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(results_dir, out: Path | None = None) -> Path:
+    """Analyse results_dir and write report.html (and figures/) into it; returns the page."""
+    root = Path(results_dir)
+    res = pareto.load_results(root)
+    a = analyse(res)
+    figs = make_figures(res, a, root / "figures")
+    out = Path(out) if out else root / "report.html"
+    fd, tmp = tempfile.mkstemp(suffix=".html", dir=out.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(render(root, res, a, figs))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    return out
+
+
+def add_report_parser(subparsers) -> None:
+    """Register `report RESULTS_DIR` on an argparse subparsers object."""
+    p = subparsers.add_parser("report", help="write RESULTS_DIR/report.html from a search")
+    p.add_argument("results_dir", help="directory holding trials.parquet (and optional tables)")
+    p.add_argument("--out", default=None, help="where to write the page (default: inside it)")
+    p.set_defaults(func=report_command)
+
+
+def report_command(args) -> int:
+    """CLI entry: write the report and print its path."""
+    print(write_report(args.results_dir, args.out))
+    return 0

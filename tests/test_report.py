@@ -1,0 +1,195 @@
+"""raysae.report and `raysae report`: the page, its edge cases, and a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_pareto import TARGETS, make_results, make_trials
+
+from raysae import cli, pareto, report
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--remote-debugging-pipe"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = make_results(tmp_path_factory.mktemp("results"))
+    return root, report.write_report(root)
+
+
+def test_page_states_the_answer_from_pareto(results):
+    root, page = results
+    text = page.read_text()
+    res = pareto.load_results(root)
+    curves = pareto.matched_l0(pareto.points_table(res.trials, res.ablations))
+    sw = pareto.switch_point(curves, "sqrt")
+    assert f"<b>sqrt</b> beats L1 {sw['side']} L0 ≈ <b>{sw['l0']:.3g}</b>" in text
+    assert "3 diverged or errored" in text and "64 finished SAEs" in text
+    n_img = len(re.findall(r'<img [^>]*src="data:image/png;base64,', text))
+    assert n_img == len(list((root / "figures").glob("*.png"))) == 10
+    assert text.index("Frontier") < text.index('id="summary"') < text.index("Search history")
+    assert "space.lam" in text and "http" not in text  # settings shown; nothing external
+
+
+def test_importances_need_enough_trials():
+    trials = make_trials(0)
+    imp = report.param_importances(trials)
+    assert set(imp) == {"p", "s", "lam"} and sum(imp.values()) == pytest.approx(1.0)
+    assert report.param_importances(trials.head(5)) is None
+
+
+def test_sparse_directories_still_give_a_page(tmp_path):
+    make_results(tmp_path, extras=False)  # no ablations, feature stats or samples
+    (tmp_path / "search.json").unlink()
+    text = report.write_report(tmp_path).read_text()
+    assert text.count("<img ") == 6 and 'id="summary"' in text
+    only = make_trials(0)
+    only = only[only["family"] == "searched"]  # no L1 at all
+    only.to_parquet(tmp_path / "trials.parquet")
+    text = report.write_report(tmp_path).read_text()
+    assert "Lowest CE at matched L0" in text and "CE difference to L1" not in text
+
+
+def test_cli_writes_the_page_and_rejects_bad_input(results, tmp_path, capsys):
+    root, _ = results
+    assert cli.main(["report", str(root), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").stat().st_size > 100_000
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "trials.parquet not found" in capsys.readouterr().err
+    bad = make_trials(0).assign(status="diverged")
+    bad.to_parquet(tmp_path / "trials.parquet")
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no finished trial" in capsys.readouterr().err
+
+TRAMPOLINE = ("import os, sys; a, b = os.dup(int(sys.argv[1])), os.dup(int(sys.argv[2])); "
+              "os.dup2(a, 3); os.dup2(b, 4); os.set_inheritable(3, True); "
+              "os.set_inheritable(4, True); os.execv(sys.argv[3], sys.argv[3:])")
+
+
+class PipeCDP:
+    """Minimal Chrome DevTools Protocol client over --remote-debugging-pipe (fd 3 in, 4 out)."""
+
+    def __init__(self, binary: str, profile: Path):
+        cmd_r, self._cmd_w = os.pipe()
+        self._resp_r, resp_w = os.pipe()
+        # chromium reads commands on fd 3 and answers on fd 4: a tiny exec trampoline puts
+        # the pipe ends there (no preexec_fn, no shell: dash rejects fd numbers above 9).
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", TRAMPOLINE, str(cmd_r), str(resp_w), binary,
+             *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(cmd_r, resp_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(resp_w)
+        self._buf, self._id, self.events = b"", 0, []
+
+    def _next(self, deadline: float, what: str) -> dict:
+        """The next message from chromium (reply or event), reading the pipe as needed."""
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._resp_r], [], [], left)[0]:
+                raise TimeoutError(f"chromium sent no {what}")
+            chunk = os.read(self._resp_r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the debugging pipe")
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def send(self, method: str, session: str | None = None, timeout: float = 30, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._next(deadline, f"reply to {method}")
+            if reply.get("id") != self._id:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise RuntimeError(f"{method}: {reply['error']}")
+            else:
+                return reply["result"]
+
+    def wait_event(self, method: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(self._next(deadline, method))
+
+    def close(self):
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
+            self.send("Browser.close", timeout=5)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._cmd_w)
+        os.close(self._resp_r)
+
+
+CHECK_JS = """
+new Promise(done => {
+  const finish = () => {
+    const imgs = [...document.images];
+    const rows = [...document.querySelectorAll('#summary tbody tr')];
+    done(JSON.stringify({
+      images: imgs.map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth,
+                              alt: i.alt})),
+      targets: rows.map(r => r.cells[0].textContent.trim()),
+      headline: document.querySelector('.headline').innerText,
+      height: document.documentElement.scrollHeight}));
+  };
+  if (document.readyState === 'complete') finish();
+  else window.addEventListener('load', finish);
+})
+"""
+
+
+def test_report_renders_in_headless_chromium(results, tmp_path):
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium) - browser test skipped")
+    _, page = results
+    cdp = PipeCDP(binary, tmp_path / "profile")
+    try:
+        target = cdp.send("Target.createTarget", url="about:blank")["targetId"]
+        sid = cdp.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        cdp.send("Page.enable", sid)
+        cdp.send("Emulation.setDeviceMetricsOverride", sid, width=1200, height=900,
+                 deviceScaleFactor=1, mobile=False)
+        cdp.send("Page.navigate", sid, url=page.as_uri())
+        cdp.wait_event("Page.loadEventFired")
+        out = cdp.send("Runtime.evaluate", sid, expression=CHECK_JS, awaitPromise=True,
+                       returnByValue=True)
+        assert "exceptionDetails" not in out, out.get("exceptionDetails")
+        state = json.loads(out["result"]["value"])
+        shot = cdp.send("Page.captureScreenshot", sid, format="png", captureBeyondViewport=True)
+    finally:
+        cdp.close()
+    png = base64.b64decode(shot["data"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report_screenshot.png").write_bytes(png)
+    (tmp_path / "report_screenshot.png").write_bytes(png)
+    assert len(state["images"]) == 10
+    assert all(i["ok"] for i in state["images"]), [i for i in state["images"] if not i["ok"]]
+    assert [float(t) for t in state["targets"]] == list(TARGETS)  # one row per target L0
+    assert "beats L1" in state["headline"] and state["height"] > 3000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 100_000
