@@ -151,7 +151,8 @@ def metrics_vs_l0(points: pd.DataFrame, path, metrics=("cos_sim", "l2_ratio", "m
 def feature_frequency(stats: pd.DataFrame, reps: dict, path, floor: float = 1e-8) -> Path:
     """log10 feature-frequency histograms, one SAE per family (reps: family -> (trial_id, l0))."""
     fig, ax = plt.subplots(figsize=(8.5, 3.8))
-    pos = stats.loc[stats["frequency"] > 0, "frequency"].to_numpy(float)
+    mine = stats["trial_id"].isin([tid for tid, _ in reps.values()]) & (stats["frequency"] > 0)
+    pos = stats.loc[mine, "frequency"].to_numpy(float)
     lo = min(-5.5, np.floor(np.log10(max(pos.min(), floor)))) if len(pos) else np.log10(floor)
     bins = np.linspace(lo, 0, 46)
     for fam, (tid, l0) in reps.items():
