@@ -1,0 +1,72 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysae import corpus
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_stdlib_split_is_disjoint_and_deterministic():
+    files = corpus.stdlib_files()
+    train = corpus.split_files(files, "train")
+    held = corpus.split_files(files, "heldout")
+    assert set(train).isdisjoint(held)
+    assert set(train) | set(held) == set(files)
+    assert 0.05 < len(held) / len(files) < 0.2
+    assert corpus.split_files(files, "heldout") == held
+    with pytest.raises(ValueError, match="split"):
+        corpus.split_files(files, "validation")
+
+
+def test_blocks_are_packed_documents_with_bos(tok, tmp_path):
+    docs = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n" * 3, "import os\n" * 5]
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i}.txt").write_text(d)
+    files = [tmp_path / f"doc{i}.txt" for i in range(3)]
+    blocks = corpus.token_blocks(files, tok, 8, split="all")
+    assert blocks.dtype == np.int64 and blocks.shape[1] == 8
+    assert np.all(blocks[:, 0] == tok.bos_token_id)
+    stream = []
+    for d in docs:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    body = blocks[:, 1:].reshape(-1)
+    assert body.tolist() == stream[: len(body)]
+    no_bos = corpus.token_blocks(files, tok, 8, split="all", prepend_bos=False, max_blocks=2)
+    assert no_bos.shape == (2, 8) and no_bos.reshape(-1).tolist() == stream[:16]
+
+
+def test_train_and_heldout_tokens_differ(tok):
+    train = corpus.token_blocks(corpus.STDLIB, tok, 32, max_blocks=50)
+    held = corpus.heldout_blocks(tok, 32, max_blocks=50)
+    assert train.shape == held.shape == (50, 32)
+    assert not np.array_equal(train, held)
+
+
+def test_parquet_with_text_column(tok, tmp_path):
+    path = tmp_path / "data.parquet"
+    pd.DataFrame({"body": ["print('hello world')\n" * 20] * 30, "n": range(30)}).to_parquet(path)
+    blocks = corpus.token_blocks(str(path), tok, 16, text_column="body", split="all")
+    assert blocks.shape[1] == 16 and len(blocks) > 5
+    train = corpus.token_blocks(str(path), tok, 16, text_column="body", split="train")
+    assert len(train) < len(blocks)  # rows of the held-out split are left out
+    with pytest.raises(ValueError, match="text_column='text' not in.*body"):
+        corpus.token_blocks(str(path), tok, 16, split="all")
+
+
+def test_empty_and_bad_sources(tok, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="no full block"):
+        corpus.token_blocks(str(tmp_path / "empty.txt"), tok, 16, split="all")
+    with pytest.raises(ValueError, match="no local files"):
+        corpus.token_blocks(str(tmp_path / "none*.txt"), tok, 16)
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="mixes file kinds"):
+        corpus.corpus_files(tmp_path)
+    with pytest.raises(ValueError, match="context_length"):
+        corpus.token_blocks(corpus.STDLIB, tok, 1)
