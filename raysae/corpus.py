@@ -75,7 +75,8 @@ def corpus_files(source: str | os.PathLike | Sequence) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and not p.name.startswith("."))
         elif path.is_file():
             files.append(path)
         else:
