@@ -1,0 +1,228 @@
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raysae.activation_cache import (
+    PROGRESS,
+    CacheError,
+    _write_shard,
+    build_cache,
+    load_manifest,
+    read_shard,
+    verify_cache,
+)
+from raysae.activations import (
+    ActivationSource,
+    from_storage,
+    iter_activation_batches,
+    shuffled_batches,
+    source_blocks,
+    to_storage,
+)
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def _src(model_dir, **kw) -> ActivationSource:
+    base = dict(model=str(model_dir), hook=HOOK, context_length=32, n_tokens=2000,
+                batch_blocks=8, shard_rows=512, num_actors=1)
+    return ActivationSource(**{**base, **kw})
+
+
+def _rows(path):
+    """All rows of a cache, sorted by (block_id, pos): ids [n, 2] and float32 acts [n, d]."""
+    manifest = load_manifest(path)
+    ids, acts = [], []
+    for entry in manifest["shards"]:
+        table = pq.read_table(path / entry["file"], columns=["block_id", "pos"])
+        ids.append(np.stack([table["block_id"].to_numpy(), table["pos"].to_numpy()], 1))
+        acts.append(read_shard(path, entry, manifest["dtype"]))
+    ids, acts = np.concatenate(ids), np.concatenate(acts)
+    order = np.lexsort((ids[:, 1], ids[:, 0]))
+    return ids[order], acts[order]
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(tiny_model_dir, ray_local, tmp_path_factory):
+    src = _src(tiny_model_dir)
+    return src, build_cache(src, tmp_path_factory.mktemp("acts"), progress=False)
+
+
+def test_pipeline_equals_direct_run_with_cache(fp32_cache, tiny_model):
+    src, path = fp32_cache
+    ids, acts = _rows(path)
+    assert len(ids) == src.n_tokens == load_manifest(path)["n_tokens"]
+    assert len(np.unique(ids, axis=0)) == len(ids)  # no duplicated (block, pos)
+    assert ids[:, 1].min() == 1  # the BOS position is dropped
+    blocks = torch.from_numpy(source_blocks(src)).long()
+    _, cache = tiny_model.run_with_cache(blocks, names_filter=HOOK)  # full forward, no stop
+    expected = cache[HOOK][ids[:, 0], ids[:, 1]]
+    torch.testing.assert_close(torch.from_numpy(acts), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_manifest_records_settings_and_stats(fp32_cache):
+    src, path = fp32_cache
+    m = load_manifest(path)
+    assert m["settings"] == src.cache_settings() and m["key"] == path.name
+    assert (m["hook"], m["dtype"], m["d_in"], m["context_length"]) == (HOOK, "float32", 32, 32)
+    assert m["tokens_sha256"] == hashlib.sha256(source_blocks(src).tobytes()).hexdigest()
+    _, acts = _rows(path)
+    assert m["stats"]["mean_sq_norm"] == pytest.approx(float((acts**2).sum(1).mean()), rel=1e-5)
+    np.testing.assert_allclose(m["stats"]["mean"], acts.mean(0), rtol=1e-4, atol=1e-5)
+    assert len(m["shards"]) >= 2 and all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert sum(s["rows"] for s in m["shards"]) == src.n_tokens
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shard_round_trip(tmp_path, dtype):
+    x = torch.randn(300, 16) * 3
+    stored = to_storage(x, dtype)
+    batch = {"block_id": np.arange(300) // 10, "pos": np.arange(300) % 10,
+             "token": np.arange(300, dtype=np.int32), "act": stored}
+    entry = _write_shard(tmp_path, 0, [batch], dtype)
+    back = read_shard(tmp_path, entry, dtype)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, from_storage(stored, dtype))  # storage is lossless
+    if dtype == "float32":
+        np.testing.assert_array_equal(back, x.numpy())
+    else:
+        np.testing.assert_allclose(back, x.numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_rebuild_does_not_duplicate(fp32_cache):
+    src, path = fp32_cache
+    before = sorted(os.listdir(path))
+    assert build_cache(src, path.parent, progress=False) == path
+    assert sorted(os.listdir(path)) == before
+    assert verify_cache(path)["n_tokens"] == src.n_tokens
+    assert not (path.parent / f"{path.name}.partial").exists()
+
+
+def test_corrupted_shard_is_detected(fp32_cache, tmp_path):
+    _, path = fp32_cache
+    bad = tmp_path / path.name
+    shutil.copytree(path, bad)
+    shard = bad / load_manifest(bad)["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        verify_cache(bad)
+    with pytest.raises(CacheError, match="checksum"):
+        list(iter_activation_batches(bad, 64, shuffle_buffer=64))
+
+
+def test_cache_with_other_settings_is_refused(fp32_cache, tmp_path):
+    src, path = fp32_cache
+    other = src.replace(hook="blocks.1.hook_resid_post")
+    shutil.copytree(path, tmp_path / other.cache_key())
+    with pytest.raises(CacheError, match="other settings.*hook"):
+        build_cache(other, tmp_path, progress=False)
+    with pytest.raises(CacheError, match="other settings"):
+        next(iter_activation_batches(path, 64, expect=other))
+    with pytest.raises(CacheError, match="no manifest.json"):
+        load_manifest(tmp_path)
+
+
+def test_reader_shuffles_loops_and_is_seeded(fp32_cache):
+    src, path = fp32_cache
+    _, acts = _rows(path)
+    one = list(iter_activation_batches(path, 100, shuffle_buffer=500, seed=0))
+    rows = torch.cat(one).numpy()
+    assert rows.shape == (src.n_tokens, 32) and rows.dtype == np.float32
+    assert all(len(b) == 100 for b in one)
+    np.testing.assert_array_equal(np.unique(rows, axis=0), np.unique(acts, axis=0))
+    assert not np.array_equal(rows[:100], acts[:100])
+    looped = list(iter_activation_batches(path, 128, n_tokens=5000, shuffle_buffer=500, seed=3))
+    assert sum(len(b) for b in looped) == 5000 and len(looped[-1]) == 5000 % 128
+    again = list(iter_activation_batches(path, 128, n_tokens=5000, shuffle_buffer=500, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(looped, again))
+    other = next(iter_activation_batches(path, 128, shuffle_buffer=500, seed=4))
+    assert not torch.equal(other, looped[0])
+
+
+def test_shuffled_batches_epochs_cover_every_row_evenly():
+    def chunks(epoch):
+        for i in range(0, 1000, 70):
+            yield np.arange(i, min(i + 70, 1000), dtype=np.float32)[:, None]
+
+    out = torch.cat(list(shuffled_batches(chunks, 64, 3000, 200, seed=1))).squeeze(1)
+    assert len(out) == 3000
+    assert np.bincount(out.long().numpy(), minlength=1000).tolist() == [3] * 1000
+    with pytest.raises(ValueError, match="no rows"):
+        next(shuffled_batches(lambda e: iter(()), 8, 10, 10, 0))
+
+
+def test_live_pipeline_matches_cache(fp32_cache):
+    src, path = fp32_cache
+    _, acts = _rows(path)
+    live = torch.cat(list(iter_activation_batches(src, 256, shuffle_buffer=512, seed=0)))
+    assert live.shape == (src.n_tokens, 32)
+    np.testing.assert_allclose(np.sort(live.numpy(), 0), np.sort(acts, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_build_resumes_without_duplicates(fp32_cache, tmp_path):
+    src, path = fp32_cache
+    manifest = load_manifest(path)
+    partial = tmp_path / f"{path.name}.partial"
+    shutil.copytree(path, partial)
+    (partial / "manifest.json").unlink()
+    kept = []
+    for entry in manifest["shards"][:2]:  # recorded as done before the "crash"
+        acts = read_shard(path, entry, "float32").astype(np.float64)
+        kept.append({**entry, "sum": acts.sum(0).tolist()})
+    (partial / PROGRESS).write_text(json.dumps({"tokens_sha256": manifest["tokens_sha256"],
+                                                "shards": kept}))
+    (partial / "shard-00009.parquet.tmp").write_bytes(b"half-written")
+    resumed = build_cache(src, tmp_path, progress=False)
+    ids, acts = _rows(resumed)
+    ref_ids, ref_acts = _rows(path)
+    np.testing.assert_array_equal(ids, ref_ids)  # every row once, none twice
+    np.testing.assert_allclose(acts, ref_acts, rtol=1e-5, atol=1e-6)
+    stats = load_manifest(resumed)["stats"]
+    assert stats["mean_sq_norm"] == pytest.approx(manifest["stats"]["mean_sq_norm"], rel=1e-6)
+    assert not partial.exists()
+
+
+def _harvester_actor_ids(ray):
+    actors = ray._private.state.actors()  # no dashboard in tests, so the GCS table directly
+    return [k for k, a in actors.items()
+            if "Harvester" in a["ActorClassName"] and a["State"] == "ALIVE"]
+
+
+def test_killed_actor_still_gives_complete_cache(tiny_model_dir, ray_local, tmp_path, fp32_cache):
+    ray = ray_local
+    src = _src(tiny_model_dir, n_tokens=8000, batch_blocks=2, shard_rows=300, num_actors=2,
+               dtype="bfloat16")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(path=build_cache(src, tmp_path,
+                                                                             progress=False)))
+    thread.start()
+    progress = tmp_path / f"{src.cache_key()}.partial" / PROGRESS
+    deadline = time.time() + 300
+    while not progress.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    victims = _harvester_actor_ids(ray)
+    assert thread.is_alive() and victims, "the build should still be running"
+    worker = ray._private.worker.global_worker
+    ray.kill(worker.core_worker.get_actor_handle(ray.ActorID.from_hex(victims[0])),
+             no_restart=False)
+    thread.join(timeout=600)
+    path = result["path"]
+    manifest = verify_cache(path)
+    assert manifest["n_tokens"] == 8000 and manifest["dtype"] == "bfloat16"
+    ids, acts = _rows(path)
+    assert len(ids) == 8000 and len(np.unique(ids, axis=0)) == 8000
+    restarts = [a.get("NumRestarts", 0) for a in ray._private.state.actors().values()]
+    assert max(restarts) >= 1  # the actor really died and was replaced
+    ref_ids, ref_acts = _rows(fp32_cache[1])  # same first blocks, stored in fp32
+    np.testing.assert_array_equal(ids[: len(ref_ids)], ref_ids)
+    np.testing.assert_allclose(acts[: len(ref_ids)], ref_acts, rtol=2e-2, atol=2e-2)
