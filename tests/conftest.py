@@ -10,8 +10,8 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 _CACHE = tempfile.mkdtemp(prefix="raysae-test-cache-")
 os.environ["RAYSAE_CACHE_DIR"] = _CACHE
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the environment is set)
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
