@@ -156,7 +156,7 @@ class Trainer:
     def _metrics_row(self, x, x_hat, f, loss, recon, pen, lam) -> dict[str, float]:
         raw_x, raw_hat = x / self.scale, x_hat / self.scale
         row = metrics.reconstruction_metrics(raw_x, raw_hat, f)
-        row.update(loss=loss.item(), recon_loss=recon.item(), penalty=pen.item(), lam=lam,
+        row.update(loss=loss.item(), recon_loss=recon.item(), penalty_loss=pen.item(), lam=lam,
                    lr=self.current_lr(), dead_fraction=self.dead_fraction(),
                    step=self.step_count, tokens_seen=self.tokens)
         return row

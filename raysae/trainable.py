@@ -1,0 +1,250 @@
+"""The Ray Tune function trainable: train one SAE, report, checkpoint, evaluate.
+
+Every trial reports the same metrics. Training rows (every ``report_every`` steps) carry
+l0, mse, fvu, cos_sim, l2_ratio, dead_fraction, tokens_seen, lam and ``objective = NaN``
+(CE needs the held-out evaluation); the final row adds ce_clean, ce_sae, ce_zero,
+ce_recovered, the feature statistics, ``objective`` and ``status`` (finished, diverged or
+data_exhausted). A diverged trial ends with a finite, clearly bad objective
+(``BAD_OBJECTIVE``) instead of an exception, so the searcher learns to avoid the region.
+
+Checkpoints hold the whole trainer state (SAE, Adam moments, step, lambda, scale) in a
+``weights_only``-loadable file, so a restarted trial continues at the step it stopped.
+The final checkpoint also holds the SAE (SAELens layout), its feature statistics and,
+optionally, its global-threshold removal curve.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysae.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.train import DIVERGED, FINISHED, Trainer, train_sae
+
+STATE_FILE = "trainer_state.pt"
+SAE_DIR = "sae"
+SWEEP_FILE = "threshold_sweep.parquet"
+FEATURES_FILE = "feature_stats.parquet"
+SAMPLES_FILE = "activation_samples.parquet"
+BAD_OBJECTIVE = 1e3
+LAMBDA_MODES = ("search", "control", "fixed")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of one search shares; the searcher varies only p, s and lambda."""
+
+    activations: str
+    """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
+    model: str
+    """LM hub name or local checkpoint folder (for the held-out CE)."""
+    hook: str
+    """Hook name whose activations the SAE reconstructs."""
+    d_in: int
+    d_sae: int
+    context_length: int = 128
+    total_tokens: int = 1_000_000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    lambda_mode: str = "search"
+    """search: Optuna proposes lambda; control: a controller drives L0 to the target;
+    fixed: lambda comes from the trial config (grid sweeps)."""
+    lam: float = 1.0
+    """Controller start value (control mode) or default lambda."""
+    target_l0: float | None = None
+    beta: float = 1.0
+    """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
+    tol: float = 0.15
+    """Relative L0 miss that costs nothing in the objective."""
+    penalty: str = "lp"
+    report_every: int = 50
+    checkpoint_every: int = 4
+    """Checkpoint every this many reports (and always at the end)."""
+    eval_blocks: int = 64
+    corpus: str = "stdlib"
+    """Text source of the held-out evaluation blocks (a raysae.corpus source)."""
+    feature_tokens: int = 100_000
+    threshold_sweep: bool = False
+    sweep_points: int = 10
+    seed: int = 0
+    torch_threads: int = 1
+    inject_failure_at_step: int | None = None
+    """Fault injection for reliability tests: raise once at this step (first attempt only)."""
+
+    def __post_init__(self) -> None:
+        if self.lambda_mode not in LAMBDA_MODES:
+            raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
+                             f"{LAMBDA_MODES}")
+        if self.lambda_mode == "control" and self.target_l0 is None:
+            raise ValueError("lambda_mode 'control' needs target_l0: give a target L0")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
+            raise ValueError(f"target_l0 = {self.target_l0} is invalid: allowed (0, d_sae="
+                             f"{self.d_sae}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def objective(ce_sae: float, l0: float, target_l0: float | None, beta: float,
+              tol: float) -> float:
+    """ce_sae + beta * max(0, |ln(l0 / target)| - ln(1 + tol)); just ce_sae without a target."""
+    if not (math.isfinite(ce_sae) and math.isfinite(l0)):
+        return BAD_OBJECTIVE
+    if target_l0 is None:
+        return ce_sae
+    miss = abs(math.log(max(l0, 1e-3) / target_l0)) - math.log(1 + tol)
+    return ce_sae + beta * max(0.0, miss)
+
+
+def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of one trial: the spec's fixed settings plus the searched p, s, lambda."""
+    config = flatten_config(config)
+    params = {k: float(config[k]) for k in ("p", "s") if k in config}
+    if spec.penalty != "lp":
+        params = {k: float(v) for k, v in config.get("penalty_params", {}).items()}
+    control = spec.lambda_mode == "control"
+    lam = spec.lam if control else float(config.get("lam", spec.lam))
+    return TrainConfig(
+        sae=SAEConfig(spec.d_in, spec.d_sae), penalty=PenaltyConfig(spec.penalty, params),
+        lam=lam, total_tokens=spec.total_tokens, batch_size=spec.batch_size, lr=spec.lr,
+        l0_target=spec.target_l0 if control else None, log_every=spec.report_every,
+        seed=spec.seed + int(config.get("seed", 0)),
+    )
+
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Grid searches nest a trial's values under "point"; searchers give them flat."""
+    return {**config.get("point", {}), **{k: v for k, v in config.items() if k != "point"}}
+
+
+def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
+    from raysae.activations import ActivationSource, iter_activation_batches
+
+    source = spec.activations
+    if not isinstance(source, str):
+        source = ActivationSource(**source)
+    left = cfg.total_tokens - tokens_done
+    # A different seed after a restart: the resumed trial sees a fresh shuffle, not a replay.
+    return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1),
+                                   seed=seed + tokens_done)
+
+
+def _restore(cfg: TrainConfig) -> Trainer:
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return Trainer(cfg)
+    with checkpoint.as_directory() as folder:
+        return Trainer.from_bytes((Path(folder) / STATE_FILE).read_bytes(), cfg)
+
+
+def _report(row: dict[str, Any], trainer: Trainer | None = None, extra=None) -> None:
+    """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``)."""
+    from ray import tune
+
+    if trainer is None:
+        tune.report(row)
+        return
+    with tempfile.TemporaryDirectory(prefix="raysae-ckpt-") as folder:
+        (Path(folder) / STATE_FILE).write_bytes(trainer.to_bytes())
+        if extra is not None:
+            extra(Path(folder))
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
+    from ray import tune
+
+    if spec.inject_failure_at_step is None or step < spec.inject_failure_at_step:
+        return
+    marker = Path(tune.get_context().get_trial_dir()) / ".raysae_injected_failure"
+    if not marker.exists():
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step} (TrialSpec.inject_failure_at_step)")
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """The function trainable (bind ``spec`` with ``tune.with_parameters``)."""
+    torch.set_num_threads(spec.torch_threads)
+    cfg = train_config(spec, config)
+    trainer = _restore(cfg)
+    reports = 0
+    base = _base_row(spec, cfg)
+
+    def on_log(row: dict[str, float], live: Trainer) -> None:
+        nonlocal reports
+        reports += 1
+        out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
+               "status": "running"}
+        due = reports % spec.checkpoint_every == 0 and not live.done
+        _report(out, live if due else None)
+        _maybe_inject_failure(spec, live.step_count)
+
+    batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
+    result = train_sae(cfg, batches, trainer=trainer, on_log=on_log)
+    final, write_artifacts = _finish(spec, cfg, result)
+    _report({**base, **final}, trainer, write_artifacts)
+
+
+def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
+    return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": cfg.penalty.family,
+            "lambda_mode": spec.lambda_mode,
+            "target_l0": spec.target_l0 if spec.target_l0 is not None else float("nan")}
+
+
+def _finish(spec: TrialSpec, cfg: TrainConfig, result):
+    """The final metrics row and a function that writes the final artifacts into a folder."""
+    last = result.final_metrics
+    row: dict[str, Any] = {**last, "status": result.status, "lam": result.lam,
+                           "steps": result.steps, "tokens_seen": result.tokens,
+                           "status_reason": result.reason or ""}
+    if result.status == DIVERGED:
+        row.update(objective=BAD_OBJECTIVE, ce_sae=BAD_OBJECTIVE, l0=float(cfg.sae.d_sae))
+        return row, None
+    from raysae import feature_stats
+    from raysae.evaluate import heldout_evaluator
+    from raysae.models import load_model
+
+    model = load_model(spec.model, device="cpu")
+    evaluator = heldout_evaluator(model, spec.hook, n_blocks=spec.eval_blocks,
+                                  context_length=spec.context_length, source=spec.corpus)
+    row.update(evaluator.evaluate(result.sae))
+    stats = feature_stats.feature_statistics(evaluator, result.sae, spec.feature_tokens)
+    summary = feature_stats.summarize(*stats)
+    row.update({k: summary[k] for k in ("dead_fraction", "low_freq_fraction", "median_nonzero",
+                                        "feature_tokens")})
+    row["objective"] = objective(row["ce_sae"], row["l0"], spec.target_l0, spec.beta, spec.tol)
+    sweep = None
+    if spec.threshold_sweep and result.status == FINISHED:
+        from raysae.ablation import threshold_sweep
+
+        sweep = threshold_sweep(evaluator, result.sae, n_points=spec.sweep_points)
+
+    def write_artifacts(folder: Path) -> None:
+        result.sae.save(folder / SAE_DIR, metadata={"model_name": spec.model,
+                                                    "hook_name": spec.hook},
+                        raysae={"train_config": cfg.to_dict(), "status": result.status,
+                                "final_lambda": result.lam})
+        feature_stats.save_feature_statistics(folder, *stats)
+        if sweep is not None:
+            sweep.to_parquet(folder / SWEEP_FILE, index=False)
+
+    return row, write_artifacts
+
+
+def trial_resources(num_gpus: float = 0.0, cpus: float = 1.0) -> dict[str, float]:
+    """Per-trial resources: a CPU share, plus a GPU fraction on GPU nodes."""
+    out = {"cpu": cpus}
+    if num_gpus:
+        out["gpu"] = num_gpus
+    return out
+
+
+__all__ = ["TrialSpec", "run_trial", "objective", "train_config", "trial_resources",
+           "BAD_OBJECTIVE", "STATE_FILE", "SAE_DIR", "SWEEP_FILE"]
