@@ -35,7 +35,7 @@ CONTENT_FIELDS = ("hook", "dataset", "split", "text_column", "context_length", "
 class ActivationSource:
     """What to harvest (model, hook, text, how many tokens) and how (batching, actors)."""
 
-    model: str  # hub name or local checkpoint folder
+    model: str  # hub name, local checkpoint folder, or "local" / "local-tiny"
     hook: str = DEFAULT_HOOK
     dataset: str = corpus.STDLIB  # a `raysae.corpus` source
     split: str = "train"  # corpus split: train / heldout / all
@@ -96,7 +96,9 @@ def _dataset_id(dataset) -> str:
 
 def model_fingerprint(model: str) -> str:
     """Hub name as is; a local checkpoint by its build hash or its config + weight sizes."""
-    path = Path(os.path.expanduser(model))
+    from raysae.models import resolve_model
+
+    path = Path(os.path.expanduser(resolve_model(model)))
     if not path.is_dir():
         return model
     meta = path / "raysae_model.json"
@@ -112,7 +114,9 @@ def source_blocks(src: ActivationSource) -> np.ndarray:
     """The int32 token blocks [n_blocks, context_length] that `src` harvests."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(os.path.expanduser(src.model))
+    from raysae.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(os.path.expanduser(resolve_model(src.model)))
     blocks = corpus.token_blocks(src.dataset, tok, src.context_length, text_column=src.text_column,
                                  prepend_bos=src.prepend_bos, max_blocks=src.n_blocks,
                                  split=src.split)
@@ -173,6 +177,7 @@ def harvest_dataset(src: ActivationSource, blocks: np.ndarray, block_ids: np.nda
 
     if not ray.is_initialized():
         ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # callers show their own
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = ray.cluster_resources().get("CPU", 1)
     size = src.num_actors or (int(gpus) if gpus else max(1, int(cpus // src.cpus_per_actor)))

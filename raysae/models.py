@@ -27,15 +27,31 @@ _EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "embed.", "rotary_emb.", "pos_em
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
+LOCAL_ALIASES = ("local", "local-tiny")
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """"local" -> the default local model's folder (built on first use), "local-tiny" -> the
+    test-sized one; anything else (hub name or folder) unchanged."""
+    name = os.fspath(name_or_path)
+    if name == "local":
+        return str(default_model())
+    if name == "local-tiny":
+        return str(build_local_model(LocalModelSpec.tiny(), progress=False))
+    return name
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None):
-    """A TransformerBridge in eval mode on `device` (CUDA when present, else CPU)."""
+    """A TransformerBridge in eval mode on `device` (CUDA when present, else CPU).
+
+    `name_or_path`: a hub name, a local HF checkpoint folder, or "local" / "local-tiny"."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    name = os.fspath(name_or_path)
+    name = resolve_model(name_or_path)
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"model path {name!r} is not a folder; give a checkpoint dir or hub name")
     name = os.path.expanduser(name)

@@ -226,3 +226,33 @@ def test_killed_actor_still_gives_complete_cache(tiny_model_dir, ray_local, tmp_
     ref_ids, ref_acts = _rows(fp32_cache[1])  # same first blocks, stored in fp32
     np.testing.assert_array_equal(ids[: len(ref_ids)], ref_ids)
     np.testing.assert_allclose(acts[: len(ref_ids)], ref_acts, rtol=2e-2, atol=2e-2)
+
+
+def _cli(argv):
+    import argparse
+
+    from raysae.cli_cache import add_build_model_parser, add_cache_parser
+
+    parser = argparse.ArgumentParser(prog="raysae")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_cache_parser(sub)
+    add_build_model_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_cache_prints_manifest(fp32_cache, capsys):
+    src, path = fp32_cache
+    argv = ["cache", "--model", src.model, "--hook", HOOK, "--context-length", "32",
+            "--n-tokens", "2000", "--cache-root", str(path.parent), "--quiet", "--verify"]
+    assert _cli(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(path) and out["n_tokens"] == 2000 and out["d_in"] == 32
+    with pytest.raises(ValueError, match="close matches"):
+        _cli(argv[:3] + ["--hook", "blocks.0.hook_resid_pots"] + argv[5:])
+
+
+def test_cli_build_model_prints_metadata(tiny_model_dir, capsys):
+    assert _cli(["build-model", "--tiny", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(tiny_model_dir) and out["held_out_ce"] > 0
