@@ -191,13 +191,16 @@ def _train(model, blocks: np.ndarray, spec: LocalModelSpec, progress: bool) -> N
 
 
 def _build_into(spec: LocalModelSpec, out: Path, progress: bool) -> None:
-    start = time.perf_counter()
+    """Train tokenizer + model into `out`; record CE and timings (wall and CPU seconds, as a
+    shared machine can stretch wall time) in the metadata."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(spec.seed)
     tok = train_tokenizer(spec)
     train = corpus.token_blocks(spec.source, tok, spec.context_length, split="train",
                                 max_blocks=spec.max_train_blocks)
     held = corpus.token_blocks(spec.source, tok, spec.context_length, split="heldout",
                                max_blocks=spec.eval_blocks)
+    tokenize_seconds = time.perf_counter() - start
     model = _make_model(spec, len(tok))
     _train(model, train, spec, progress)
     ce = mean_ce(model, held)
@@ -208,11 +211,15 @@ def _build_into(spec: LocalModelSpec, out: Path, progress: bool) -> None:
     meta = {
         "format_version": FORMAT_VERSION, "settings_hash": spec.settings_hash(),
         "spec": dataclasses.asdict(spec), "build_seconds": round(build_seconds, 2),
+        "tokenize_seconds": round(tokenize_seconds, 2),
+        "build_cpu_seconds": round(time.process_time() - cpu_start, 2),
         "held_out_ce": ce, "ln_vocab": math.log(len(tok)),
         "ce_over_ln_vocab": ce / math.log(len(tok)),
         "train_blocks": len(train), "heldout_blocks": len(held),
         "train_tokens_seen": spec.train_steps * spec.batch_size * spec.context_length,
+        "n_params": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / METADATA).write_text(json.dumps(meta, indent=2))

@@ -81,3 +81,11 @@ def test_model_predicts_heldout_text_better_than_random(tiny_model_dir):
     rand = GPTNeoXForCausalLM(trained.config)
     assert mean_ce(trained, blocks) < mean_ce(rand, blocks) - 0.5
     assert np.all(blocks[:, 0] == tok.bos_token_id)
+
+
+@pytest.mark.slow
+def test_default_local_model_models_language():
+    """The default local model (minutes to build): held-out CE <= 60% of ln(vocab)."""
+    meta = read_metadata(build_local_model(progress=False))
+    assert meta["ce_over_ln_vocab"] <= 0.6
+    assert meta["heldout_blocks"] == LocalModelSpec().eval_blocks
