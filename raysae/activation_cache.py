@@ -93,6 +93,14 @@ def _done_blocks(partial: Path, shards: list[dict]) -> set[int]:
     return done
 
 
+def _whole_blocks(src: ActivationSource, batches: list[dict]) -> bool:
+    """Whether every block in `batches` is complete, so a shard never splits a block (resume
+    skips blocks found in finished shards)."""
+    ids, counts = np.unique(np.concatenate([b["block_id"] for b in batches]), return_counts=True)
+    last = src.n_tokens - (src.n_blocks - 1) * src.tokens_per_block
+    return bool(np.all(counts == np.where(ids == src.n_blocks - 1, last, src.tokens_per_block)))
+
+
 def _stats(shards: list[dict], d_in: int) -> dict:
     rows = sum(s["rows"] for s in shards)
     total = np.sum([s["sum"] for s in shards], axis=0) if shards else np.zeros(d_in)
@@ -122,7 +130,7 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
         pending.append(batch)
         rows += len(batch["act"])
         bar.update(len(batch["act"]))
-        if rows >= src.shard_rows:
+        if rows >= src.shard_rows and _whole_blocks(src, pending):
             flush()
     if pending:
         flush()

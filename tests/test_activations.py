@@ -256,3 +256,11 @@ def test_cli_build_model_prints_metadata(tiny_model_dir, capsys):
     assert _cli(["build-model", "--tiny", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["path"] == str(tiny_model_dir) and out["held_out_ce"] > 0
+
+
+def test_shards_only_close_on_whole_blocks():
+    from raysae.activation_cache import _whole_blocks
+
+    src = ActivationSource(model="unused", context_length=4, n_tokens=10)  # 3 rows a block
+    assert _whole_blocks(src, [{"block_id": np.array([0, 0, 0, 3])}])  # block 3 holds 1 row
+    assert not _whole_blocks(src, [{"block_id": np.array([0, 0, 0, 1])}])
