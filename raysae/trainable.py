@@ -175,7 +175,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     cfg = train_config(spec, config)
     trainer = _restore(cfg)
     reports = 0
-    base = _base_row(spec, cfg)
+    base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count}
 
     def on_log(row: dict[str, float], live: Trainer) -> None:
         nonlocal reports
