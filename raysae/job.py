@@ -108,9 +108,11 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--targets {t:g} is invalid: a target L0 must be > 0")
 
 
-def prepare_activations(preset: Preset, args, model: str):
-    """The activation cache folder (built once, then reused) or a live-source dict."""
-    from raysae.activation_cache import build_cache
+def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
+    """(cache folder or live-source dict, source dict). Locally the cache is built here once
+    and reused; on a cluster each node builds its own copy when its first trial needs it
+    (see docs/cluster.md for why), so the driver only names the folder."""
+    from raysae.activation_cache import build_cache, default_cache_root
     from raysae.activations import ActivationSource
 
     src = ActivationSource(model=model, hook=preset.hook, dataset=preset.corpus,
@@ -118,8 +120,10 @@ def prepare_activations(preset: Preset, args, model: str):
                            n_tokens=args.cache_tokens or preset.cache_tokens,
                            dtype=preset.cache_dtype)
     if args.live:
-        return dataclasses.asdict(src)
-    return str(build_cache(src, progress=True))
+        return dataclasses.asdict(src), None
+    if on_cluster:
+        return str(default_cache_root() / src.cache_key()), dataclasses.asdict(src)
+    return str(build_cache(src, progress=True)), dataclasses.asdict(src)
 
 
 def resolve_model(preset: Preset, args) -> tuple[str, int]:
@@ -157,12 +161,13 @@ def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
     print(f"raysae: Ray {info['mode']} at {info['address']}; dashboard: "
           f"{info.get('dashboard_url') or 'off'}", flush=True)
     model, d_in = resolve_model(preset, args)
-    activations = prepare_activations(preset, args, model)
+    activations, source = prepare_activations(preset, args, model,
+                                              on_cluster=info["mode"] == "cluster")
     gpus = args.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if info.get("resources", {}).get("GPU", 0) else 0.0
     settings = _settings(args, preset, sweep, name, gpus, TrialSpec(
-        activations=activations, model=model, hook=preset.hook, d_in=d_in,
+        activations=activations, activation_source=source, model=model, hook=preset.hook, d_in=d_in,
         d_sae=preset.expansion * d_in, context_length=preset.context_length,
         total_tokens=args.total_tokens or preset.total_tokens, batch_size=preset.batch_size,
         lr=preset.lr, lambda_mode="fixed" if sweep else args.lambda_mode,

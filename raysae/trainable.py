@@ -16,6 +16,7 @@ optionally, its global-threshold removal curve.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ class TrialSpec:
 
     activations: str
     """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
+    activation_source: dict | None = None
+    """The ActivationSource the cache was built from: a node that lacks the cache folder
+    (a fresh cluster worker) builds it from this, once per node (file-locked)."""
     model: str
     """LM hub name or local checkpoint folder (for the held-out CE)."""
     hook: str
@@ -128,6 +132,11 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
     source = spec.activations
     if not isinstance(source, str):
         source = ActivationSource(**source)
+    elif not os.path.isdir(source) and spec.activation_source is not None:
+        from raysae.activation_cache import build_cache
+
+        src = ActivationSource(**spec.activation_source)
+        source = str(build_cache(src, os.path.dirname(source), progress=False))
     left = cfg.total_tokens - tokens_done
     # A different seed after a restart: the resumed trial sees a fresh shuffle, not a replay.
     return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1),
@@ -176,10 +185,12 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     trainer = _restore(cfg)
     reports = 0
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count}
+    dashboard = _trial_metrics(cfg, trainer)
 
     def on_log(row: dict[str, float], live: Trainer) -> None:
         nonlocal reports
         reports += 1
+        dashboard.record(row)
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                "status": "running"}
         due = reports % spec.checkpoint_every == 0 and not live.done
@@ -190,6 +201,17 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     result = train_sae(cfg, batches, trainer=trainer, on_log=on_log)
     final, write_artifacts = _finish(spec, cfg, result)
     _report({**base, **final}, trainer, write_artifacts)
+    dashboard.finished(result.status)
+
+
+def _trial_metrics(cfg: TrainConfig, trainer: Trainer):
+    """Dashboard gauges for this trial (tokens/s, l0, mse), tagged with its id and family."""
+    from ray import tune
+
+    from raysae.monitoring import TrialMetrics
+
+    return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
+                        start_tokens=trainer.tokens)
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
