@@ -12,11 +12,13 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
+    from raysae.cli_ablation import add_ablation_parser
     from raysae.report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="raysae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_report_parser(sub)
+    add_ablation_parser(sub)
     return parser
 
 

@@ -42,15 +42,15 @@ class TrialSpec:
 
     activations: str
     """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
-    activation_source: dict | None = None
-    """The ActivationSource the cache was built from: a node that lacks the cache folder
-    (a fresh cluster worker) builds it from this, once per node (file-locked)."""
     model: str
     """LM hub name or local checkpoint folder (for the held-out CE)."""
     hook: str
     """Hook name whose activations the SAE reconstructs."""
     d_in: int
     d_sae: int
+    activation_source: dict | None = None
+    """The ActivationSource the cache was built from: a node that lacks the cache folder
+    (a fresh cluster worker) builds it from this, once per node (file-locked)."""
     context_length: int = 128
     total_tokens: int = 1_000_000
     batch_size: int = 1024
