@@ -1,0 +1,239 @@
+"""Spliced CE of SAEs on held-out token blocks, with the pre-hook work done once.
+
+CE convention: mean next-token cross-entropy (nats) over every predicted position of every
+block (targets are tokens 1..ctx-1: ctx-1 predictions per block, BOS never a target), over
+the same positions for ce_clean, ce_sae and ce_zero. With ``keep_first=True`` (default) the
+hooked activation is replaced at every position except the first of each block: position 0
+holds BOS, whose activation is an outlier the SAE never trained on (activation harvesting
+drops BOS rows). ce_zero zeroes the same positions ce_sae replaces. Reconstruction metrics
+(``raysae.metrics``) are over the replaced positions.
+
+Work reuse: the constructor runs the model once over the blocks (the clean forward: ce_clean
+and the cached hook activation). ``evaluate`` (and ce_zero) then run only the layers after
+the hook on the patched activation: the HF model runs itself with its layer list cut to the
+layers after the hook (``inputs_embeds`` = patched residual), checked at construction to
+reproduce the clean logits. Hooks other than a block's resid_pre/resid_post, or a failed
+check, fall back to a full forward with a replacing hook (same numbers, slower).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysae import corpus, feature_stats, metrics
+from raysae.models import check_hook
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+_RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|hook_out)$")
+_CHECK_TOL = 1e-4
+
+
+def next_token_ce_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Sum of next-token CE over positions 0..ctx-2 (logits [b, ctx, V], tokens [b, ctx])."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(),
+                           tokens[:, 1:].reshape(-1).to(logits.device), reduction="sum").item()
+
+
+def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """(ce_zero - ce_sae) / (ce_zero - ce_clean); NaN when zero-ablation costs nothing."""
+    gap = ce_zero - ce_clean
+    return float("nan") if abs(gap) < 1e-12 else (ce_zero - ce_sae) / gap
+
+
+class _Suffix:
+    """The HF model's layers from ``start`` on, final norm and unembedding, fed a residual."""
+
+    def __init__(self, model, start: int):
+        hf = model.original_model
+        self.base = getattr(hf, hf.base_model_prefix)
+        self.head = hf.get_output_embeddings()
+        if not isinstance(getattr(self.base, "layers", None), nn.ModuleList):
+            raise TypeError(f"{type(self.base).__name__} has no `layers` list to cut")
+        self.start = start
+
+    def __call__(self, resid: torch.Tensor) -> torch.Tensor:
+        full = self.base.layers
+        self.base.layers = nn.ModuleList(list(full)[self.start:])
+        try:
+            hidden = self.base(inputs_embeds=resid).last_hidden_state
+        finally:
+            self.base.layers = full
+        return self.head(hidden)
+
+
+def _to_tokens(tokens) -> torch.Tensor:
+    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected [n_blocks >= 1, "
+                         f"ctx >= 2] token ids")
+    if tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens has dtype {tokens.dtype}; pass integer token ids")
+    return tokens.long().cpu()
+
+
+class Evaluator:
+    """Held-out blocks with their clean forward done: ``evaluate(sae, transform)`` is cheap."""
+
+    def __init__(self, model, hook_name: str, tokens, batch_size: int = 8,
+                 keep_first: bool = True, resume: bool = True):
+        check_hook(model, hook_name)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.model, self.hook_name = model, hook_name
+        self.tokens = _to_tokens(tokens)
+        vocab = model.original_model.get_output_embeddings().weight.shape[0]
+        if int(self.tokens.max()) >= vocab or int(self.tokens.min()) < 0:
+            raise ValueError(f"token ids span [{int(self.tokens.min())}, "
+                             f"{int(self.tokens.max())}] but the model's vocabulary is "
+                             f"{vocab}; tokenize with this model's tokenizer")
+        self.first = int(keep_first)
+        self.device = next(model.parameters()).device
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        clean, first_logits = 0.0, None
+        for toks in self.tokens.split(batch_size):
+            toks = toks.to(self.device)
+            logits, acts = self._clean_forward(toks)
+            clean += next_token_ce_sum(logits, toks)
+            self._batches.append((toks, acts.detach()))
+            first_logits = logits if first_logits is None else first_logits
+        self.n_predictions = self.tokens.shape[0] * (self.tokens.shape[1] - 1)
+        self.ce_clean = clean / self.n_predictions
+        self.d_in = self._batches[0][1].shape[-1]
+        self._suffix = self._make_suffix(first_logits) if resume else None
+        del first_logits
+        self.ce_zero = self.ce_with(torch.zeros_like)
+
+    @property
+    def n_tokens(self) -> int:
+        """Replaced positions (the tokens reconstruction metrics are over)."""
+        return self.tokens.shape[0] * (self.tokens.shape[1] - self.first)
+
+    @property
+    def resumes(self) -> bool:
+        """True when evaluations run only the layers after the hook."""
+        return self._suffix is not None
+
+    @torch.no_grad()
+    def _clean_forward(self, toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cache = self.model.run_with_cache(toks, names_filter=self.hook_name,
+                                                  return_cache_object=False)
+        acts = cache[self.hook_name] if self.hook_name in cache else next(iter(cache.values()))
+        return logits, acts
+
+    def _make_suffix(self, want: torch.Tensor) -> _Suffix | None:
+        """Resume after the hook when that reproduces the clean logits ``want`` of the first
+        batch; else None (fallback)."""
+        match = _RESID.match(self.hook_name)
+        if match is None:
+            return None
+        start = int(match.group(1)) + (match.group(2) in ("hook_resid_post", "hook_out"))
+        try:
+            suffix = _Suffix(self.model, start)
+            with torch.no_grad():
+                got = suffix(self._batches[0][1])
+            err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+        except (TypeError, AttributeError, ValueError, RuntimeError) as exc:
+            err, reason = float("inf"), f"{type(exc).__name__}: {exc}"
+        else:
+            reason = f"relative logit error {err:.2e}"
+        if err <= _CHECK_TOL:
+            return suffix
+        warnings.warn(f"cannot resume the forward after {self.hook_name} ({reason}); "
+                      f"falling back to full forwards with a replacing hook", stacklevel=3)
+        return None
+
+    @torch.no_grad()
+    def _logits(self, toks: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        if self._suffix is not None:
+            return self._suffix(patched)
+        return self.full_forward_logits(toks, patched)
+
+    @torch.no_grad()
+    def full_forward_logits(self, toks: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        """Logits of a full forward whose hooked activation is replaced by ``patched``."""
+        def replace(act, hook):
+            return patched.to(act.dtype)
+
+        return self.model.run_with_hooks(toks, fwd_hooks=[(self.hook_name, replace)],
+                                         return_type="logits")
+
+    def _patch(self, acts: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        patched = acts.clone()
+        patched[:, self.first:] = new.reshape(patched[:, self.first:].shape).to(acts.dtype)
+        return patched
+
+    @torch.no_grad()
+    def ce_with(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """CE with the replaced positions' activations [b, pos, d] mapped through ``replace``."""
+        total = 0.0
+        for toks, acts in self._batches:
+            patched = self._patch(acts, replace(acts[:, self.first:]))
+            total += next_token_ce_sum(self._logits(toks, patched), toks)
+        return total / self.n_predictions
+
+    def activations(self) -> torch.Tensor:
+        """The cached activations at the replaced positions, [n_tokens, d_in], on CPU."""
+        return torch.cat([a[:, self.first:].reshape(-1, self.d_in).float().cpu()
+                          for _, a in self._batches])
+
+    @torch.no_grad()
+    def evaluate(self, sae, transform: Transform | None = None) -> dict[str, float]:
+        """CE and reconstruction metrics with the hook replaced by the SAE's reconstruction.
+
+        ``transform`` maps feature activations [tokens, d_sae] before decoding (ablations).
+        """
+        if sae.cfg.d_in != self.d_in:
+            raise ValueError(f"SAE reads d_in={sae.cfg.d_in} but {self.hook_name} has width "
+                             f"{self.d_in}; use an SAE trained on this hook")
+        sae_device = sae.W_enc.device
+        total, l0_sum, recons = 0.0, 0.0, []
+        for toks, acts in self._batches:
+            x = acts[:, self.first:].reshape(-1, self.d_in).to(sae_device, torch.float32)
+            f = sae.encode(x)
+            if transform is not None:
+                f = transform(f)
+            x_hat = sae.decode(f)
+            l0_sum += metrics.l0(f) * x.shape[0]
+            recons.append(x_hat.cpu())
+            total += next_token_ce_sum(self._logits(toks, self._patch(acts, x_hat)), toks)
+        x, x_hat = self.activations(), torch.cat(recons)
+        ce_sae = total / self.n_predictions
+        return {"ce_clean": self.ce_clean, "ce_sae": ce_sae, "ce_zero": self.ce_zero,
+                "ce_recovered": ce_recovered(self.ce_clean, ce_sae, self.ce_zero),
+                "l0": l0_sum / x.shape[0], "mse": metrics.mse(x, x_hat),
+                "fvu": metrics.fvu(x, x_hat), "cos_sim": metrics.cos_sim(x, x_hat),
+                "l2_ratio": metrics.l2_ratio(x, x_hat)}
+
+
+def heldout_evaluator(model, hook_name: str, n_blocks: int = 64, context_length: int = 128,
+                      source=corpus.STDLIB, batch_size: int = 8, **kwargs) -> Evaluator:
+    """An Evaluator on the held-out split of ``source`` (never used for training)."""
+    blocks = corpus.heldout_blocks(model, context_length, max_blocks=n_blocks, source=source)
+    return Evaluator(model, hook_name, blocks, batch_size=batch_size, **kwargs)
+
+
+def evaluate_sae(evaluator: Evaluator, sae,
+                 n_tokens: int = feature_stats.DEFAULT_TOKENS) -> dict[str, float]:
+    """Everything a trial reports: spliced CE, reconstruction and feature-statistic summary.
+
+    Feature statistics use the evaluator's held-out activations (at most ``n_tokens``).
+    """
+    out = evaluator.evaluate(sae)
+    summary = feature_stats.summarize(*feature_stats.feature_statistics(evaluator, sae, n_tokens))
+    out.update({k: summary[k] for k in ("dead_fraction", "low_freq_fraction", "median_nonzero",
+                                        "feature_tokens")})
+    return out
+
+
+def feature_statistics(evaluator_or_acts, sae, n_tokens: int = feature_stats.DEFAULT_TOKENS):
+    """(per_feature_df, activation_sample_df); see ``raysae.feature_stats``."""
+    return feature_stats.feature_statistics(evaluator_or_acts, sae, n_tokens)
+
