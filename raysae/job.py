@@ -106,6 +106,9 @@ def _check(args: argparse.Namespace) -> None:
     for t in args.targets or ():
         if t <= 0:
             raise ValueError(f"--targets {t:g} is invalid: a target L0 must be > 0")
+    if getattr(args, "objective", None) == "pareto" and args.lambda_mode == "control":
+        raise ValueError("--objective pareto needs --lambda-mode search: lambda must vary "
+                         "to trace a frontier")
 
 
 def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
@@ -172,6 +175,8 @@ def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
         total_tokens=args.total_tokens or preset.total_tokens, batch_size=preset.batch_size,
         lr=preset.lr, lambda_mode="fixed" if sweep else args.lambda_mode,
         beta=1.0 if sweep else args.beta, eval_blocks=preset.eval_blocks,
+        target_l0=None if sweep or args.objective == "pareto"
+        else (args.targets or preset.targets)[0],
         corpus=preset.corpus, threshold_sweep=sweep, seed=args.seed))
     out = run_search(settings, results, resume=args.resume)
     print(f"raysae: trials table: {out / 'trials.parquet'}")
