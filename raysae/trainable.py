@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,7 +79,9 @@ class TrialSpec:
     seed: int = 0
     torch_threads: int = 1
     inject_failure_at_step: int | None = None
-    """Fault injection for reliability tests: raise once at this step (first attempt only)."""
+    """Fault injection for reliability tests: fail once at this step (first attempt only)."""
+    inject_failure_kind: str = "raise"
+    """raise: a Python exception; sigkill: the trial's worker process SIGKILLs itself."""
 
     def __post_init__(self) -> None:
         if self.lambda_mode not in LAMBDA_MODES:
@@ -175,6 +178,8 @@ def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
     marker = Path(tune.get_context().get_trial_dir()) / ".raysae_injected_failure"
     if not marker.exists():
         marker.write_text(str(step))
+        if spec.inject_failure_kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at step {step} (TrialSpec.inject_failure_at_step)")
 
 

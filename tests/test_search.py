@@ -77,15 +77,18 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
     assert (out / "feature_stats.parquet").exists() and (out / "search.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["raise", "sigkill"])
 def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
-        tiny_model_dir, tiny_cache, tmp_path):
+        tiny_model_dir, tiny_cache, tmp_path, kind):
+    """An exception, or the trial's worker process killed by SIGKILL, mid-training."""
     # Reports at steps 10, 20, 30, 40; checkpoints at 20 and 40; the failure comes at 30.
     spec = _spec(tiny_model_dir, tiny_cache, inject_failure_at_step=25, lambda_mode="fixed",
-                 checkpoint_every=2)
+                 checkpoint_every=2, inject_failure_kind=kind)
     settings = SearchSettings(name="restart", storage=str(tmp_path / "tune"), objective="grid",
                               grid=({"p": 0.5, "s": 1.0, "lam": 1.0},), max_failures=1,
                               spec=spec)
     trials = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet")
+    assert len(trials) == 1  # the restarted trial is one row, not two
     row = trials.iloc[0]
     assert row["status"] == "finished" and row["steps"] == 40
     assert row["restored_from_step"] == 20  # the last checkpoint before the failure
