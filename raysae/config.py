@@ -101,8 +101,8 @@ class TrainConfig:
     during the first ``control_frac`` of training, then freezes lambda."""
     control_frac: float = 0.8
     """Fraction of training during which the L0 controller may change lambda."""
-    control_gain: float = 0.03
-    """Controller step: ln(lambda) += gain * ln(l0_ema / l0_target) per step."""
+    control_gain: float = 0.02
+    """Controller step: ln(lambda) += gain * clip(ln(batch_l0 / l0_target), -1, 1) per step."""
     log_every: int = 50
     """Record metrics every this many steps."""
     dead_window_tokens: int = 1_000_000

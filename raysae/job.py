@@ -30,11 +30,11 @@ class Preset:
     context_length: int = 128
     expansion: int = 4
     cache_tokens: int = 200_000
-    total_tokens: int = 600_000
-    batch_size: int = 1024
+    total_tokens: int = 1_000_000
+    batch_size: int = 512
     lr: float = 1e-3
     targets: tuple[float, ...] = (8.0, 16.0, 32.0)
-    num_trials: int = 8
+    num_trials: int = 6
     lam_range: tuple[float, float] = (1e-2, 1e2)
     eval_blocks: int = 64
     cache_dtype: str = "float32"

@@ -150,8 +150,11 @@ class Trainer:
         return (self.last_fired < horizon).float().mean().item() if self.tokens else 0.0
 
     def _control(self, batch_l0: float) -> None:
-        ratio = max(batch_l0, 0.5) / self.cfg.l0_target
-        self.lam = max(self.lam, 1e-8) * math.exp(self.cfg.control_gain * math.log(ratio))
+        """Integral control in log space; the error is clipped to +-1 so a far-off start
+        (a fresh SAE fires half its features) cannot wind lambda up faster than L0 follows."""
+        error = math.log(max(batch_l0, 0.5) / self.cfg.l0_target)
+        error = max(-1.0, min(1.0, error))
+        self.lam = max(self.lam, 1e-12) * math.exp(self.cfg.control_gain * error)
 
     def _metrics_row(self, x, x_hat, f, loss, recon, pen, lam) -> dict[str, float]:
         raw_x, raw_hat = x / self.scale, x_hat / self.scale

@@ -115,7 +115,9 @@ def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
     if spec.penalty != "lp":
         params = {k: float(v) for k, v in config.get("penalty_params", {}).items()}
     control = spec.lambda_mode == "control"
-    lam = spec.lam if control else float(config.get("lam", spec.lam))
+    lam = float(config.get("lam", spec.lam))
+    if control:  # start where (s f)^p ~ f for f ~ 1, so s does not set the controller's start
+        lam = spec.lam / params.get("s", 1.0) ** params.get("p", 1.0)
     return TrainConfig(
         sae=SAEConfig(spec.d_in, spec.d_sae), penalty=PenaltyConfig(spec.penalty, params),
         lam=lam, total_tokens=spec.total_tokens, batch_size=spec.batch_size, lr=spec.lr,
