@@ -117,6 +117,14 @@ def build_searcher(settings: SearchSettings, seed_offset: int = 0):
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
 
+def live_concurrency(total_cpus: float, requested: int, cpus_per_trial: float = 0.5,
+                     cpus_per_actor: float = 1.0) -> int:
+    """Trials that may stream live at once: each holds ``cpus_per_trial`` and its harvest
+    actor needs ``cpus_per_actor`` more outside the trial's reservation, so more trials than
+    this would leave their Ray Data actors waiting forever (a deadlock on 2 CPUs)."""
+    return max(1, min(requested, int(total_cpus // (cpus_per_trial + cpus_per_actor))))
+
+
 def experiment_runs(settings: SearchSettings) -> list[tuple[str, TrialSpec]]:
     """(experiment name, trial spec) per Tune experiment of this search."""
     if settings.objective != "target":

@@ -136,7 +136,9 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
 
     source = spec.activations
     if not isinstance(source, str):
-        source = ActivationSource(**source)
+        # Live streaming: one harvest actor per trial, so trials cannot starve each other's
+        # Ray Data pipelines of CPUs (see search.live_concurrency).
+        source = ActivationSource(**{**source, "num_actors": 1})
     elif not os.path.isdir(source) and spec.activation_source is not None:
         from raysae.activation_cache import build_cache
 
@@ -191,7 +193,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     cfg = train_config(spec, config)
     trainer = _restore(cfg)
     reports = 0
-    base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count}
+    base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
+            "node_id": _node_id()}
     dashboard = _trial_metrics(cfg, trainer)
 
     def on_log(row: dict[str, float], live: Trainer) -> None:
@@ -219,6 +222,13 @@ def _trial_metrics(cfg: TrainConfig, trainer: Trainer):
 
     return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
                         start_tokens=trainer.tokens)
+
+
+def _node_id() -> str:
+    """The Ray node of this attempt: fake nodes on one machine share ``node_ip``, ids differ."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The search service end to end on the tiny local model: Tune trials, Optuna, results
 table, trial restart from checkpoint, divergence, and the main script."""
 
+import dataclasses
 import math
 
 import optuna
@@ -110,3 +111,26 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, tiny_cache):
         SearchSettings(num_trials=0, spec=spec)
     with pytest.raises(ValueError, match="lambda_mode 'control' needs target_l0"):
         _spec(tiny_model_dir, tiny_cache, lambda_mode="control")
+
+
+def test_live_concurrency_leaves_room_for_harvest_actors():
+    from raysae.search import live_concurrency
+
+    assert live_concurrency(2, 4) == 1  # 2 CPUs: one trial (0.5) + its actor (1)
+    assert live_concurrency(16, 4) == 4
+    assert live_concurrency(16, 20) == 10
+    assert live_concurrency(1, 4) == 1
+
+
+def test_live_streaming_search_on_two_cpus_does_not_deadlock(tiny_model_dir, ray_local,
+                                                             tmp_path):
+    source = ActivationSource(model=str(tiny_model_dir), hook=HOOK, context_length=CTX,
+                              n_tokens=8192)
+    spec = _spec(tiny_model_dir, str(tmp_path), activations=dataclasses.asdict(source),
+                 total_tokens=512 * 12, lambda_mode="fixed")
+    settings = SearchSettings(name="live", storage=str(tmp_path / "tune"), objective="grid",
+                              grid=({"p": 1.0, "lam": 1.0}, {"p": 0.5, "s": 1.0, "lam": 1.0}),
+                              cpus_per_trial=0.5, max_concurrent=1, spec=spec)
+    trials = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet")
+    assert len(trials) == 2 and set(trials["status"]) == {"finished"}
+    assert (trials["tokens_seen"] == 512 * 12).all()
