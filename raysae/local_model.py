@@ -220,6 +220,7 @@ def _build_into(spec: LocalModelSpec, out: Path, progress: bool) -> None:
         "n_params": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / METADATA).write_text(json.dumps(meta, indent=2))
