@@ -119,7 +119,11 @@ def iter_texts(
         ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True,
                           **({"sample_by": "document"} if kind == "text" else {}))
     else:
-        ds = load_dataset(str(source), split=hf_split, streaming=True)
+        try:
+            ds = load_dataset(str(source), split=hf_split, streaming=True)
+        except (OSError, FileNotFoundError) as err:  # offline, unknown name, no access
+            raise ValueError(f"cannot open dataset {source!r} ({err}); give local files, "
+                             "'stdlib', or a reachable hub dataset") from err
     for i, row in enumerate(ds):
         if text_column not in row:
             raise ValueError(

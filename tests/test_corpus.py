@@ -70,3 +70,8 @@ def test_empty_and_bad_sources(tok, tmp_path):
         corpus.corpus_files(tmp_path)
     with pytest.raises(ValueError, match="context_length"):
         corpus.token_blocks(corpus.STDLIB, tok, 1)
+
+
+def test_unreachable_hub_dataset_is_a_value_error(tok):
+    with pytest.raises(ValueError, match="cannot open dataset"):
+        corpus.token_blocks("no-such-org/no-such-dataset-raysae", tok, 16)
