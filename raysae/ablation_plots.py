@@ -10,8 +10,6 @@ Each function writes one PNG (temp file, then rename) and returns its path; no c
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from raysae.plots import save_png
 
 MSE_COLOR, CE_COLOR = "#c0392b", "#1f5fa8"
 METHOD_COLOR = {"lowest_k": "#2e8b57", "percent_of_max": "#d9731a", "quantile": "#7b3fa0",
@@ -34,22 +34,6 @@ def _check(table: pd.DataFrame) -> None:
     if missing or not len(table):
         raise ValueError(f"ablation table is empty or lacks columns {missing}; pass the "
                          f"DataFrame from raysae.ablation.ablation_sweep")
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}.", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _param_label(method: str, value: float) -> str:
@@ -95,7 +79,7 @@ def removal_strength(table: pd.DataFrame, path, ce_clean: float | None = None,
     fig.suptitle(title or "Removing the lowest activations: MSE (red) and CE (blue); "
                  "dotted: clean CE", x=0.01, ha="left", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def methods_ce_vs_l0(table: pd.DataFrame, path, ce_clean: float | None = None,
@@ -119,4 +103,4 @@ def methods_ce_vs_l0(table: pd.DataFrame, path, ce_clean: float | None = None,
     ax.legend(frameon=False, fontsize=9)
     ax.set_title(title or "Four ways to remove low activations (black dot: no removal)",
                  loc="left", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)

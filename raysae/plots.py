@@ -39,13 +39,14 @@ def style(family: str) -> dict:
     return STYLE.get(family, OTHER)
 
 
-def _save(fig, path) -> Path:
+def save_png(fig, path, dpi: int | None = None) -> Path:
+    """Write ``fig`` as a PNG through a temp file (never half-written) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -99,7 +100,7 @@ def frontier(points: pd.DataFrame, fronts: dict, path, y: str = "ce_sae",
     ax.set_ylabel(METRIC_LABEL.get(y, y))
     ax.set_title(f"{METRIC_LABEL.get(y, y)} vs L0 (lower-left is better)", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def delta_to_baseline(curves: pd.DataFrame, switches: pd.DataFrame, path,
@@ -128,7 +129,7 @@ def delta_to_baseline(curves: pd.DataFrame, switches: pd.DataFrame, path,
     ax.set_title(f"CE difference to {baseline} at matched L0 (below 0: better than {baseline})",
                  loc="left")
     ax.legend(fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def metrics_vs_l0(points: pd.DataFrame, path, metrics=("cos_sim", "l2_ratio", "mse")) -> Path:
@@ -145,7 +146,7 @@ def metrics_vs_l0(points: pd.DataFrame, path, metrics=("cos_sim", "l2_ratio", "m
         ax.set_title(METRIC_LABEL.get(m, m), loc="left", fontsize=10)
     np.atleast_1d(axes)[0].legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def feature_frequency(stats: pd.DataFrame, reps: dict, path, floor: float = 1e-8) -> Path:
@@ -167,7 +168,7 @@ def feature_frequency(stats: pd.DataFrame, reps: dict, path, floor: float = 1e-8
     ax.set_ylabel("features")
     ax.set_title("Feature frequency per family (one SAE each, at similar L0)", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def activation_hist(samples: pd.DataFrame, reps: dict, medians: dict, path) -> Path:
@@ -185,7 +186,7 @@ def activation_hist(samples: pd.DataFrame, reps: dict, medians: dict, path) -> P
     ax.set_ylabel("density")
     ax.set_title("Feature activations of the first tokens (vertical lines: medians)", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def optuna_history(trials: pd.DataFrame, path, direction: str = "minimize") -> Path:
@@ -207,7 +208,7 @@ def optuna_history(trials: pd.DataFrame, path, direction: str = "minimize") -> P
     ax.set_ylabel("objective")
     ax.set_title("Search history", loc="left")
     ax.legend(fontsize=8, frameon=False, ncol=3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def importance(importances: dict, path) -> Path:
@@ -217,7 +218,7 @@ def importance(importances: dict, path) -> Path:
     ax.barh(names, [importances[n] for n in names], color="#7b3fa0")
     ax.set_xlabel("importance (Optuna, sums to 1)")
     ax.set_title("Which search parameter matters for the objective", loc="left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def ablation_curves(ablations: pd.DataFrame, family_of: dict, path,
@@ -238,7 +239,7 @@ def ablation_curves(ablations: pd.DataFrame, family_of: dict, path,
     ax.set_ylabel(METRIC_LABEL.get(y, y))
     ax.set_title(f"Removing the lowest activations ({method}) from every SAE", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
@@ -255,4 +256,4 @@ def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
     axes[0].legend(fontsize=8, frameon=False)
     fig.suptitle(f"Four ways to remove low activations, SAE {trial_id}", x=0.01, ha="left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

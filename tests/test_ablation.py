@@ -5,15 +5,13 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.image import imread
+from test_evaluate import train_small_sae
 
 from raysae import ablation, ablation_plots, corpus
 from raysae.ablation import METHODS, Calibration, ablation_sweep, calibrate, threshold_sweep
 from raysae.cli import main as cli_main
-from raysae.config import SAEConfig, TrainConfig
 from raysae.evaluate import Evaluator
 from raysae.feature_stats import NonzeroIndex
-from raysae.models import hook_activations
-from raysae.train import train_sae
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32
@@ -88,19 +86,7 @@ def test_bad_parameters_raise_value_errors():
 @pytest.fixture(scope="module")
 def trained(tiny_model):
     """A small SAE trained on the tiny model's train-split activations (~1 s)."""
-    blocks = corpus.token_blocks(corpus.STDLIB, tiny_model, CTX, split="train", max_blocks=256)
-    acts = hook_activations(tiny_model, torch.as_tensor(blocks), HOOK)[:, 1:]
-    acts = acts.reshape(-1, acts.shape[-1])
-    gen = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            yield from (acts[i] for i in torch.randperm(len(acts), generator=gen).split(256)
-                        if len(i) == 256)
-
-    cfg = TrainConfig(sae=SAEConfig(acts.shape[1], 128), lam=1.0, total_tokens=256 * 300,
-                      batch_size=256, lr=3e-3)
-    return train_sae(cfg, batches()).sae
+    return train_small_sae(tiny_model)
 
 
 @pytest.fixture(scope="module")
