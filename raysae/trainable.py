@@ -122,8 +122,13 @@ def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
         sae=SAEConfig(spec.d_in, spec.d_sae), penalty=PenaltyConfig(spec.penalty, params),
         lam=lam, total_tokens=spec.total_tokens, batch_size=spec.batch_size, lr=spec.lr,
         l0_target=spec.target_l0 if control else None, log_every=spec.report_every,
-        seed=spec.seed + int(config.get("seed", 0)),
+        seed=spec.seed + int(config.get("seed", 0)), device=trial_device(),
     )
+
+
+def trial_device() -> str:
+    """CUDA when the trial was given a GPU (Tune sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +242,18 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
             "target_l0": spec.target_l0 if spec.target_l0 is not None else float("nan")}
 
 
+def _feature_source(spec: TrialSpec, evaluator):
+    """Activations for feature statistics: ``feature_tokens`` rows of the cache (the held-out
+    set is too small to see a 1e-5 frequency), or the held-out set when streaming live."""
+    if not isinstance(spec.activations, str) or not os.path.isdir(spec.activations):
+        return evaluator
+    from raysae.activation_cache import load_manifest
+    from raysae.activations import iter_activation_batches
+
+    n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
+    return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens, seed=spec.seed)
+
+
 def _finish(spec: TrialSpec, cfg: TrainConfig, result):
     """The final metrics row and a function that writes the final artifacts into a folder."""
     last = result.final_metrics
@@ -250,11 +267,13 @@ def _finish(spec: TrialSpec, cfg: TrainConfig, result):
     from raysae.evaluate import heldout_evaluator
     from raysae.models import load_model
 
-    model = load_model(spec.model, device="cpu")
+    model = load_model(spec.model, device=cfg.device)
+    result.sae.to(cfg.device)
     evaluator = heldout_evaluator(model, spec.hook, n_blocks=spec.eval_blocks,
                                   context_length=spec.context_length, source=spec.corpus)
     row.update(evaluator.evaluate(result.sae))
-    stats = feature_stats.feature_statistics(evaluator, result.sae, spec.feature_tokens)
+    stats = feature_stats.feature_statistics(_feature_source(spec, evaluator), result.sae,
+                                             spec.feature_tokens)
     summary = feature_stats.summarize(*stats)
     row.update({k: summary[k] for k in ("dead_fraction", "low_freq_fraction", "median_nonzero",
                                         "feature_tokens")})
