@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raysae import job_checks
 from raysae.search import SearchSettings, grid_points, run_search
 from raysae.trainable import LAMBDA_MODES, TrialSpec
 
@@ -60,12 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
     a("--model", help="override the preset's model: hub name or local checkpoint folder")
     a("--hook", help="override the preset's hook name, e.g. blocks.3.hook_resid_post")
     a("--corpus", help="override the text: 'stdlib', local files/folder, or a hub dataset")
+    a("--text-column", help="override the preset's text column of a table corpus")
     a("--context-length", type=int, help="override the preset's tokens per block")
+    a("--expansion", type=int, help="d_sae = EXPANSION * d_in (default: the preset's, 4)")
+    a("--batch-size", type=int, help="activations per optimiser step (default: the preset's)")
     a("--targets", type=float, nargs="+", help="target L0 values (one Optuna study each)")
     a("--num-trials", type=int, help="trials per target L0 (Optuna searches)")
     a("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
+    a("--cpus-per-trial", type=float, default=1.0,
+      help="CPU share per trial; fractions (e.g. 0.25) let more trials share a core")
     a("--total-tokens", type=int, help="training tokens per SAE")
     a("--cache-tokens", type=int, help="activation rows in the cache")
+    a("--cache", help="use this existing activation cache folder (checked against the model, "
+                      "hook and context length) instead of building one")
+    a("--lam-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+      help="lambda range, log scale: searched with --lambda-mode search; the sweep's default "
+           "grid (default: the preset's, 0.01 100)")
     a("--storage", default=os.environ.get("RAYSAE_STORAGE", "results"),
       help="where Tune keeps experiments: a folder or s3://bucket/prefix "
            "(default $RAYSAE_STORAGE or ./results)")
@@ -91,24 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
           help="target (default): CE at the target L0; pareto: minimise [ce_sae, l0]")
         a("--beta", type=float, default=1.0,
           help="objective weight of missing the target L0 (nats per unit |ln(l0/target)|)")
+        a("--p-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+          help="searched exponent range, inside (0, 2] (default 0.2 1)")
+        a("--s-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+          help="searched scale range (log scale), > 0 (default 0.01 100)")
     else:
         a("--lambdas", type=float, nargs="+", help="lambda grid (default: log-spaced)")
         a("--exponents", type=float, nargs="+", default=[1.0, 0.5, 0.25],
           help="penalty exponents p, one family each (default: 1 0.5 0.25)")
-
-
-def _check(args: argparse.Namespace) -> None:
-    for name in ("num_trials", "total_tokens", "cache_tokens", "max_concurrent",
-                 "context_length"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} = {value} is invalid: must be >= 1")
-    for t in args.targets or ():
-        if t <= 0:
-            raise ValueError(f"--targets {t:g} is invalid: a target L0 must be > 0")
-    if getattr(args, "objective", None) == "pareto" and args.lambda_mode == "control":
-        raise ValueError("--objective pareto needs --lambda-mode search: lambda must vary "
-                         "to trace a frontier")
 
 
 def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
@@ -124,6 +125,8 @@ def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
                            dtype=preset.cache_dtype)
     if args.live:
         return dataclasses.asdict(src), None
+    if args.cache:
+        return str(Path(args.cache).expanduser().resolve()), None
     if on_cluster:
         return str(default_cache_root() / src.cache_key()), dataclasses.asdict(src)
     return str(build_cache(src, progress=True)), dataclasses.asdict(src)
@@ -132,11 +135,14 @@ def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
 def resolve_model(preset: Preset, args) -> tuple[str, int]:
     """The model (built locally for the default preset) and its hook width, hook checked."""
     from raysae.local_model import default_model
-    from raysae.models import check_hook, load_model
+    from raysae.models import load_model
 
     model = args.model or preset.model or str(default_model(progress=True))
-    lm = load_model(model, device="cpu")
-    check_hook(lm, preset.hook)
+    try:
+        lm = load_model(model, device="cpu")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {model}: {' '.join(str(err).split())}") from None
+    job_checks.check_hook(lm, preset.hook, model)
     return model, int(lm.cfg.d_model)
 
 
@@ -147,23 +153,64 @@ def _results_dir(args, name: str) -> Path:
     return Path(base).expanduser().resolve() / name / "analysis"
 
 
-def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
-    """The job: prepare, search, report; prints where everything is."""
-    from raysae.ray_env import init_ray
-
-    _check(args)
+def effective_preset(args) -> Preset:
+    """The preset with the command line's overrides applied."""
     preset = PRESETS[args.preset]
-    preset = dataclasses.replace(preset, hook=args.hook or preset.hook,
-                                 corpus=args.corpus or preset.corpus,
-                                 context_length=args.context_length or preset.context_length)
+    over = {"hook": args.hook, "corpus": args.corpus, "text_column": args.text_column,
+            "context_length": args.context_length, "expansion": args.expansion,
+            "batch_size": args.batch_size,
+            "lam_range": tuple(args.lam_range) if args.lam_range else None}
+    return dataclasses.replace(preset, **{k: v for k, v in over.items() if v is not None})
+
+
+def check_inputs(args, preset: Preset, results: Path, sweep: bool) -> tuple[str, int]:
+    """Every check that can fail on bad input, before Ray starts or anything is written
+    (raysae/job_checks.py); returns the model and its hook width."""
+    job_checks.check_flags(args, preset, sweep)
+    manifest = job_checks.check_cache_flag(args.cache) if args.cache else None
+    cache_tokens = manifest["n_tokens"] if manifest else args.cache_tokens or preset.cache_tokens
+    job_checks.check_batch(preset.batch_size, cache_tokens,
+                           f"--cache {args.cache}" if manifest else "--cache-tokens")
+    job_checks.check_model_name(args.model or preset.model)
+    job_checks.check_corpus(preset.corpus, preset.text_column)
+    job_checks.preflight_writable(results)
+    if "://" not in args.storage:
+        job_checks.preflight_writable(Path(args.storage), flag="--storage")
+    if not (args.live or args.cache):
+        from raysae.activation_cache import default_cache_root
+
+        job_checks.preflight_writable(default_cache_root(), flag="cache (RAYSAE_CACHE_DIR)")
+    model, d_in = resolve_model(preset, args)
+    if not sweep:
+        job_checks.check_targets(args.targets or preset.targets, d_in, preset.expansion)
+    if manifest:
+        job_checks.check_cache_matches(args.cache, manifest, model, preset.hook,
+                                       preset.context_length, d_in)
+    return model, d_in
+
+
+def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
+    """The job: check, prepare, search, report; prints where everything is."""
+    preset = effective_preset(args)
     name = args.name or ("l1_sweep" if sweep else "exponent_search")
     results = _results_dir(args, name)
-    preflight_writable(results)
+    model, d_in = check_inputs(args, preset, results, sweep)
+    made = job_checks.make_dirs(results)
+    try:
+        return _run(args, preset, sweep, name, results, model, d_in)
+    except ValueError:
+        job_checks.remove_if_empty(made)  # a late failure leaves no empty results folder
+        raise
+
+
+def _run(args, preset: Preset, sweep: bool, name: str, results: Path, model: str,
+         d_in: int) -> int:
+    from raysae.ray_env import init_ray
+
     start = time.time()
     info = init_ray(args.address)
     print(f"raysae: Ray {info['mode']} at {info['address']}; dashboard: "
           f"{info.get('dashboard_url') or 'off'}", flush=True)
-    model, d_in = resolve_model(preset, args)
     activations, source = prepare_activations(preset, args, model,
                                               on_cluster=info["mode"] == "cluster")
     gpus = args.gpus_per_trial
@@ -192,7 +239,8 @@ def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
 def _settings(args, preset: Preset, sweep: bool, name: str, gpus: float,
               spec: TrialSpec) -> SearchSettings:
     common = dict(name=name, storage=args.storage, max_concurrent=args.max_concurrent,
-                  seed=args.seed, gpus_per_trial=gpus, cpus_per_trial=1.0, spec=spec)
+                  seed=args.seed, gpus_per_trial=gpus, cpus_per_trial=args.cpus_per_trial,
+                  lam_range=preset.lam_range, spec=spec)
     if sweep:
         import numpy as np
 
@@ -200,29 +248,10 @@ def _settings(args, preset: Preset, sweep: bool, name: str, gpus: float,
         families = [{"p": p, "s": 1.0} for p in args.exponents]
         return SearchSettings(objective="grid", grid=grid_points(families, lams),
                               num_trials=1, **common)
+    ranges = {k: tuple(v) for k in ("p_range", "s_range") if (v := getattr(args, k))}
     return SearchSettings(objective=args.objective,
                           targets=tuple(args.targets or preset.targets),
-                          num_trials=args.num_trials or preset.num_trials,
-                          lam_range=preset.lam_range, **common)
-
-
-def preflight_writable(folder: Path) -> None:
-    """Fail before any work when the results folder cannot be written (read-only, full)."""
-    import shutil
-    import tempfile
-
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".raysae-write-test-") as f:
-            f.write(b"x" * 65536)
-            f.flush()
-    except OSError as exc:
-        raise ValueError(f"results folder {folder} is not writable ({exc.strerror}); "
-                         f"pass --results to a writable folder") from None
-    free = shutil.disk_usage(folder).free
-    if free < 100 * 1024**2:
-        raise ValueError(f"results folder {folder} has only {free // 1024**2} MiB free; "
-                         f"free space or pass --results elsewhere")
+                          num_trials=args.num_trials or preset.num_trials, **ranges, **common)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
@@ -230,12 +259,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
     """Defaults shown after each flag; the script's docstring kept as written."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def main(argv=None, *, sweep: bool = False, description: str = "") -> int:
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    """Parse the flags and run the job; bad input -> one line on stderr, exit status 2."""
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
     add_arguments(parser, sweep=sweep)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a flag argparse refused (2, message printed)
+        return int(exc.code or 0)
     try:
         return run(args, sweep=sweep)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, ConnectionError) as err:  # ConnectionError: --address unreachable
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
