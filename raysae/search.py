@@ -164,11 +164,27 @@ def make_tuner(settings: SearchSettings, name: str, spec: TrialSpec, index: int,
     run_config = tune.RunConfig(
         name=name, storage_path=storage_root(settings.storage), failure_config=failure,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=1)
+        progress_reporter=progress_table(settings), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                       tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
                                                   max_concurrent_trials=settings.max_concurrent,
                                                   reuse_actors=False))
+
+
+def progress_table(settings: SearchSettings):
+    """Tune's classic table, one row per trial with the columns a researcher watches, every
+    30 s (the default output prints every metric of every finished trial)."""
+    from ray.tune import CLIReporter
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    params = {"p": "p", "s": "s"}
+    if settings.search_lambda or settings.objective == "grid":
+        params["lam"] = "lambda"
+    metrics = {"tokens_seen": "tokens", "l0": "L0", "fvu": "FVU", "ce_sae": "CE",
+               "objective": "objective", "status": "status"}
+    return CLIReporter(parameter_columns=params, metric_columns=metrics,
+                       max_report_frequency=30, sort_by_metric=False)
 
 
 def results_frame(result_grid, experiment: str) -> pd.DataFrame:
