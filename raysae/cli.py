@@ -13,12 +13,15 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     from raysae.cli_ablation import add_ablation_parser
+    from raysae.cli_cache import add_build_model_parser, add_cache_parser
     from raysae.report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="raysae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_report_parser(sub)
     add_ablation_parser(sub)
+    add_build_model_parser(sub)
+    add_cache_parser(sub)
     return parser
 
 

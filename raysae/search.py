@@ -179,8 +179,10 @@ def progress_table(settings: SearchSettings):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     params = {"p": "p", "s": "s"}
-    if settings.search_lambda or settings.objective == "grid":
+    if settings.search_lambda:
         params["lam"] = "lambda"
+    if settings.objective == "grid":  # grid values sit under "point" in the trial config
+        params = {"point/p": "p", "point/s": "s", "point/lam": "lambda"}
     metrics = {"tokens_seen": "tokens", "l0": "L0", "fvu": "FVU", "ce_sae": "CE",
                "objective": "objective", "status": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics,
