@@ -48,13 +48,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_shard(folder: Path, index: int, batches: list[dict], dtype: str) -> dict:
-    """Write one shard (temp name, then rename); return its manifest entry with partial sums."""
+def _write_shard(folder: Path, index: int, batches: list[dict], dtype: str,
+                 origin: str = "the model") -> dict:
+    """Write one shard (temp name, then rename); return its manifest entry with partial sums.
+    Non-finite activations (a broken model) are refused, naming ``origin``, before writing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
     act = cols["act"]
+    x = from_storage(act, dtype)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        blocks = np.unique(cols["block_id"][~finite])
+        raise CacheError(f"{origin} gives NaN/inf activations in {int((~finite).sum())} of "
+                         f"{len(x)} rows (token blocks {blocks[:5].tolist()}...); check the "
+                         "model's weights; nothing of them was cached")
     flat = pa.array(act.reshape(-1).view(_ARROW_DTYPE[dtype]))
     table = pa.table({"block_id": cols["block_id"], "pos": cols["pos"], "token": cols["token"],
                       "act": pa.FixedSizeListArray.from_arrays(flat, act.shape[1])})
@@ -62,7 +71,7 @@ def _write_shard(folder: Path, index: int, batches: list[dict], dtype: str) -> d
     tmp = folder / (name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, folder / name)
-    x = from_storage(act, dtype).astype(np.float64)
+    x = x.astype(np.float64)
     return {"file": name, "rows": len(act), "sha256": _sha256((folder / name).read_bytes()),
             "token_sha256": _sha256(np.ascontiguousarray(cols["token"]).tobytes()),
             "sum": x.sum(0).tolist(), "sum_sq_norm": float((x * x).sum())}
@@ -122,19 +131,20 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
 
     def flush():
         nonlocal pending, rows
-        shards.append(_write_shard(partial, len(shards), pending, src.dtype))
+        shards.append(_write_shard(partial, len(shards), pending, src.dtype,
+                                   f"model {src.model} at hook {src.hook}"))
         _write_json(partial / PROGRESS, {"tokens_sha256": tokens_sha256, "shards": shards})
         pending, rows = [], 0
 
-    for batch in iter_harvest(src, blocks, skip_blocks=done):
-        pending.append(batch)
-        rows += len(batch["act"])
-        bar.update(len(batch["act"]))
-        if rows >= src.shard_rows and _whole_blocks(src, pending):
+    with bar:  # closed (its line ended) before any error is printed
+        for batch in iter_harvest(src, blocks, skip_blocks=done):
+            pending.append(batch)
+            rows += len(batch["act"])
+            bar.update(len(batch["act"]))
+            if rows >= src.shard_rows and _whole_blocks(src, pending):
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
-    bar.close()
     return shards
 
 
@@ -209,7 +219,12 @@ def read_shard(path: str | os.PathLike, entry: dict, dtype: str) -> np.ndarray:
         raise CacheError(f"shard {file} fails its checksum (corrupt or changed); rebuild the cache")
     col = pq.read_table(pa.BufferReader(data), columns=["act"])["act"].combine_chunks()
     flat = col.values.to_numpy(zero_copy_only=False)
-    return from_storage(flat.reshape(len(col), -1), dtype)
+    out = from_storage(flat.reshape(len(col), -1), dtype)
+    if not np.isfinite(out).all():  # a shard re-written with a matching checksum, or bad RAM
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise CacheError(f"shard {file} holds NaN/inf in {bad} of {len(out)} rows although its "
+                         "checksum matches; rebuild the activation cache (and check the model)")
+    return out
 
 
 def verify_cache(path: str | os.PathLike) -> dict:
