@@ -153,3 +153,49 @@ def test_finds_ray_start_cluster_with_token_auth():
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCAL_DRIVER = """
+import json, time, urllib.error, urllib.request
+import psutil
+from raysae.ray_env import dashboard_url, init_ray
+init_ray()
+for _ in range(120):
+    if dashboard_url():
+        break
+    time.sleep(0.5)
+url = dashboard_url()
+port = int(url.rsplit(":", 1)[1])
+me = psutil.Process()
+hosts = sorted({c.laddr.ip for p in [me, *me.children(recursive=True)]
+                for c in p.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+codes = []
+for headers in ({}, {"Authorization": "Bearer " + __import__("os").environ["RAY_AUTH_TOKEN"]}):
+    try:
+        codes.append(urllib.request.urlopen(urllib.request.Request(
+            url + "/api/version", headers=headers), timeout=10).status)
+    except urllib.error.HTTPError as err:
+        codes.append(err.code)
+print("INFO" + json.dumps({"url": url, "hosts": hosts, "codes": codes}))
+"""
+
+
+def test_embedded_local_ray_dashboard_on_loopback_with_token_auth():
+    """The default path (no cluster): the dashboard listens on 127.0.0.1 only and asks for
+    Ray's token. (Ray's own gRPC servers listen on all interfaces; see README, Security.)"""
+    tmp = tempfile.mkdtemp(prefix="rs")
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ray_env.ADDRESS_ENV_VARS and not k.startswith("RAY_AUTH")}
+    env.update(RAY_TMPDIR=tmp, RAY_AUTH_TOKEN=token, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    try:
+        out = subprocess.run([sys.executable, "-c", LOCAL_DRIVER], env=env, cwd=ROOT,
+                             timeout=240, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        info = json.loads([x for x in out.stdout.splitlines() if x.startswith("INFO")][-1][4:])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert info["url"].startswith("http://127.0.0.1:")
+    assert info["hosts"] == ["127.0.0.1"]  # not 0.0.0.0 / ::
+    assert info["codes"] == [401, 200]  # token auth on by default
