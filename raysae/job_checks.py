@@ -167,6 +167,9 @@ def check_corpus(source: str, text_column: str) -> None:
         try:
             files = corpus.corpus_files(source)
         except ValueError as err:
+            if Path(source).is_dir():
+                raise ValueError(f"--corpus {source} is an empty folder (no files); give "
+                                 "a folder of text/parquet/json files") from None
             raise ValueError(f"--corpus {source}: {err}") from None
         if all(_empty_file(f) for f in files):
             raise ValueError(f"--corpus {source} is empty (no rows); give a dataset with text")
@@ -206,12 +209,15 @@ def _first_text(source: str, text_column: str, split: str) -> str | None:
 
 def check_cache_flag(cache: str) -> dict:
     """The manifest of a --cache folder (its settings are compared once the model is known)."""
-    from raysae.activation_cache import load_manifest
+    from raysae.activation_cache import MANIFEST, load_manifest
 
+    if not (Path(cache) / MANIFEST).is_file():
+        raise ValueError(f"--cache {cache} holds no {MANIFEST}: not a finished activation cache;"
+                         " give a folder made by `raysae cache`, or omit --cache to build one")
     try:
         return load_manifest(cache)
-    except ValueError as err:
-        raise ValueError(f"--cache {err}; omit --cache to build one") from None
+    except ValueError as err:  # unreadable JSON
+        raise ValueError(f"--cache {cache}: {err}; omit --cache to build one") from None
 
 
 def check_cache_matches(cache: str, manifest: dict, model: str, hook: str,

@@ -102,7 +102,7 @@ SEARCH_CASES = [
     ("empty dataset (parquet)", ["--corpus", "{data}/empty.parquet"], ["is empty (no rows)"]),
     ("empty dataset (jsonl)", ["--corpus", "{data}/empty.jsonl"], ["is empty (no rows)"]),
     ("empty dataset (folder)", ["--corpus", "{data}/empty_folder"],
-     ["--corpus", "no local files found"]),
+     ["--corpus {data}/empty_folder is an empty folder"]),
     ("missing dataset file", ["--corpus", "{tmp}/nope.parquet"],
      ["--corpus", "no such file or folder"]),
     ("results under a file", ["--results", "{data}/a_file/results"],
@@ -119,7 +119,7 @@ SEARCH_CASES = [
                                        "--total-tokens", "8192"],
      ["--batch-size 4096", "tokens", "{cache}"]),
     ("cache folder without manifest", ["--cache", "{data}/empty_folder"],
-     ["--cache", "no manifest.json", "omit --cache"]),
+     ["--cache {data}/empty_folder holds no manifest.json", "omit --cache"]),
 ]
 
 
