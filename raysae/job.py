@@ -40,6 +40,7 @@ class Preset:
     eval_blocks: int = 64
     cache_dtype: str = "float32"
     sweep_lambdas: int = 5
+    sweep_lam_range: tuple[float, float] = (0.3, 10.0)  # lambdas giving L0 ~ 5-100 here
 
 
 PRESETS = {
@@ -244,7 +245,8 @@ def _settings(args, preset: Preset, sweep: bool, name: str, gpus: float,
     if sweep:
         import numpy as np
 
-        lams = args.lambdas or np.geomspace(*preset.lam_range, preset.sweep_lambdas).tolist()
+        low_high = tuple(args.lam_range) if args.lam_range else preset.sweep_lam_range
+        lams = args.lambdas or np.geomspace(*low_high, preset.sweep_lambdas).tolist()
         families = [{"p": p, "s": 1.0} for p in args.exponents]
         return SearchSettings(objective="grid", grid=grid_points(families, lams),
                               num_trials=1, **common)

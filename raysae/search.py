@@ -201,11 +201,19 @@ def results_frame(result_grid, experiment: str) -> pd.DataFrame:
         row["trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
         if result.error is not None:
             row["status"] = "error"
-            row["status_reason"] = str(result.error).splitlines()[0][:300]
+            row["status_reason"] = _error_reason(result.error)
         row["trial_dir"] = result.path
         row["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _error_reason(error: BaseException) -> str:
+    """The trial's own exception (Ray wraps it in RayTaskError / TuneError), in one line."""
+    cause = getattr(error, "cause", None) or error.__cause__ or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else text)[:300]
 
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:

@@ -159,8 +159,9 @@ def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_
                               grid=({"p": 1.0, "lam": 1.0},), max_failures=0, spec=spec)
     row = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet").iloc[0]
     assert row["status"] == "error"
-    # Tune's error file of the trial holds the reader's message (trials.parquet's status_reason
-    # holds only the first line of Ray's wrapper, see the README's reliability table).
+    # The table's status_reason and Tune's error file both hold the reader's message.
+    assert row["status_reason"].startswith(f"CacheError: shard {bad / name} holds NaN/inf"), \
+        row["status_reason"]
     error = (Path(row["trial_dir"]) / "error.txt").read_text()
     assert f"CacheError: shard {bad / name} holds NaN/inf in 3 of" in error, error[-2000:]
 
