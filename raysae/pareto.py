@@ -295,15 +295,21 @@ def win_ranges(curves: pd.DataFrame, fams: list[str] | None = None,
 
 
 def default_targets(trials: pd.DataFrame, points: pd.DataFrame, n: int = 5) -> list[float]:
-    """The search's target L0s, or else n round log-spaced L0s inside the overall front."""
+    """The search's target L0s, or else n round log-spaced L0s across the trained SAEs' L0s
+    (not the threshold sweeps', which reach L0s no SAE was trained for)."""
     if "target_l0" in trials:
         t = pd.to_numeric(trials["target_l0"], errors="coerce").dropna().unique()
         if len(t):
             return sorted(float(v) for v in t)
-    fr = front(points)
-    if len(fr) == 0:
-        return []
-    grid = np.geomspace(fr["l0"].min(), fr["l0"].max(), n + 2)[1:-1]
+    trained = trials.loc[trials["status"] == "finished", "l0"] if "status" in trials else []
+    l0 = pd.to_numeric(pd.Series(trained), errors="coerce")
+    l0 = l0[l0 > 0]
+    if len(l0) == 0:
+        fr = front(points)
+        if len(fr) == 0:
+            return []
+        l0 = fr["l0"]
+    grid = np.geomspace(l0.min(), l0.max(), n + 2)[1:-1]
     return sorted({float(f"{v:.2g}") for v in grid})
 
 

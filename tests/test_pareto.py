@@ -313,3 +313,13 @@ def test_switch_point_edge_cases():
     assert above["side"] == "above" and above["l0"] == 10.0
     assert pareto.switch_point(frame([0.1, -0.1, -0.1]), "X")["l0"] == pytest.approx(10 ** 0.5)
     assert pareto.switch_point(frame([0.1, 0.1, 0.1]), "nope")["side"] == "nowhere"
+
+
+def test_default_targets_stay_inside_the_trained_l0_range():
+    """Threshold sweeps reach L0 < 1; the summary's targets must not follow them there."""
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["finished"] * 3,
+                           "l0": [10.0, 20.0, 40.0], "ce_sae": [4.3, 4.2, 4.1]})
+    points = pd.DataFrame({"l0": [0.1, 0.5, 10.0, 20.0, 40.0],
+                           "ce_sae": [9.0, 7.0, 4.3, 4.2, 4.1]})
+    targets = pareto.default_targets(trials, points)
+    assert targets and min(targets) >= 10 and max(targets) <= 40
