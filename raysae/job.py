@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysae import job_checks
-from raysae.search import SearchSettings, grid_points, run_search
+from raysae.search import SearchSettings, grid_points, live_concurrency, run_search
 from raysae.trainable import LAMBDA_MODES, TrialSpec
 
 
@@ -217,8 +217,13 @@ def _run(args, preset: Preset, sweep: bool, name: str, results: Path, model: str
     gpus = args.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if info.get("resources", {}).get("GPU", 0) else 0.0
-    settings = _settings(args, preset, sweep, name, gpus, TrialSpec(
-        activations=activations, activation_source=source, model=model, hook=preset.hook, d_in=d_in,
+    cpus, concurrent = args.cpus_per_trial, args.max_concurrent
+    if args.live:  # each trial's harvest actor needs a CPU outside the trial's own share
+        cpus = min(cpus, 0.5)
+        concurrent = live_concurrency(info.get("resources", {}).get("CPU", 1), concurrent, cpus)
+    settings = _settings(args, preset, sweep, name, (gpus, cpus, concurrent), TrialSpec(
+        activations=activations, activation_source=source, model=model, hook=preset.hook,
+        d_in=d_in,
         d_sae=preset.expansion * d_in, context_length=preset.context_length,
         total_tokens=args.total_tokens or preset.total_tokens, batch_size=preset.batch_size,
         lr=preset.lr, lambda_mode="fixed" if sweep else args.lambda_mode,
@@ -237,10 +242,12 @@ def _run(args, preset: Preset, sweep: bool, name: str, results: Path, model: str
     return 0
 
 
-def _settings(args, preset: Preset, sweep: bool, name: str, gpus: float,
-              spec: TrialSpec) -> SearchSettings:
-    common = dict(name=name, storage=args.storage, max_concurrent=args.max_concurrent,
-                  seed=args.seed, gpus_per_trial=gpus, cpus_per_trial=args.cpus_per_trial,
+def _settings(args, preset: Preset, sweep: bool, name: str,
+              resources: tuple[float, float, int], spec: TrialSpec) -> SearchSettings:
+    """SearchSettings from the flags; ``resources`` = (GPUs, CPUs per trial, concurrency)."""
+    gpus, cpus, concurrent = resources
+    common = dict(name=name, storage=args.storage, max_concurrent=concurrent,
+                  seed=args.seed, gpus_per_trial=gpus, cpus_per_trial=cpus,
                   lam_range=preset.lam_range, spec=spec)
     if sweep:
         import numpy as np
