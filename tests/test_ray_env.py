@@ -105,6 +105,12 @@ def _driver(env: dict) -> dict:
     return json.loads(line[4:])
 
 
+def _ray_cli() -> str:
+    """The `ray` command of this interpreter's environment, even when it is not on PATH."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
 def test_finds_ray_start_cluster_with_token_auth():
     """`ray start --head` as in cluster.yaml (token auth, dashboard on 127.0.0.1); drivers join.
 
@@ -118,7 +124,7 @@ def test_finds_ray_start_cluster_with_token_auth():
            if k not in ray_env.ADDRESS_ENV_VARS and not k.startswith("RAY_AUTH")}
     env.update(RAY_TMPDIR=tmp, RAY_AUTH_TOKEN=token, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     head = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", "--block", "--port=0",
+        [_ray_cli(), "start", "--head", "--block", "--port=0",
          "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
          "--metrics-export-port=0"],
