@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from raysae.ablation import ablation_sweep
-from raysae.config import SAEConfig
-from raysae.evaluate import Evaluator
-from raysae.local_model import LocalModelSpec, build_local_model
-from raysae.models import load_model
-from raysae.sae import SAE
+from raysae.core.config import SAEConfig
+from raysae.core.sae import SAE
+from raysae.evaluation.ablation import ablation_sweep
+from raysae.evaluation.spliced_ce import Evaluator
+from raysae.lm.local_model import LocalModelSpec, build_local_model
+from raysae.lm.models import load_model
 
 HOOK = "blocks.3.hook_resid_post"
 

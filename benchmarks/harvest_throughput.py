@@ -24,9 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY)
 
-from raysae.activations import ActivationSource, iter_harvest, source_blocks, to_storage
-from raysae.local_model import LocalModelSpec, build_local_model, cache_dir
-from raysae.models import hook_activations, load_model, stop_layer
+from raysae.activations.harvest import iter_harvest
+from raysae.activations.source import ActivationSource, source_blocks, to_storage
+from raysae.lm.local_model import LocalModelSpec, build_local_model, cache_dir
+from raysae.lm.models import hook_activations, load_model, stop_layer
 
 PYTHIA_70M = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
                   intermediate_size=2048, max_position_embeddings=2048,

@@ -1,6 +1,6 @@
 """Training-step throughput against its own floor, measured in the same run.
 
-One step of raysae.train.Trainer (d_in=512, d_sae=2048, batch 4096, fp32, CPU by
+One step of raysae.core.train.Trainer (d_in=512, d_sae=2048, batch 4096, fp32, CPU by
 default) versus the five matrix products that step cannot avoid (encoder
 forward, decoder forward, decoder weight grad, feature grad, encoder weight grad).
 The ratio step/floor says how much the penalty, the decoder constraint, Adam and
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from raysae.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.train import Trainer
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.train import Trainer
 
 
 def _median_times(fns: dict, rounds: int, device: str) -> dict[str, float]:

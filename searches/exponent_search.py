@@ -12,7 +12,7 @@ standard library's sources as text; offline, minutes on 2 cores).
 
 import sys
 
-from raysae.job import main
+from raysae.search.job import main
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__))

@@ -7,7 +7,7 @@ Same Tune machinery as exponent_search.py, with a grid instead of Optuna.
 
 import sys
 
-from raysae.job import main
+from raysae.search.job import main
 
 if __name__ == "__main__":
     sys.exit(main(sweep=True, description=__doc__))

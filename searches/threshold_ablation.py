@@ -8,7 +8,7 @@ Same as ``raysae ablation SAE_DIR``; see raysae/cli_ablation.py for the options 
 import argparse
 import sys
 
-from raysae.cli_ablation import ablation_command, add_ablation_arguments
+from raysae.cli.ablation import ablation_command, add_ablation_arguments
 
 if __name__ == "__main__":
     parser = add_ablation_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))

@@ -65,7 +65,7 @@ def _replace_a_worker(cluster, experiment: Path, search: threading.Thread) -> di
 
 
 def _spec(model: str, cache: str):
-    from raysae.trainable import TrialSpec
+    from raysae.search.trainable import TrialSpec
 
     # 200 steps with a checkpoint every 20: the node goes away mid-training.
     return TrialSpec(activations=cache, model=model, hook=HOOK, d_in=32, d_sae=128,
@@ -77,9 +77,9 @@ def run(model: str, workdir: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from raysae.activation_cache import build_cache
-    from raysae.activations import ActivationSource
-    from raysae.search import SearchSettings, run_search
+    from raysae.activations.cache import build_cache
+    from raysae.activations.source import ActivationSource
+    from raysae.search.tune_setup import SearchSettings, run_search
 
     t0, seconds = time.perf_counter(), {}
     cluster = Cluster(initialize_head=True,

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """Checkpoint folder of LocalModelSpec.tiny(), built once per test session (seconds)."""
-    from raysae.local_model import LocalModelSpec, build_local_model
+    from raysae.lm.local_model import LocalModelSpec, build_local_model
 
     return build_local_model(LocalModelSpec.tiny(), progress=False)
 
@@ -27,7 +27,7 @@ def tiny_model_dir():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """The tiny model loaded on CPU (shared: do not modify it)."""
-    from raysae.models import load_model
+    from raysae.lm.models import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 

@@ -7,11 +7,19 @@ import torch
 from matplotlib.image import imread
 from test_evaluate import train_small_sae
 
-from raysae import ablation, ablation_plots, corpus
-from raysae.ablation import METHODS, Calibration, ablation_sweep, calibrate, threshold_sweep
+from raysae.analysis import ablation_plots
 from raysae.cli import main as cli_main
-from raysae.evaluate import Evaluator
-from raysae.feature_stats import NonzeroIndex
+from raysae.evaluation import ablation
+from raysae.evaluation.ablation import (
+    METHODS,
+    Calibration,
+    ablation_sweep,
+    calibrate,
+    threshold_sweep,
+)
+from raysae.evaluation.feature_stats import NonzeroIndex
+from raysae.evaluation.spliced_ce import Evaluator
+from raysae.lm import corpus
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysae.activation_cache import (
+from raysae.activations.batches import iter_activation_batches, shuffled_batches
+from raysae.activations.cache import (
     PROGRESS,
     CacheError,
     _write_shard,
@@ -19,14 +20,7 @@ from raysae.activation_cache import (
     read_shard,
     verify_cache,
 )
-from raysae.activations import (
-    ActivationSource,
-    from_storage,
-    iter_activation_batches,
-    shuffled_batches,
-    source_blocks,
-    to_storage,
-)
+from raysae.activations.source import ActivationSource, from_storage, source_blocks, to_storage
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -231,7 +225,7 @@ def test_killed_actor_still_gives_complete_cache(tiny_model_dir, ray_local, tmp_
 def _cli(argv):
     import argparse
 
-    from raysae.cli_cache import add_build_model_parser, add_cache_parser
+    from raysae.cli.cache import add_build_model_parser, add_cache_parser
 
     parser = argparse.ArgumentParser(prog="raysae")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,7 +253,7 @@ def test_cli_build_model_prints_metadata(tiny_model_dir, capsys):
 
 
 def test_shards_only_close_on_whole_blocks():
-    from raysae.activation_cache import _whole_blocks
+    from raysae.activations.cache import _whole_blocks
 
     src = ActivationSource(model="unused", context_length=4, n_tokens=10)  # 3 rows a block
     assert _whole_blocks(src, [{"block_id": np.array([0, 0, 0, 3])}])  # block 3 holds 1 row

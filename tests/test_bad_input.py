@@ -1,7 +1,7 @@
 """Bad input to the main job and the CLI: exit status 2, one `error:` line naming the flag and
 the fix, and nothing written (no results folder, no Tune storage, the caches unchanged).
 
-The job's entry (`raysae.job.main`, what searches/*.py call) runs in-process for most cases
+The job's entry (`raysae.search.job.main`, what searches/*.py call) runs in-process for most cases
 and as a real subprocess for a few, on the tiny local model."""
 
 import json
@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysae import cli, job
-from raysae.activation_cache import build_cache, default_cache_root
-from raysae.activations import ActivationSource
+from raysae import cli
+from raysae.activations.cache import build_cache, default_cache_root
+from raysae.activations.source import ActivationSource
+from raysae.search import job
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -179,8 +180,8 @@ class _Payload:
 
 @pytest.mark.parametrize("damage", ["truncated", "pickle"])
 def test_ablation_cli_refuses_broken_sae(damage, tmp_path, capsys, monkeypatch):
-    from raysae.config import SAEConfig
-    from raysae.sae import SAE
+    from raysae.core.config import SAEConfig
+    from raysae.core.sae import SAE
 
     monkeypatch.chdir(tmp_path)
     path = SAE(SAEConfig(32, 128)).save(tmp_path / "sae")
@@ -198,8 +199,8 @@ def test_ablation_cli_refuses_broken_sae(damage, tmp_path, capsys, monkeypatch):
 
 
 def test_ablation_cli_refuses_truncated_config(tmp_path, capsys):
-    from raysae.config import SAEConfig
-    from raysae.sae import SAE
+    from raysae.core.config import SAEConfig
+    from raysae.core.sae import SAE
 
     path = SAE(SAEConfig(32, 128)).save(tmp_path / "sae")
     text = (path / "cfg.json").read_text()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raysae.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 
 
 def _cfg(**kw):

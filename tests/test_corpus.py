@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raysae import corpus
+from raysae.lm import corpus
 
 
 @pytest.fixture(scope="module")

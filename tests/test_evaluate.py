@@ -6,12 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysae import corpus, feature_stats
-from raysae.config import SAEConfig, TrainConfig
-from raysae.evaluate import Evaluator, evaluate_sae, feature_statistics, heldout_evaluator
-from raysae.models import hook_activations
-from raysae.sae import SAE
-from raysae.train import train_sae
+from raysae.core.config import SAEConfig, TrainConfig
+from raysae.core.sae import SAE
+from raysae.core.train import train_sae
+from raysae.evaluation import feature_stats
+from raysae.evaluation.spliced_ce import (
+    Evaluator,
+    evaluate_sae,
+    feature_statistics,
+    heldout_evaluator,
+)
+from raysae.lm import corpus
+from raysae.lm.models import hook_activations
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32

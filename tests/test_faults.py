@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysae import job
-from raysae.activation_cache import (
+from raysae.activations.batches import iter_activation_batches
+from raysae.activations.cache import (
     PROGRESS,
     CacheError,
     build_cache,
@@ -30,8 +30,9 @@ from raysae.activation_cache import (
     load_manifest,
     verify_cache,
 )
-from raysae.activations import ActivationSource, iter_activation_batches, source_blocks
-from raysae.job_checks import preflight_writable
+from raysae.activations.source import ActivationSource, source_blocks
+from raysae.search import job
+from raysae.search.preflight import preflight_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -39,8 +40,8 @@ HOOK = "blocks.0.hook_resid_post"
 BUILD = """
 import json, sys
 import ray
-from raysae.activation_cache import build_cache
-from raysae.activations import ActivationSource
+from raysae.activations.cache import build_cache
+from raysae.activations.source import ActivationSource
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
 build_cache(ActivationSource(**json.loads(sys.argv[2])), sys.argv[3], progress=False)
 """
@@ -147,8 +148,8 @@ def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
 def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_dir, tmp_path):
     import pandas as pd
 
-    from raysae.search import SearchSettings, run_search
-    from raysae.trainable import TrialSpec
+    from raysae.search.trainable import TrialSpec
+    from raysae.search.tune_setup import SearchSettings, run_search
 
     bad = tmp_path / "nan_cache"
     name = _nan_copy(small_cache, bad)
@@ -266,7 +267,7 @@ def test_free_space_threshold_is_a_parameter(tmp_path):
 
 LOAD_DRIVER = """
 import json, resource, sys, threading, time
-from raysae import job
+from raysae.search import job
 
 seen = {"alive": 0}
 

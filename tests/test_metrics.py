@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from raysae import metrics
+from raysae.core import metrics
 
 
 def test_l0_counts_positive_entries_per_token():

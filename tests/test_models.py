@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from raysae import corpus
-from raysae.local_model import METADATA, LocalModelSpec, build_local_model, read_metadata
-from raysae.models import (
+from raysae.lm import corpus
+from raysae.lm.local_model import METADATA, LocalModelSpec, build_local_model, read_metadata
+from raysae.lm.models import (
     check_hook,
     hook_activations,
     hook_layer,
@@ -73,7 +73,7 @@ def test_bad_spec_rejected():
 def test_model_predicts_heldout_text_better_than_random(tiny_model_dir):
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-    from raysae.local_model import mean_ce
+    from raysae.lm.local_model import mean_ce
 
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
     blocks = corpus.heldout_blocks(tok, 32, max_blocks=8)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raysae import monitoring
-from raysae.monitoring import METRICS, HarvestMetrics, TrialMetrics
+from raysae.cluster import monitoring
+from raysae.cluster.monitoring import METRICS, HarvestMetrics, TrialMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

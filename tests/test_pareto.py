@@ -1,4 +1,4 @@
-"""Tests of raysae.pareto, plus the synthetic results directory the plot/report tests share.
+"""Tests of raysae.analysis.pareto, plus the synthetic results folder the plot/report tests share.
 
 ``make_results`` writes tables in the search service's schema, with known ground truth:
 sqrt's front crosses L1's at L0 = 15 (better above), sqrt(sqrt) is worse than sqrt, and
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from optuna._hypervolume import compute_hypervolume
 
-from raysae import pareto
+from raysae.analysis import pareto
 
 CE_CLEAN, CE_ZERO, CROSS = 4.02, 7.5, 15.0
 TARGETS = (8.0, 16.0, 32.0, 64.0)

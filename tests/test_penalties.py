@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysae.penalties import (
+from raysae.core.penalties import (
     PENALTIES,
     get_penalty,
     penalty_family,

@@ -1,4 +1,4 @@
-"""raysae.plots: every figure renders to a real, non-blank PNG from pareto's tables."""
+"""raysae.analysis.plots: every figure renders to a real, non-blank PNG from pareto's tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_pareto import make_ablations, make_results, make_trials
 
-from raysae import pareto, plots, report
+from raysae.analysis import pareto, plots, report
 
 
 def _png(path, min_px: int = 300) -> np.ndarray:

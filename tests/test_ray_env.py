@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from raysae import ray_env
+from raysae.cluster import ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_bad_resource_argument():
 
 DRIVER = """
 import json, time
-from raysae.ray_env import init_ray, dashboard_url
+from raysae.cluster.ray_env import init_ray, dashboard_url
 info = init_ray()
 for _ in range(60):
     if dashboard_url():
@@ -164,7 +164,7 @@ def test_finds_ray_start_cluster_with_token_auth():
 LOCAL_DRIVER = """
 import json, time, urllib.error, urllib.request
 import psutil
-from raysae.ray_env import dashboard_url, init_ray
+from raysae.cluster.ray_env import dashboard_url, init_ray
 init_ray()
 for _ in range(120):
     if dashboard_url():

@@ -1,4 +1,4 @@
-"""raysae.report and `raysae report`: the page, its edge cases, and a real headless browser."""
+"""raysae.analysis.report and `raysae report`: the page, its edge cases, a real headless browser."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from test_pareto import TARGETS, make_results, make_trials
 
-from raysae import cli, pareto, report
+from raysae import cli
+from raysae.analysis import pareto, report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

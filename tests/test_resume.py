@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysae import job
+from raysae.search import job
 
 ROOT = Path(__file__).resolve().parents[1]
 

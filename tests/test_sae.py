@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raysae.config import SAEConfig
-from raysae.sae import SAE, SAELoadError
+from raysae.core.config import SAEConfig
+from raysae.core.sae import SAE, SAELoadError
 
 
 def _sae(seed=0):

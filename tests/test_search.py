@@ -8,10 +8,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from raysae.activation_cache import build_cache
-from raysae.activations import ActivationSource
-from raysae.search import SearchSettings, SearchSpace, run_search, seed_points
-from raysae.trainable import BAD_OBJECTIVE, TrialSpec, objective
+from raysae.activations.cache import build_cache
+from raysae.activations.source import ActivationSource
+from raysae.search.trainable import BAD_OBJECTIVE, TrialSpec, objective
+from raysae.search.tune_setup import SearchSettings, SearchSpace, run_search, seed_points
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32
@@ -114,7 +114,7 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, tiny_cache):
 
 
 def test_live_concurrency_leaves_room_for_harvest_actors():
-    from raysae.search import live_concurrency
+    from raysae.search.tune_setup import live_concurrency
 
     assert live_concurrency(2, 4) == 1  # 2 CPUs: one trial (0.5) + its actor (1)
     assert live_concurrency(16, 4) == 4

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from raysae.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.train import (
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.train import (
     DATA_EXHAUSTED,
     DIVERGED,
     FINISHED,

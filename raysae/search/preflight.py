@@ -1,7 +1,7 @@
 """Checks of the main job's flags, run before Ray starts and before anything is written.
 
 Bad input must cost seconds, not a search: every check here raises a ValueError whose one-line
-message names the flag and the fix, and ``raysae.job.main`` turns it into ``error: ...`` on
+message names the flag and the fix, and ``raysae.search.job.main`` turns it into ``error: ...`` on
 stderr and exit status 2. The checks run in three rounds: the flags alone (numbers, penalty
 ranges from the penalty registry, paths that must exist, the text data's first rows), the
 folders the job will write (writable, not full; nothing is created), then the model (hook,
@@ -93,7 +93,7 @@ def _check_sweep(args) -> None:
 
 def _lp_param(name: str):
     """The registry's declaration of one parameter of the 'lp' penalty (its allowed range)."""
-    from raysae.penalties import get_penalty
+    from raysae.core.penalties import get_penalty
 
     return {p.name: p for p in get_penalty("lp").params}[name]
 
@@ -156,7 +156,7 @@ def check_model_name(model: str | None) -> None:
 
 def check_corpus(source: str, text_column: str) -> None:
     """The text data exists, has the text column and is not empty (train and held-out)."""
-    from raysae import corpus
+    from raysae.lm import corpus
 
     if source == corpus.STDLIB:
         return
@@ -190,7 +190,7 @@ def _empty_file(path: Path) -> bool:
 
 
 def _first_text(source: str, text_column: str, split: str) -> str | None:
-    from raysae import corpus
+    from raysae.lm import corpus
 
     try:
         return next(corpus.iter_texts(source, text_column=text_column, split=split), None)
@@ -209,7 +209,7 @@ def _first_text(source: str, text_column: str, split: str) -> str | None:
 
 def check_cache_flag(cache: str) -> dict:
     """The manifest of a --cache folder (its settings are compared once the model is known)."""
-    from raysae.activation_cache import MANIFEST, load_manifest
+    from raysae.activations.cache import MANIFEST, load_manifest
 
     if not (Path(cache) / MANIFEST).is_file():
         raise ValueError(f"--cache {cache} holds no {MANIFEST}: not a finished activation cache;"
@@ -223,7 +223,7 @@ def check_cache_flag(cache: str) -> dict:
 def check_cache_matches(cache: str, manifest: dict, model: str, hook: str,
                         context_length: int, d_in: int) -> None:
     """Refuse a --cache built for another model, hook, context length or width."""
-    from raysae.activations import model_fingerprint
+    from raysae.activations.source import model_fingerprint
 
     have = manifest.get("settings", {})
     want = {"model": (model_fingerprint(model), "--model"), "hook": (hook, "--hook"),
@@ -255,7 +255,7 @@ def check_targets(targets, d_in: int, expansion: int) -> None:
 
 def check_hook(lm, hook: str, model: str) -> None:
     """The hook exists on the model; else the error lists close matches."""
-    from raysae.models import hook_names
+    from raysae.lm.models import hook_names
 
     names = hook_names(lm)
     if hook in names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from raysae import corpus
+from raysae.lm import corpus
 
 
 def add_build_model_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def add_build_model_parser(subparsers) -> argparse.ArgumentParser:
 def build_model_command(args) -> int:
     from dataclasses import replace
 
-    from raysae.local_model import LocalModelSpec, build_local_model, read_metadata
+    from raysae.lm.local_model import LocalModelSpec, build_local_model, read_metadata
 
     spec = LocalModelSpec.tiny() if args.tiny else LocalModelSpec()
     if args.source:
@@ -38,8 +38,8 @@ def build_model_command(args) -> int:
 
 def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     """`raysae cache`: build (or find) an activation cache; print its manifest."""
-    from raysae.activations import DTYPES
-    from raysae.models import DEFAULT_HOOK
+    from raysae.activations.source import DTYPES
+    from raysae.lm.models import DEFAULT_HOOK
 
     p = subparsers.add_parser("cache", help="harvest activations into a Parquet cache",
                               description=add_cache_parser.__doc__)
@@ -69,8 +69,8 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_cache_command(args) -> int:
     """Build the cache the arguments describe and print its path and manifest as JSON."""
-    from raysae.activation_cache import build_cache, load_manifest, verify_cache
-    from raysae.activations import ActivationSource
+    from raysae.activations.cache import build_cache, load_manifest, verify_cache
+    from raysae.activations.source import ActivationSource
 
     src = ActivationSource(
         model=args.model, hook=args.hook, dataset=args.dataset, split=args.split,
@@ -90,6 +90,6 @@ def build_cache_command(args) -> int:
 
 def _check_hook_early(src) -> None:
     """Fail on a wrong hook name before Ray starts (a ValueError listing valid names)."""
-    from raysae.models import check_hook, load_model
+    from raysae.lm.models import check_hook, load_model
 
     check_hook(load_model(src.model, device="cpu"), src.hook)

@@ -15,9 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
-STDLIB = "stdlib"  # raysae.corpus.STDLIB; heavy modules load only when the command runs
-DEFAULT_HOOK = "blocks.3.hook_resid_post"  # raysae.models.DEFAULT_HOOK
-FEATURE_TOKENS = 100_000  # raysae.feature_stats.DEFAULT_TOKENS
+STDLIB = "stdlib"  # raysae.lm.corpus.STDLIB; heavy modules load only when the command runs
+DEFAULT_HOOK = "blocks.3.hook_resid_post"  # raysae.lm.models.DEFAULT_HOOK
+FEATURE_TOKENS = 100_000  # raysae.evaluation.feature_stats.DEFAULT_TOKENS
 
 
 def add_ablation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,11 +64,12 @@ def run_threshold_ablation(sae_dir, model: str | None = None, hook: str | None =
                            n_points: int = 10, methods=None, feature_tokens: int = FEATURE_TOKENS,
                            device: str | None = None) -> dict:
     """Evaluate the SAE, sweep every method, write table, figures and statistics."""
-    from raysae import ablation_plots, feature_stats
-    from raysae.ablation import METHODS, ablation_sweep, calibrate
-    from raysae.evaluate import evaluate_sae, heldout_evaluator
-    from raysae.models import DEFAULT_MODEL, load_model
-    from raysae.sae import SAE, read_sae_config
+    from raysae.analysis import ablation_plots
+    from raysae.core.sae import SAE, read_sae_config
+    from raysae.evaluation import feature_stats
+    from raysae.evaluation.ablation import METHODS, ablation_sweep, calibrate
+    from raysae.evaluation.spliced_ce import evaluate_sae, heldout_evaluator
+    from raysae.lm.models import DEFAULT_MODEL, load_model
 
     _check_positive(n_blocks=n_blocks, batch_size=batch_size, feature_tokens=feature_tokens,
                     context_length=context_length)

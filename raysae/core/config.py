@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from raysae.penalties import DEFAULT_GRAD_FLOOR, get_penalty, penalty_family
+from raysae.core.penalties import DEFAULT_GRAD_FLOOR, get_penalty, penalty_family
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -47,7 +47,7 @@ class PenaltyConfig:
     """A registered penalty and its parameters: ``PenaltyConfig("lp", {"p": 0.5, "s": 0.1})``."""
 
     name: str = "lp"
-    """Registry name (see raysae.penalties.PENALTIES)."""
+    """Registry name (see raysae.core.penalties.PENALTIES)."""
     params: dict[str, float] = field(default_factory=dict)
     """Parameter values; missing ones take the registry's defaults."""
     grad_floor: float = DEFAULT_GRAD_FLOOR

@@ -12,9 +12,9 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from raysae.cli_ablation import add_ablation_parser
-    from raysae.cli_cache import add_build_model_parser, add_cache_parser
-    from raysae.report import add_report_parser
+    from raysae.analysis.report import add_report_parser
+    from raysae.cli.ablation import add_ablation_parser
+    from raysae.cli.cache import add_build_model_parser, add_cache_parser
 
     parser = argparse.ArgumentParser(prog="raysae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

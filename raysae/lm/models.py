@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from raysae.local_model import (  # noqa: F401  (re-exported: one place to get a model)
+from raysae.lm.local_model import (  # noqa: F401  (re-exported: one place to get a model)
     LocalModelSpec,
     build_local_model,
     cache_dir,

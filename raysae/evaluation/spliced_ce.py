@@ -6,7 +6,7 @@ the same positions for ce_clean, ce_sae and ce_zero. With ``keep_first=True`` (d
 hooked activation is replaced at every position except the first of each block: position 0
 holds BOS, whose activation is an outlier the SAE never trained on (activation harvesting
 drops BOS rows). ce_zero zeroes the same positions ce_sae replaces. Reconstruction metrics
-(``raysae.metrics``) are over the replaced positions.
+(``raysae.core.metrics``) are over the replaced positions.
 
 Work reuse: the constructor runs the model once over the blocks (the clean forward: ce_clean
 and the cached hook activation). ``evaluate`` (and ce_zero) then run only the layers after
@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysae import corpus, feature_stats, metrics
-from raysae.models import check_hook
+from raysae.core import metrics
+from raysae.evaluation import feature_stats
+from raysae.lm import corpus
+from raysae.lm.models import check_hook
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 _RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|hook_out)$")
@@ -234,6 +236,6 @@ def evaluate_sae(evaluator: Evaluator, sae,
 
 
 def feature_statistics(evaluator_or_acts, sae, n_tokens: int = feature_stats.DEFAULT_TOKENS):
-    """(per_feature_df, activation_sample_df); see ``raysae.feature_stats``."""
+    """(per_feature_df, activation_sample_df); see ``raysae.evaluation.feature_stats``."""
     return feature_stats.feature_statistics(evaluator_or_acts, sae, n_tokens)
 

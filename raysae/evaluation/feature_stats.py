@@ -6,7 +6,7 @@
 - ``activation_sample``: every nonzero activation of the first 4000 tokens (the study's
   activation histogram): token, feature, activation.
 
-Counts (dead, < 1e-5) and medians reuse ``raysae.metrics``. Per-feature medians and
+Counts (dead, < 1e-5) and medians reuse ``raysae.core.metrics``. Per-feature medians and
 quantiles come from ``NonzeroIndex``: the nonzero activations grouped by feature and sorted,
 so nothing of size [tokens, d_sae] is ever held (nonzeros are ~L0 per token).
 """
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysae import metrics
+from raysae.core import metrics
 
 DEFAULT_TOKENS = 100_000
 SAMPLE_TOKENS = 4000

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from raysae.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.train import DIVERGED, FINISHED, Trainer, train_sae
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.train import DIVERGED, FINISHED, Trainer, train_sae
 
 STATE_FILE = "trainer_state.pt"
 SAE_DIR = "sae"
@@ -72,7 +72,7 @@ class TrialSpec:
     """Checkpoint every this many reports (and always at the end)."""
     eval_blocks: int = 64
     corpus: str = "stdlib"
-    """Text source of the held-out evaluation blocks (a raysae.corpus source)."""
+    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
     feature_tokens: int = 100_000
     threshold_sweep: bool = False
     sweep_points: int = 10
@@ -137,7 +137,8 @@ def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
-    from raysae.activations import ActivationSource, iter_activation_batches
+    from raysae.activations.batches import iter_activation_batches
+    from raysae.activations.source import ActivationSource
 
     source = spec.activations
     if not isinstance(source, str):
@@ -145,7 +146,7 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
         # Ray Data pipelines of CPUs (see search.live_concurrency).
         source = ActivationSource(**{**source, "num_actors": 1})
     elif not os.path.isdir(source) and spec.activation_source is not None:
-        from raysae.activation_cache import build_cache
+        from raysae.activations.cache import build_cache
 
         src = ActivationSource(**spec.activation_source)
         source = str(build_cache(src, os.path.dirname(source), progress=False))
@@ -223,7 +224,7 @@ def _trial_metrics(cfg: TrainConfig, trainer: Trainer):
     """Dashboard gauges for this trial (tokens/s, l0, mse), tagged with its id and family."""
     from ray import tune
 
-    from raysae.monitoring import TrialMetrics
+    from raysae.cluster.monitoring import TrialMetrics
 
     return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
                         start_tokens=trainer.tokens)
@@ -247,8 +248,8 @@ def _feature_source(spec: TrialSpec, evaluator):
     set is too small to see a 1e-5 frequency), or the held-out set when streaming live."""
     if not isinstance(spec.activations, str) or not os.path.isdir(spec.activations):
         return evaluator
-    from raysae.activation_cache import load_manifest
-    from raysae.activations import iter_activation_batches
+    from raysae.activations.batches import iter_activation_batches
+    from raysae.activations.cache import load_manifest
 
     n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
     return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens, seed=spec.seed)
@@ -263,9 +264,9 @@ def _finish(spec: TrialSpec, cfg: TrainConfig, result):
     if result.status == DIVERGED:
         row.update(objective=BAD_OBJECTIVE, ce_sae=BAD_OBJECTIVE, l0=float(cfg.sae.d_sae))
         return row, None
-    from raysae import feature_stats
-    from raysae.evaluate import heldout_evaluator
-    from raysae.models import load_model
+    from raysae.evaluation import feature_stats
+    from raysae.evaluation.spliced_ce import heldout_evaluator
+    from raysae.lm.models import load_model
 
     model = load_model(spec.model, device=cfg.device)
     result.sae.to(cfg.device)
@@ -280,7 +281,7 @@ def _finish(spec: TrialSpec, cfg: TrainConfig, result):
     row["objective"] = objective(row["ce_sae"], row["l0"], spec.target_l0, spec.beta, spec.tol)
     sweep = None
     if spec.threshold_sweep and result.status == FINISHED:
-        from raysae.ablation import threshold_sweep
+        from raysae.evaluation.ablation import threshold_sweep
 
         sweep = threshold_sweep(evaluator, result.sae, n_points=spec.sweep_points)
 

@@ -1,10 +1,10 @@
 """A small GPT-NeoX (Pythia's architecture) trained here, for machines without the model hub.
 
 `build_local_model(spec)` trains a byte-level BPE tokenizer and the model on the train split
-of a local corpus (the stdlib's .py files by default; see `raysae.corpus`), saves an HF
+of a local corpus (the stdlib's .py files by default; see `raysae.lm.corpus`), saves an HF
 checkpoint + tokenizer + `raysae_model.json` (spec, build time, held-out CE) and caches it
 under `<cache>/models/<hash of the spec>`, so the second call returns at once. The checkpoint
-loads through the same `raysae.models.load_model` path as a hub model.
+loads through the same `raysae.lm.models.load_model` path as a hub model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysae import corpus
+from raysae.lm import corpus
 
 METADATA = "raysae_model.json"
 FORMAT_VERSION = 1

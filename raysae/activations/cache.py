@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raysae.activations import ActivationSource, from_storage, iter_harvest, source_blocks
+from raysae.activations.harvest import iter_harvest
+from raysae.activations.source import ActivationSource, from_storage, source_blocks
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -33,7 +34,7 @@ class CacheError(ValueError):
 
 
 def default_cache_root() -> Path:
-    from raysae.local_model import cache_dir
+    from raysae.lm.local_model import cache_dir
 
     return cache_dir() / "activations"
 

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysae.evaluate import Evaluator, Transform
-from raysae.feature_stats import NonzeroIndex, feature_batches
+from raysae.evaluation.feature_stats import NonzeroIndex, feature_batches
+from raysae.evaluation.spliced_ce import Evaluator, Transform
 
 METHODS = ("lowest_k", "percent_of_max", "quantile", "global_threshold")
 LOWEST_K_SPAN = 0.95  # lowest_k: k evenly spaced up to this quantile of token L0, then the max

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from raysae.trainable import BAD_OBJECTIVE, SWEEP_FILE, TrialSpec, run_trial
+from raysae.search.trainable import BAD_OBJECTIVE, SWEEP_FILE, TrialSpec, run_trial
 
 OBJECTIVES = ("target", "pareto", "grid")
 # The study's known points, tried first in every Optuna study.
@@ -251,7 +251,7 @@ def collect_artifacts(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def run_search(settings: SearchSettings, results_dir: str | os.PathLike, *,
                resume: bool = False) -> Path:
     """Run (or resume) every experiment of the search; write the tables; return the folder."""
-    from raysae.feature_stats import write_parquet
+    from raysae.evaluation.feature_stats import write_parquet
 
     frames = []
     for index, (name, spec) in enumerate(experiment_runs(settings)):

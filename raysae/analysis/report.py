@@ -1,6 +1,6 @@
 """`raysae report RESULTS_DIR`: one offline HTML page answering "which penalty wins where".
 
-The page leads with a sentence that states the answer (computed by raysae.pareto), then the
+The page leads with a sentence that states the answer (computed by raysae.analysis.pareto), then the
 frontier figure, the tables (best penalty per target L0, who wins where, hypervolumes,
 trial counts, search settings) and the remaining figures. Images are embedded as base64
 data URIs, so report.html is one self-contained file; the PNGs also stay in figures/.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysae import pareto, plots
+from raysae.analysis import pareto, plots
 
 SEARCH_SPACE = {"p": (0.2, 1.0, False), "s": (1e-2, 1e2, True), "lam": (1e-4, 10.0, True)}
 MIN_TRIALS_FOR_IMPORTANCE = 8

@@ -1,4 +1,4 @@
-"""Figures for the report, drawn from tables that raysae.pareto already computed.
+"""Figures for the report, drawn from tables that raysae.analysis.pareto already computed.
 
 Every function takes DataFrames / dicts, writes one PNG (temp file, then rename) and
 returns its path. Nothing here decides what is on a front or who wins; that is pareto's.

@@ -1,4 +1,4 @@
-"""The study's two ablation figures, drawn from an ablation table (``raysae.ablation``).
+"""The study's two ablation figures, drawn from an ablation table (``raysae.evaluation.ablation``).
 
 - ``removal_strength``: per method, MSE (red, left axis) and CE (blue, right axis) as more
   activations are removed. x is L0, so the unablated SAE sits bottom-right and "everything
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from raysae.plots import save_png
+from raysae.analysis.plots import save_png
 
 MSE_COLOR, CE_COLOR = "#c0392b", "#1f5fa8"
 METHOD_COLOR = {"lowest_k": "#2e8b57", "percent_of_max": "#d9731a", "quantile": "#7b3fa0",
@@ -33,7 +33,7 @@ def _check(table: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED if c not in table.columns]
     if missing or not len(table):
         raise ValueError(f"ablation table is empty or lacks columns {missing}; pass the "
-                         f"DataFrame from raysae.ablation.ablation_sweep")
+                         f"DataFrame from raysae.evaluation.ablation.ablation_sweep")
 
 
 def _param_label(method: str, value: float) -> str:

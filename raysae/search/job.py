@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysae import job_checks
-from raysae.search import SearchSettings, grid_points, live_concurrency, run_search
-from raysae.trainable import LAMBDA_MODES, TrialSpec
+from raysae.search import preflight as job_checks
+from raysae.search.trainable import LAMBDA_MODES, TrialSpec
+from raysae.search.tune_setup import SearchSettings, grid_points, live_concurrency, run_search
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
     """(cache folder or live-source dict, source dict). Locally the cache is built here once
     and reused; on a cluster each node builds its own copy when its first trial needs it
     (see docs/cluster.md for why), so the driver only names the folder."""
-    from raysae.activation_cache import build_cache, default_cache_root
-    from raysae.activations import ActivationSource
+    from raysae.activations.cache import build_cache, default_cache_root
+    from raysae.activations.source import ActivationSource
 
     src = ActivationSource(model=model, hook=preset.hook, dataset=preset.corpus,
                            text_column=preset.text_column, context_length=preset.context_length,
@@ -135,8 +135,8 @@ def prepare_activations(preset: Preset, args, model: str, on_cluster: bool):
 
 def resolve_model(preset: Preset, args) -> tuple[str, int]:
     """The model (built locally for the default preset) and its hook width, hook checked."""
-    from raysae.local_model import default_model
-    from raysae.models import load_model
+    from raysae.lm.local_model import default_model
+    from raysae.lm.models import load_model
 
     model = args.model or preset.model or str(default_model(progress=True))
     try:
@@ -166,7 +166,7 @@ def effective_preset(args) -> Preset:
 
 def check_inputs(args, preset: Preset, results: Path, sweep: bool) -> tuple[str, int]:
     """Every check that can fail on bad input, before Ray starts or anything is written
-    (raysae/job_checks.py); returns the model and its hook width."""
+    (raysae/search/preflight.py); returns the model and its hook width."""
     job_checks.check_flags(args, preset, sweep)
     manifest = job_checks.check_cache_flag(args.cache) if args.cache else None
     cache_tokens = manifest["n_tokens"] if manifest else args.cache_tokens or preset.cache_tokens
@@ -178,7 +178,7 @@ def check_inputs(args, preset: Preset, results: Path, sweep: bool) -> tuple[str,
     if "://" not in args.storage:
         job_checks.preflight_writable(Path(args.storage), flag="--storage")
     if not (args.live or args.cache):
-        from raysae.activation_cache import default_cache_root
+        from raysae.activations.cache import default_cache_root
 
         job_checks.preflight_writable(default_cache_root(), flag="cache (RAYSAE_CACHE_DIR)")
     model, d_in = resolve_model(preset, args)
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, *, sweep: bool = False) -> int:
 
 def _run(args, preset: Preset, sweep: bool, name: str, results: Path, model: str,
          d_in: int) -> int:
-    from raysae.ray_env import init_ray
+    from raysae.cluster.ray_env import init_ray
 
     start = time.time()
     info = init_ray(args.address)
@@ -234,7 +234,7 @@ def _run(args, preset: Preset, sweep: bool, name: str, results: Path, model: str
     out = run_search(settings, results, resume=args.resume)
     print(f"raysae: trials table: {out / 'trials.parquet'}")
     if not args.no_report:
-        from raysae.report import write_report
+        from raysae.analysis.report import write_report
 
         print(f"raysae: report: {write_report(out)}")
     print(f"raysae: Tune experiments under {settings.storage}; finished in "

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from raysae import metrics
-from raysae.config import TrainConfig
-from raysae.penalties import penalty_per_token
-from raysae.sae import SAE
+from raysae.core import metrics
+from raysae.core.config import TrainConfig
+from raysae.core.penalties import penalty_per_token
+from raysae.core.sae import SAE
 
 FINISHED, DIVERGED, DATA_EXHAUSTED = "finished", "diverged", "data_exhausted"
 

@@ -1,0 +1,79 @@
+"""Harvest an LM hook's activations with Ray Data.
+
+    token blocks -> map_batches(Harvester) on an actor pool (LM run only up to the hooked
+    layer, one GPU per actor when there are GPUs) -> rows {block_id, pos, token, act}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from raysae.activations.source import ActivationSource, source_blocks, to_storage
+
+
+class Harvester:
+    """Ray Data callable class: token blocks -> activation rows (model loaded once per actor)."""
+
+    def __init__(self, src: ActivationSource):
+        from raysae.lm.models import load_model, stop_layer
+
+        self.src = src
+        self.model = load_model(src.model)
+        self.stop = stop_layer(self.model, src.hook)
+
+    def __call__(self, batch: dict) -> dict:
+        from raysae.lm.models import hook_activations
+
+        src = self.src
+        tokens = torch.from_numpy(np.array(batch["tokens"], dtype=np.int64))
+        acts = hook_activations(self.model, tokens, src.hook, stop=self.stop)
+        start = int(src.bos_dropped)
+        n, ctx = tokens.shape
+        pos = np.arange(start, ctx)
+        block_id = np.repeat(np.asarray(batch["block_id"], dtype=np.int64), ctx - start)
+        pos = np.tile(pos, n)
+        keep = block_id * src.tokens_per_block + (pos - start) < src.n_tokens
+        flat = acts[:, start:].reshape(-1, acts.shape[-1])[torch.from_numpy(keep)]
+        return {"block_id": block_id[keep], "pos": pos[keep].astype(np.int16),
+                "token": tokens[:, start:].reshape(-1).numpy()[keep].astype(np.int32),
+                "act": to_storage(flat, src.dtype)}
+
+
+def harvest_dataset(src: ActivationSource, blocks: np.ndarray, block_ids: np.ndarray):
+    """The lazy Ray Dataset of activation rows for the given blocks."""
+    import pyarrow as pa
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # callers show their own
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    size = src.num_actors or (int(gpus) if gpus else max(1, int(cpus // src.cpus_per_actor)))
+    step = src.batch_blocks
+    tables = [pa.table({"block_id": block_ids[i : i + step],
+                        "tokens": ArrowTensorArray.from_numpy(blocks[i : i + step])})
+              for i in range(0, len(blocks), step)]
+    ds = ray.data.from_arrow(tables)
+    return ds.map_batches(
+        Harvester, fn_constructor_kwargs={"src": src}, batch_size=step, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if gpus else 0,
+        num_cpus=src.cpus_per_actor,
+    )
+
+
+def iter_harvest(src: ActivationSource, blocks: np.ndarray | None = None,
+                 skip_blocks: set[int] | None = None) -> Iterator[dict]:
+    """Run the pipeline; yield its output batches (each holds whole blocks) as numpy dicts."""
+    blocks = source_blocks(src) if blocks is None else blocks
+    ids = np.arange(len(blocks))
+    if skip_blocks:
+        ids = ids[~np.isin(ids, np.fromiter(skip_blocks, dtype=np.int64))]
+    if len(ids) == 0:
+        return
+    ds = harvest_dataset(src, blocks[ids], ids)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
