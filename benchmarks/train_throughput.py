@@ -75,9 +75,11 @@ def main() -> None:
     args = parser.parse_args()
     dims = (args.d_in, args.d_sae, args.batch, args.device)
     fns = {"matmul floor (5 products)": matmul_floor(*dims)}
-    for label, penalty in [("step, L1 (p=1)", PenaltyConfig.lp(1.0)),
-                           ("step, sqrt (p=0.5)", PenaltyConfig.lp(0.5)),
-                           ("step, p=0.3 s=0.1", PenaltyConfig.lp(0.3, 0.1))]:
+    for label, penalty in [("step, L1 (p=1)", PenaltyConfig.power(1.0)),
+                           ("step, sqrt (p=0.5)", PenaltyConfig.power(0.5)),
+                           ("step, p=0.3 eps=0.01", PenaltyConfig.power(0.3, 0.01)),
+                           ("step, tanh c=10", PenaltyConfig("tanh", {"c": 10.0})),
+                           ("step, log eps=0.1", PenaltyConfig("log", {"eps": 0.1}))]:
         fns[label] = train_step(penalty, *dims, args.steps)
     times = _median_times(fns, args.steps, args.device)
     floor = times["matmul floor (5 products)"]

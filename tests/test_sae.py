@@ -59,7 +59,7 @@ def test_folding_the_input_scale_keeps_features_and_reconstruction():
 def test_save_load_round_trip_in_saelens_layout(tmp_path):
     sae = _sae(seed=3)
     path = sae.save(tmp_path / "sae", metadata={"hook_name": "blocks.3.hook_resid_post"},
-                    raysae={"penalty": {"name": "lp", "params": {"p": 0.5, "s": 1.0}}})
+                    raysae={"penalty": {"name": "power", "params": {"p": 0.5, "eps": 0.0}}})
     cfg = json.loads((path / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["d_in"] == 6 and cfg["d_sae"] == 10
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"

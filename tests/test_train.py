@@ -36,7 +36,7 @@ def _sparse_batches(dictionary, batch_size=1024, seed=1):
 
 
 def _cfg(p, lam, **kw):
-    base = dict(sae=SAEConfig(D_IN, 128), penalty=PenaltyConfig.lp(p=p), lam=lam,
+    base = dict(sae=SAEConfig(D_IN, 128), penalty=PenaltyConfig.power(p=p), lam=lam,
                 total_tokens=1024 * 700, batch_size=1024, lr=3e-3, log_every=100)
     base.update(kw)
     return TrainConfig(**base)

@@ -292,17 +292,3 @@ def write_report(results_dir, out: Path | None = None) -> Path:
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     return out
-
-
-def add_report_parser(subparsers) -> None:
-    """Register `report RESULTS_DIR` on an argparse subparsers object."""
-    p = subparsers.add_parser("report", help="write RESULTS_DIR/report.html from a search")
-    p.add_argument("results_dir", help="directory holding trials.parquet (and optional tables)")
-    p.add_argument("--out", default=None, help="where to write the page (default: inside it)")
-    p.set_defaults(func=report_command)
-
-
-def report_command(args) -> int:
-    """CLI entry: write the report and print its path."""
-    print(write_report(args.results_dir, args.out))
-    return 0

@@ -1,7 +1,9 @@
 """`raysae` command line: one entry point, one subcommand per stage.
 
-Each stage module offers ``add_<name>_parser(subparsers)`` which sets ``func``; bad input
-(ValueError) becomes a one-line message on stderr and exit status 2.
+    raysae search | sweep | report | ablation | cache | build-model   (or python -m raysae)
+
+Every bad input, from argparse or from the configs and pre-flight checks, ends the same
+way: one line ``raysae <command>: error: <what and the fix>`` on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -10,14 +12,29 @@ import argparse
 import sys
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from raysae.analysis.report import add_report_parser
     from raysae.cli.ablation import add_ablation_parser
     from raysae.cli.cache import add_build_model_parser, add_cache_parser
+    from raysae.cli.report import add_report_parser
+    from raysae.cli.search import add_parsers
 
-    parser = argparse.ArgumentParser(prog="raysae", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="raysae", description=__doc__.splitlines()[0],
+                    formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
+    add_parsers(sub)
     add_report_parser(sub)
     add_ablation_parser(sub)
     add_build_model_parser(sub)
@@ -25,13 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_text(err: Exception) -> str:
+    """One line: a SettingError speaks in flags, anything else as it is."""
+    from raysae.settings import SettingError, flag_name
+
+    text = err.render(flag_name) if isinstance(err, SettingError) else str(err)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit status (2 on bad input)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a flag argparse refused (2, message printed)
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:
-        print(f"raysae {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, ConnectionError) as err:  # ConnectionError: --address unreachable
+        print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from raysae.core.penalties import DEFAULT_GRAD_FLOOR, get_penalty, penalty_family
+from raysae.core.penalties import (
+    DEFAULT_GRAD_FLOOR,
+    get_penalty,
+    penalty_family,
+    penalty_label,
+)
+from raysae.settings import is_int, is_number, positive_int, require
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -44,14 +50,18 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class PenaltyConfig:
-    """A registered penalty and its parameters: ``PenaltyConfig("lp", {"p": 0.5, "s": 0.1})``."""
+    """A registered penalty family and its parameters.
 
-    name: str = "lp"
+    ``PenaltyConfig("power", {"p": 0.5, "eps": 0.01})`` or ``PenaltyConfig.power(0.5, 0.01)``.
+    """
+
+    name: str = "power"
     """Registry name (see raysae.core.penalties.PENALTIES)."""
     params: dict[str, float] = field(default_factory=dict)
     """Parameter values; missing ones take the registry's defaults."""
     grad_floor: float = DEFAULT_GRAD_FLOOR
-    """Backward-pass floor on s*f for p < 1 (keeps gradients finite; see penalties.py)."""
+    """Backward-pass floor on f for the pure power (eps = 0) with p < 1, the only case whose
+    gradient is infinite at f = 0 (see penalties.py); no other family uses it."""
 
     def __post_init__(self) -> None:
         spec = get_penalty(self.name)
@@ -60,27 +70,35 @@ class PenaltyConfig:
                  self.grad_floor, "a number > 0")
 
     @classmethod
-    def lp(cls, p: float = 1.0, s: float = 1.0) -> PenaltyConfig:
-        return cls("lp", {"p": p, "s": s})
+    def power(cls, p: float = 1.0, eps: float = 0.0) -> PenaltyConfig:
+        """The power family ``(f + eps)^p - eps^p``: p=1 is L1, eps=0 the pure power f^p."""
+        return cls("power", {"p": p, "eps": eps})
 
     @property
     def family(self) -> str:
+        """The reference label ("L1", "sqrt", ...) or the family name ("power", "tanh", ...)."""
         return penalty_family(self.name, self.params)
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. "L1" or "power(p=0.5, eps=0.01)"."""
+        return penalty_label(self.name, self.params)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``train_sae`` needs besides the activations."""
+    """Everything ``train_sae`` needs besides the activations (the job's training flags)."""
 
-    sae: SAEConfig
-    """SAE shape."""
+    sae: SAEConfig | None = None
+    """SAE shape; None in a job's template until the activations' width is known."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     """Sparsity penalty."""
-    lam: float = 1e-3
-    """Penalty coefficient lambda (the start value when l0_target is set)."""
+    lam: float = 1.0
+    """Penalty coefficient lambda: the controller's start value (scaled by 1 / rho(1) of the
+    penalty) when l0_target is set, else the fixed coefficient."""
     total_tokens: int = 1_000_000
-    """Training length in activation vectors (tokens)."""
-    batch_size: int = 4096
+    """Training tokens (activation vectors) per SAE."""
+    batch_size: int = 512
     """Activations per optimiser step."""
     lr: float = 1e-3
     """Adam learning rate."""
@@ -104,40 +122,40 @@ class TrainConfig:
     control_gain: float = 0.02
     """Controller step: ln(lambda) += gain * clip(ln(batch_l0 / l0_target), -1, 1) per step."""
     log_every: int = 50
-    """Record metrics every this many steps."""
+    """Record (and report) metrics every this many steps."""
     dead_window_tokens: int = 1_000_000
     """A feature is counted dead if it did not fire in the last this many tokens (or since the
     start, if fewer were seen)."""
     seed: int = 0
-    """Seed for the SAE's initialisation."""
+    """Seed of the SAE initialisation and the activation order (and of Optuna's sampler)."""
     device: str = "cpu"
     """Torch device for training."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.sae, SAEConfig), "sae", self.sae, "an SAEConfig")
-        _require(isinstance(self.penalty, PenaltyConfig), "penalty", self.penalty,
-                 "a PenaltyConfig")
-        _require(_is_num(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")
-        _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
-                 self.batch_size, "an integer >= 1")
-        _require(_is_int(self.total_tokens) and self.total_tokens >= self.batch_size,
-                 "total_tokens", self.total_tokens, f"an integer >= batch_size ({self.batch_size})")
-        _require(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        require(self.sae is None or isinstance(self.sae, SAEConfig), "sae", self.sae,
+                "an SAEConfig")
+        require(isinstance(self.penalty, PenaltyConfig), "penalty", self.penalty,
+                "a PenaltyConfig")
+        require(is_number(self.lam) and self.lam >= 0, "lam", self.lam, "must be a number >= 0")
+        positive_int(self, "batch_size", "total_tokens", "log_every", "dead_window_tokens")
+        require(self.total_tokens >= self.batch_size, "total_tokens", self.total_tokens,
+                f"smaller than one batch ({{batch_size}} {self.batch_size})",
+                "raise {total_tokens} or lower {batch_size}")
+        require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a number > 0")
         for name in ("lr_decay_frac", "lam_warmup_frac", "control_frac"):
             value = getattr(self, name)
-            _require(_is_num(value) and 0 <= value <= 1, name, value, "a number in [0, 1]")
-        _require(self.activation_scale is None
-                 or (_is_num(self.activation_scale) and self.activation_scale > 0),
-                 "activation_scale", self.activation_scale, "None or a number > 0")
-        _require(self.l0_target is None
-                 or (_is_num(self.l0_target) and 0 < self.l0_target <= self.sae.d_sae),
-                 "l0_target", self.l0_target, f"None or a number in (0, d_sae={self.sae.d_sae}]")
-        _require(_is_num(self.control_gain) and self.control_gain > 0, "control_gain",
-                 self.control_gain, "a number > 0")
-        _require(_is_int(self.log_every) and self.log_every >= 1, "log_every", self.log_every,
-                 "an integer >= 1")
-        _require(_is_int(self.dead_window_tokens) and self.dead_window_tokens >= 1,
-                 "dead_window_tokens", self.dead_window_tokens, "an integer >= 1")
+            require(is_number(value) and 0 <= value <= 1, name, value, "must be in [0, 1]")
+        require(self.activation_scale is None
+                or (is_number(self.activation_scale) and self.activation_scale > 0),
+                "activation_scale", self.activation_scale, "must be None or a number > 0")
+        d_sae = self.sae.d_sae if self.sae else float("inf")
+        require(self.l0_target is None
+                or (is_number(self.l0_target) and 0 < self.l0_target <= d_sae),
+                "l0_target", self.l0_target, f"must be None or in (0, d_sae={d_sae}]")
+        require(is_number(self.control_gain) and self.control_gain > 0, "control_gain",
+                self.control_gain, "must be a number > 0")
+        require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
+                "must be an integer >= 0", "pass e.g. {seed} 0")
 
     @property
     def total_steps(self) -> int:
@@ -150,7 +168,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        data["sae"] = SAEConfig(**data["sae"])
+        data["sae"] = SAEConfig(**data["sae"]) if data.get("sae") else None
         data["penalty"] = PenaltyConfig(**data["penalty"])
         if "adam_betas" in data:
             data["adam_betas"] = tuple(data["adam_betas"])

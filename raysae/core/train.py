@@ -58,6 +58,8 @@ class Trainer:
     """One SAE, its optimiser and its schedule, advanced one batch at a time."""
 
     def __init__(self, cfg: TrainConfig):
+        if cfg.sae is None:
+            raise ValueError("TrainConfig.sae is None: give the SAE's shape (SAEConfig)")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.sae = SAE(cfg.sae, seed=cfg.seed).to(self.device)

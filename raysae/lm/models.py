@@ -79,17 +79,16 @@ def hook_names(model) -> list[str]:
     return sorted(names)
 
 
-def check_hook(model, hook_name: str) -> str:
+def check_hook(model, hook_name: str, model_name: str | None = None) -> str:
     """Return `hook_name` if the model has it, else raise ValueError naming close matches."""
     names = hook_names(model)
     if hook_name in names:
         return hook_name
-    close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
-    resid = [n for n in names if n.endswith(("hook_resid_post", "hook_resid_pre"))]
-    raise ValueError(
-        f"hook {hook_name!r} does not exist on this model; close matches: {close}; "
-        f"residual hooks: {resid}; all {len(names)} valid names: {names}"
-    )
+    close = difflib.get_close_matches(hook_name, names, n=3, cutoff=0.6)
+    resid = [n for n in names if n.endswith("hook_resid_post")]
+    span = f" (residual stream: {resid[0]} .. {resid[-1]})" if resid else ""
+    raise ValueError(f"--hook {hook_name} is not a hook of model {model_name or 'this model'};"
+                     f" close matches: {close or 'none'}; pass --hook with a valid name{span}")
 
 
 def hook_layer(hook_name: str) -> int:

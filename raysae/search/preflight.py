@@ -1,17 +1,13 @@
-"""Checks of the main job's flags, run before Ray starts and before anything is written.
-
-Bad input must cost seconds, not a search: every check here raises a ValueError whose one-line
-message names the flag and the fix, and ``raysae.search.job.main`` turns it into ``error: ...`` on
-stderr and exit status 2. The checks run in three rounds: the flags alone (numbers, penalty
-ranges from the penalty registry, paths that must exist, the text data's first rows), the
-folders the job will write (writable, not full; nothing is created), then the model (hook,
-d_sae, a given cache's settings). Only after all three does the job create a folder.
+"""Pre-flight checks of what a config cannot check alone, run before Ray starts and before
+anything is written: the model name, the corpus (exists, has the text column, not empty),
+the folders the job will write (writable, not full; nothing is created), then the model
+(hook, d_sae, a given cache's settings). Every check raises a ValueError whose one-line
+message names the flag and the fix; the CLI prints it as one line with exit status 2.
+Numbers and ranges are checked by the configs themselves (raysae.search.config).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 import shutil
@@ -22,105 +18,6 @@ MIN_FREE_BYTES = 100 * 1024**2
 """A results/storage/cache folder with less free space than this is refused up front."""
 _PATH_EXTS = (".parquet", ".json", ".jsonl", ".txt", ".py", ".md")
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def _bad(flag: str, value, allowed: str, fix: str) -> ValueError:
-    return ValueError(f"{flag} {value} is invalid: {allowed}; {fix}")
-
-
-def _num(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def check_flags(args, preset, sweep: bool) -> None:
-    """Everything that needs neither the model nor a folder write (see the module doc)."""
-    for name in ("num_trials", "total_tokens", "cache_tokens", "max_concurrent",
-                 "context_length", "batch_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise _bad(flag, value, "must be an integer >= 1", f"pass a positive {flag}")
-    if args.context_length is not None and args.context_length < 2:
-        raise _bad("--context-length", args.context_length, "must be >= 2",
-                   "pass --context-length 2 or more")
-    if args.expansion is not None and args.expansion < 1:
-        raise _bad("--expansion", args.expansion, "d_sae = expansion * d_in must be a "
-                   "positive integer", "pass a whole number >= 1, e.g. --expansion 4")
-    if not (_num(args.cpus_per_trial) and args.cpus_per_trial > 0):
-        raise _bad("--cpus-per-trial", args.cpus_per_trial, "must be > 0",
-                   "pass a CPU share such as 1 or 0.25")
-    if args.gpus_per_trial is not None and not (_num(args.gpus_per_trial)
-                                                and args.gpus_per_trial >= 0):
-        raise _bad("--gpus-per-trial", args.gpus_per_trial, "must be >= 0",
-                   "pass a GPU share such as 0.25")
-    for t in args.targets or ():
-        if not (_num(t) and t > 0):
-            raise _bad("--targets", f"{t:g}", "a target L0 must be > 0 (and <= d_sae)",
-                       "pass positive target L0 values")
-    if args.cache and args.live:
-        raise ValueError("--cache and --live exclude each other: --live streams activations "
-                         "instead of reading a cache; drop one of them")
-    if sweep:
-        _check_sweep(args)
-    else:
-        _check_search(args)
-    _check_ranges(args)
-    tokens = args.total_tokens or preset.total_tokens
-    if tokens < preset.batch_size:
-        raise _bad("--total-tokens", tokens, f"smaller than one batch (--batch-size "
-                   f"{preset.batch_size})", "raise --total-tokens or lower --batch-size")
-
-
-def _check_search(args) -> None:
-    if not (_num(args.beta) and args.beta >= 0):
-        raise _bad("--beta", args.beta, "must be a number >= 0", "pass e.g. --beta 1")
-    if args.objective == "pareto" and args.lambda_mode == "control":
-        raise ValueError("--objective pareto needs --lambda-mode search: lambda must vary "
-                         "to trace a frontier; add --lambda-mode search")
-
-
-def _check_sweep(args) -> None:
-    for lam in args.lambdas or ():
-        if not (_num(lam) and lam >= 0):
-            raise _bad("--lambdas", f"{lam:g}", "lambda must be a number >= 0",
-                       "pass non-negative penalty coefficients")
-    param = _lp_param("p")
-    for p in args.exponents:
-        if not param.contains(p):
-            raise _bad("--exponents", f"{p:g}", f"the exponent p of penalty 'lp' must be in "
-                       f"{param.range_text()}", "pass exponents such as 1 0.5 0.25")
-
-
-def _lp_param(name: str):
-    """The registry's declaration of one parameter of the 'lp' penalty (its allowed range)."""
-    from raysae.core.penalties import get_penalty
-
-    return {p.name: p for p in get_penalty("lp").params}[name]
-
-
-def _check_ranges(args) -> None:
-    """--p-range / --s-range against the penalty registry; --lam-range > 0 (log-uniform)."""
-    for flag, name in (("--p-range", "p"), ("--s-range", "s")):
-        pair = getattr(args, flag[2:].replace("-", "_"), None)
-        if pair is None:
-            continue
-        param = _lp_param(name)
-        for end, value in zip(("LOW", "HIGH"), pair):
-            if not param.contains(value):
-                raise _bad(flag, f"{end} = {value:g}", f"{name} of penalty 'lp' must be in "
-                           f"{param.range_text()}", f"pass {flag} LOW HIGH inside that range")
-        if pair[0] > pair[1]:
-            raise _bad(flag, f"{pair[0]:g} {pair[1]:g}", "LOW is above HIGH",
-                       f"pass {flag} LOW HIGH with LOW <= HIGH")
-    pair = getattr(args, "lam_range", None)
-    if pair is not None:
-        if not all(_num(v) and v > 0 for v in pair):
-            raise _bad("--lam-range", f"{pair[0]:g} {pair[1]:g}", "lambda is searched on a "
-                       "log scale, so both ends must be > 0", "pass --lam-range LOW HIGH with "
-                       "0 < LOW <= HIGH")
-        if pair[0] > pair[1]:
-            raise _bad("--lam-range", f"{pair[0]:g} {pair[1]:g}", "LOW is above HIGH",
-                       "pass --lam-range LOW HIGH with LOW <= HIGH")
 
 
 def _offline() -> bool:
@@ -248,23 +145,23 @@ def check_targets(targets, d_in: int, expansion: int) -> None:
     d_sae = d_in * expansion
     for t in targets:
         if t > d_sae:
-            raise _bad("--targets", f"{t:g}", f"a target L0 must be <= d_sae = {d_sae} "
-                       f"(--expansion {expansion} x d_in {d_in})",
-                       "lower the target or raise --expansion")
+            raise ValueError(f"--targets {t:g} is invalid: a target L0 must be <= d_sae = "
+                             f"{d_sae} (--expansion {expansion} x d_in {d_in}); lower the "
+                             "target or raise --expansion")
 
 
-def check_hook(lm, hook: str, model: str) -> None:
-    """The hook exists on the model; else the error lists close matches."""
-    from raysae.lm.models import hook_names
+def resolve_model(name: str | None, hook: str) -> tuple[str, int]:
+    """The model (built locally when none is named) and its hook width, hook checked."""
+    from raysae.lm.local_model import default_model
+    from raysae.lm.models import check_hook, load_model
 
-    names = hook_names(lm)
-    if hook in names:
-        return
-    close = difflib.get_close_matches(hook, names, n=3, cutoff=0.6)
-    resid = [n for n in names if n.endswith("hook_resid_post")]
-    span = f" (residual stream: {resid[0]} .. {resid[-1]})" if resid else ""
-    raise ValueError(f"--hook {hook} is not a hook of model {model}; close matches: "
-                     f"{close or 'none'}; pass --hook with a valid name{span}")
+    model = name or str(default_model(progress=True))
+    try:
+        lm = load_model(model, device="cpu")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {model}: {' '.join(str(err).split())}") from None
+    check_hook(lm, hook, model)
+    return model, int(lm.cfg.d_model)
 
 
 def preflight_writable(folder: Path, *, flag: str = "--results",

@@ -19,64 +19,58 @@ import math
 import os
 import signal
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.config import PenaltyConfig, TrainConfig
+from raysae.core.penalties import penalty_scale_at_one
 from raysae.core.train import DIVERGED, FINISHED, Trainer, train_sae
+from raysae.search.space import penalty_of
 
 STATE_FILE = "trainer_state.pt"
 SAE_DIR = "sae"
 SWEEP_FILE = "threshold_sweep.parquet"
-FEATURES_FILE = "feature_stats.parquet"
-SAMPLES_FILE = "activation_samples.parquet"
 BAD_OBJECTIVE = 1e3
 LAMBDA_MODES = ("search", "control", "fixed")
 
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """What every trial of one search shares; the searcher varies only p, s and lambda."""
+    """What every trial of one search shares; the searcher varies only the penalty (family
+    and parameters) and, in search mode, lambda."""
 
-    activations: str
+    activations: str | dict
     """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
     model: str
     """LM hub name or local checkpoint folder (for the held-out CE)."""
     hook: str
     """Hook name whose activations the SAE reconstructs."""
-    d_in: int
-    d_sae: int
+    train: TrainConfig
+    """The training template (shape set); a trial fills in penalty, lambda, target, seed."""
     activation_source: dict | None = None
     """The ActivationSource the cache was built from: a node that lacks the cache folder
     (a fresh cluster worker) builds it from this, once per node (file-locked)."""
     context_length: int = 128
-    total_tokens: int = 1_000_000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    lambda_mode: str = "search"
-    """search: Optuna proposes lambda; control: a controller drives L0 to the target;
+    """Tokens per held-out block."""
+    corpus: str = "stdlib"
+    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
+    lambda_mode: str = "control"
+    """control: a controller drives L0 to the target; search: Optuna proposes lambda;
     fixed: lambda comes from the trial config (grid sweeps)."""
-    lam: float = 1.0
-    """Controller start value (control mode) or default lambda."""
     target_l0: float | None = None
     beta: float = 1.0
     """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
     tol: float = 0.15
     """Relative L0 miss that costs nothing in the objective."""
-    penalty: str = "lp"
-    report_every: int = 50
     checkpoint_every: int = 4
     """Checkpoint every this many reports (and always at the end)."""
     eval_blocks: int = 64
-    corpus: str = "stdlib"
-    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
     feature_tokens: int = 100_000
     threshold_sweep: bool = False
     sweep_points: int = 10
-    seed: int = 0
     torch_threads: int = 1
     inject_failure_at_step: int | None = None
     """Fault injection for reliability tests: fail once at this step (first attempt only)."""
@@ -84,14 +78,17 @@ class TrialSpec:
     """raise: a Python exception; sigkill: the trial's worker process SIGKILLs itself."""
 
     def __post_init__(self) -> None:
+        if self.train.sae is None:
+            raise ValueError("TrialSpec.train.sae is None: set the SAE shape before the search")
         if self.lambda_mode not in LAMBDA_MODES:
             raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
                              f"{LAMBDA_MODES}")
         if self.lambda_mode == "control" and self.target_l0 is None:
             raise ValueError("lambda_mode 'control' needs target_l0: give a target L0")
-        if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
+        d_sae = self.train.sae.d_sae
+        if self.target_l0 is not None and not 0 < self.target_l0 <= d_sae:
             raise ValueError(f"target_l0 = {self.target_l0} is invalid: allowed (0, d_sae="
-                             f"{self.d_sae}]")
+                             f"{d_sae}]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,21 +106,18 @@ def objective(ce_sae: float, l0: float, target_l0: float | None, beta: float,
 
 
 def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of one trial: the spec's fixed settings plus the searched p, s, lambda."""
+    """The TrainConfig of one trial: the spec's template plus the searched penalty and
+    lambda. In control mode lambda starts at lam / rho(1), so the penalty's own scale does
+    not set the controller's start."""
     config = flatten_config(config)
-    params = {k: float(config[k]) for k in ("p", "s") if k in config}
-    if spec.penalty != "lp":
-        params = {k: float(v) for k, v in config.get("penalty_params", {}).items()}
+    name, params = penalty_of(config)
+    penalty = PenaltyConfig(name, params)
     control = spec.lambda_mode == "control"
-    lam = float(config.get("lam", spec.lam))
-    if control:  # start where (s f)^p ~ f for f ~ 1, so s does not set the controller's start
-        lam = spec.lam / params.get("s", 1.0) ** params.get("p", 1.0)
-    return TrainConfig(
-        sae=SAEConfig(spec.d_in, spec.d_sae), penalty=PenaltyConfig(spec.penalty, params),
-        lam=lam, total_tokens=spec.total_tokens, batch_size=spec.batch_size, lr=spec.lr,
-        l0_target=spec.target_l0 if control else None, log_every=spec.report_every,
-        seed=spec.seed + int(config.get("seed", 0)), device=trial_device(),
-    )
+    lam = float(config.get("lam", spec.train.lam))
+    if control:
+        lam = spec.train.lam / penalty_scale_at_one(name, penalty.params)
+    return replace(spec.train, penalty=penalty, lam=lam,
+                   l0_target=spec.target_l0 if control else None, device=trial_device())
 
 
 def trial_device() -> str:
@@ -238,8 +232,9 @@ def _node_id() -> str:
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
+    """The penalty's columns (name, family, label, each parameter), target and seed."""
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": cfg.penalty.family,
-            "lambda_mode": spec.lambda_mode,
+            "label": cfg.penalty.label, "lambda_mode": spec.lambda_mode, "seed": cfg.seed,
             "target_l0": spec.target_l0 if spec.target_l0 is not None else float("nan")}
 
 
@@ -252,7 +247,8 @@ def _feature_source(spec: TrialSpec, evaluator):
     from raysae.activations.cache import load_manifest
 
     n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
-    return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens, seed=spec.seed)
+    return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens,
+                                   seed=spec.train.seed)
 
 
 def _finish(spec: TrialSpec, cfg: TrainConfig, result):
@@ -297,13 +293,5 @@ def _finish(spec: TrialSpec, cfg: TrainConfig, result):
     return row, write_artifacts
 
 
-def trial_resources(num_gpus: float = 0.0, cpus: float = 1.0) -> dict[str, float]:
-    """Per-trial resources: a CPU share, plus a GPU fraction on GPU nodes."""
-    out = {"cpu": cpus}
-    if num_gpus:
-        out["gpu"] = num_gpus
-    return out
-
-
-__all__ = ["TrialSpec", "run_trial", "objective", "train_config", "trial_resources",
-           "BAD_OBJECTIVE", "STATE_FILE", "SAE_DIR", "SWEEP_FILE"]
+__all__ = ["TrialSpec", "run_trial", "objective", "train_config", "BAD_OBJECTIVE",
+           "STATE_FILE", "SAE_DIR", "SWEEP_FILE"]

@@ -1,120 +1,84 @@
-"""Ray Tune + Optuna over the penalty (p, s) and lambda, with resume and a results table.
+"""Ray Tune + Optuna: the experiments of one search, resume, and the results table.
 
-One Tune experiment per target L0 (the objective depends on the target, so each target is
-its own Optuna study), or one Pareto experiment with objectives [ce_sae, l0]. Results are
-always rebuilt from Tune's ResultGrid, never from the Optuna study (after a restore the
-study can hold duplicated or orphaned trials).
+Per target L0 (the objective depends on the target) two Tune experiments: the reference
+penalties as a fixed grid (``<name>_l0_<t>_refs``), then Optuna's proposals
+(``<name>_l0_<t>``); with the pareto objective one pair in all; a sweep is one grid
+experiment. Results are always rebuilt from Tune's ResultGrid, never from the Optuna study
+(after a restore the study can hold duplicated or orphaned trials).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from raysae.search.trainable import BAD_OBJECTIVE, SWEEP_FILE, TrialSpec, run_trial
-
-OBJECTIVES = ("target", "pareto", "grid")
-# The study's known points, tried first in every Optuna study.
-STUDY_POINTS = ({"p": 1.0}, {"p": 0.5, "s": 1.0}, {"p": 0.25, "s": 1.0})
+from raysae.analysis import contract
+from raysae.search.config import SearchConfig
+from raysae.search.space import SearchSpace, reference_configs
+from raysae.search.trainable import BAD_OBJECTIVE, TrialSpec, run_trial
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """One search: what to vary, how many trials, where results go."""
+class SearchPlan:
+    """One search as Tune runs it: the search settings, the trial spec, where it goes."""
 
-    name: str = "exponent_search"
-    storage: str = "results"
+    name: str
+    """Experiment name prefix (one path component)."""
+    storage: str
     """Local folder or any pyarrow filesystem URI (s3://bucket/prefix, gs://...)."""
-    objective: str = "target"
-    """target: ce_sae + L0-miss penalty per target L0; pareto: [ce_sae, l0]; grid: no Optuna."""
-    targets: tuple[float, ...] = (16.0,)
-    num_trials: int = 8
-    """Trials per target (target mode) or in all (pareto mode)."""
-    max_concurrent: int = 2
-    p_range: tuple[float, float] = (0.2, 1.0)
-    s_range: tuple[float, float] = (1e-2, 1e2)
-    lam_range: tuple[float, float] = (1e-2, 1e2)
+    search: SearchConfig
+    """Penalties, ranges, targets, trials, resources (gpus_per_trial resolved)."""
+    spec: TrialSpec
+    """What every trial shares."""
     grid: tuple[dict, ...] = ()
-    """Grid mode: the trial configs ({p, s, lam}), one trial each."""
-    seed: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 2
-    """Retries of a failed trial (from its last checkpoint)."""
-    spec: TrialSpec | None = None
+    """Sweep mode: the fixed trial configs (one trial each), no Optuna, no references."""
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective = {self.objective!r} is invalid: allowed {OBJECTIVES}")
-        if self.num_trials < 1:
-            raise ValueError(f"num_trials = {self.num_trials} is invalid: allowed >= 1")
-        if self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent = {self.max_concurrent} is invalid: allowed >= 1")
-        if self.spec is not None:
-            for t in self.targets:
-                if not 0 < t <= self.spec.d_sae:
-                    raise ValueError(f"target L0 {t} is invalid: allowed (0, d_sae="
-                                     f"{self.spec.d_sae}]")
-        lo, hi = self.p_range
-        if not 0 < lo <= hi <= 2:
-            raise ValueError(f"p_range = {self.p_range} is invalid: need 0 < low <= high <= 2")
+        d_sae = self.spec.train.sae.d_sae
+        for t in self.search.targets:
+            if not 0 < t <= d_sae:
+                raise ValueError(f"target L0 {t:g} is invalid: allowed (0, d_sae={d_sae}]")
 
     @property
-    def search_lambda(self) -> bool:
-        return self.spec is None or self.spec.lambda_mode == "search"
+    def kind(self) -> str:
+        return "grid" if self.grid else self.search.objective
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"name": self.name, "storage": self.storage, "kind": self.kind,
+                "grid": list(self.grid)}
 
 
-class SearchSpace:
-    """The define-by-run space: p; s only when p < 1 (for p = 1 it only rescales lambda);
-    lambda (log scale) only when it is searched. A class, not a closure: Tune pickles the
-    searcher into its experiment checkpoint."""
-
-    def __init__(self, settings: SearchSettings):
-        self.p_range, self.s_range, self.lam_range = (settings.p_range, settings.s_range,
-                                                      settings.lam_range)
-        self.search_lambda = settings.search_lambda
-
-    def __call__(self, trial) -> None:
-        p = trial.suggest_float("p", *self.p_range)
-        if p < 1.0:
-            trial.suggest_float("s", *self.s_range, log=True)
-        if self.search_lambda:
-            trial.suggest_float("lam", *self.lam_range, log=True)
-
-
-def seed_points(settings: SearchSettings) -> list[dict[str, float]]:
-    """The study's L1, sqrt and sqrt(sqrt), where they fit the searched p range."""
-    lo, hi = settings.p_range
-    return [dict(pt) for pt in STUDY_POINTS if lo <= pt["p"] <= hi]
-
-
-def build_searcher(settings: SearchSettings, seed_offset: int = 0):
-    """OptunaSearch (TPE with a seed) behind a ConcurrencyLimiter; None in grid mode."""
-    if settings.objective == "grid":
-        return None
+def build_searcher(plan: SearchPlan, seed_offset: int = 0):
+    """OptunaSearch (TPE with a seed) behind a ConcurrencyLimiter."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = ("objective", "min")
-    if settings.objective == "pareto":
+    if plan.search.objective == "pareto":
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
-    sampler = optuna.samplers.TPESampler(seed=settings.seed + seed_offset,
-                                         n_startup_trials=min(6, settings.num_trials))
-    searcher = OptunaSearch(SearchSpace(settings), metric=metric, mode=mode,
-                            points_to_evaluate=seed_points(settings), sampler=sampler)
-    return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+    sampler = optuna.samplers.TPESampler(seed=plan.spec.train.seed + seed_offset,
+                                         n_startup_trials=min(4, plan.search.num_trials))
+    searcher = OptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
+                            sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
+
+
+def reference_grid(plan: SearchPlan) -> tuple[dict, ...]:
+    """The references as grid points; with lambda searched, each on a lambda grid."""
+    refs = reference_configs()
+    if plan.spec.lambda_mode != "search":
+        return tuple(refs)
+    import numpy as np
+
+    lams = np.geomspace(*plan.search.lam_range, 3).tolist()
+    return tuple({**ref, "lam": float(lam)} for ref in refs for lam in lams)
 
 
 def live_concurrency(total_cpus: float, requested: int, cpus_per_trial: float = 0.5,
@@ -125,12 +89,19 @@ def live_concurrency(total_cpus: float, requested: int, cpus_per_trial: float = 
     return max(1, min(requested, int(total_cpus // (cpus_per_trial + cpus_per_actor))))
 
 
-def experiment_runs(settings: SearchSettings) -> list[tuple[str, TrialSpec]]:
-    """(experiment name, trial spec) per Tune experiment of this search."""
-    if settings.objective != "target":
-        return [(settings.name, settings.spec)]
-    return [(f"{settings.name}_l0_{_label(t)}", replace(settings.spec, target_l0=float(t)))
-            for t in settings.targets]
+def experiment_runs(plan: SearchPlan) -> list[tuple[str, TrialSpec, tuple[dict, ...]]]:
+    """(experiment name, trial spec, grid) per Tune experiment; an empty grid: Optuna."""
+    if plan.grid:
+        return [(plan.name, plan.spec, plan.grid)]
+    refs = reference_grid(plan)
+    if plan.search.objective != "target":
+        return [(f"{plan.name}_refs", plan.spec, refs), (plan.name, plan.spec, ())]
+    runs = []
+    for t in plan.search.targets:
+        spec = replace(plan.spec, target_l0=float(t))
+        name = f"{plan.name}_l0_{_label(t)}"
+        runs += [(f"{name}_refs", spec, refs), (name, spec, ())]
+    return runs
 
 
 def _label(target: float) -> str:
@@ -142,47 +113,48 @@ def storage_root(storage: str) -> str:
     return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
 
 
-def make_tuner(settings: SearchSettings, name: str, spec: TrialSpec, index: int,
-               resume: bool):
+def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, ...],
+               index: int, resume: bool):
     """A new Tuner, or the restored one when ``resume`` and the experiment exists."""
     from ray import tune
 
+    search = plan.search
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    path = f"{storage_root(settings.storage).rstrip('/')}/{name}"
+        {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial or 0.0})
+    path = f"{storage_root(plan.storage).rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    searcher = build_searcher(settings, seed_offset=index)
-    param_space: dict[str, Any] = {"seed": 0}
-    num_samples = settings.num_trials
-    if settings.objective == "grid":
-        param_space = {"point": tune.grid_search(list(settings.grid)), "seed": 0}
-        num_samples = 1
-    failure = tune.FailureConfig(max_failures=settings.max_failures)
+    if grid:
+        searcher, num_samples = None, 1
+        param_space: dict[str, Any] = {"point": tune.grid_search(list(grid))}
+    else:
+        searcher, num_samples, param_space = build_searcher(plan, index), search.num_trials, {}
     run_config = tune.RunConfig(
-        name=name, storage_path=storage_root(settings.storage), failure_config=failure,
+        name=name, storage_path=storage_root(plan.storage),
+        failure_config=tune.FailureConfig(max_failures=search.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        progress_reporter=progress_table(settings), verbose=1)
+        progress_reporter=progress_table(plan, bool(grid)), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                       tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
-                                                  max_concurrent_trials=settings.max_concurrent,
+                                                  max_concurrent_trials=search.max_concurrent,
                                                   reuse_actors=False))
 
 
-def progress_table(settings: SearchSettings):
-    """Tune's classic table, one row per trial with the columns a researcher watches, every
-    30 s (the default output prints every metric of every finished trial)."""
+def progress_table(plan: SearchPlan, grid: bool):
+    """Tune's classic table, one row per trial with the columns a researcher watches (the
+    searched parameters come from the registry), every 30 s."""
     from ray.tune import CLIReporter
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    params = {"p": "p", "s": "s"}
-    if settings.search_lambda:
-        params["lam"] = "lambda"
-    if settings.objective == "grid":  # grid values sit under "point" in the trial config
-        params = {"point/p": "p", "point/s": "s", "point/lam": "lambda"}
+    prefix = "point/" if grid else ""
+    params = {f"{prefix}penalty": "penalty"}
+    for item in SearchSpace(plan.search).describe():
+        params[prefix + item["name"]] = item["name"]
+    if grid:
+        params.update({"point/power.p": "power.p", "point/lam": "lambda"})
     metrics = {"tokens_seen": "tokens", "l0": "L0", "fvu": "FVU", "ce_sae": "CE",
                "objective": "objective", "status": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics,
@@ -190,14 +162,16 @@ def progress_table(settings: SearchSettings):
 
 
 def results_frame(result_grid, experiment: str) -> pd.DataFrame:
-    """One row per trial: config, final metrics, status, paths (from the ResultGrid)."""
+    """One row per trial: final metrics (which carry the penalty), status, paths."""
     rows = []
     for result in result_grid:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
         config.update(config.pop("point", {}))
-        row = {"experiment": experiment, **{k: v for k, v in config.items() if k != "seed"},
-               **metrics}
+        row = {"experiment": experiment, **metrics}
+        if "lam" in config and "lam" not in row:
+            row["lam"] = config["lam"]
+        row.setdefault("penalty", config.get("penalty"))
         row["trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
         if result.error is not None:
             row["status"] = "error"
@@ -218,10 +192,11 @@ def _error_reason(error: BaseException) -> str:
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
     """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
-    for col in ("objective", "ce_sae", "l0", "s", "lam", "target_l0"):
+    for col in contract.TRIAL_COLUMNS:
         if col not in df:
             df[col] = math.nan
-    df["s"] = df["s"].fillna(1.0)
+    if "status" in df:
+        df["status"] = df["status"].fillna("error")
     bad = df["status"].isin(["error", "diverged"]) | df["objective"].isna()
     df.loc[bad, "objective"] = BAD_OBJECTIVE
     drop = [c for c in df.columns if c.startswith(("config/", "time_", "timestamp", "pid",
@@ -231,15 +206,12 @@ def _clean(df: pd.DataFrame) -> pd.DataFrame:
 
 def collect_artifacts(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each trial's threshold sweep and feature statistics, concatenated with trial_id."""
-    tables: dict[str, list[pd.DataFrame]] = {"ablations": [], "feature_stats": [],
-                                             "activation_samples": []}
-    files = {"ablations": SWEEP_FILE, "feature_stats": "feature_stats.parquet",
-             "activation_samples": "activation_samples.parquet"}
+    tables: dict[str, list[pd.DataFrame]] = {key: [] for key in contract.ARTIFACT_FILES}
     for row in trials.itertuples():
         folder = getattr(row, "checkpoint_path", "") or ""
         if not folder or "://" in folder:
             continue
-        for key, name in files.items():
+        for key, name in contract.ARTIFACT_FILES.items():
             path = Path(folder) / name
             if path.exists():
                 df = pd.read_parquet(path)
@@ -248,33 +220,25 @@ def collect_artifacts(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {k: pd.concat(v, ignore_index=True) for k, v in tables.items() if v}
 
 
-def run_search(settings: SearchSettings, results_dir: str | os.PathLike, *,
-               resume: bool = False) -> Path:
-    """Run (or resume) every experiment of the search; write the tables; return the folder."""
-    from raysae.evaluation.feature_stats import write_parquet
-
+def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool = False,
+               settings: dict[str, Any] | None = None) -> Path:
+    """Run (or resume) every experiment of the search; write the tables and search.json
+    (``settings``: the job's whole config, for the report); return the folder."""
     frames = []
-    for index, (name, spec) in enumerate(experiment_runs(settings)):
-        tuner = make_tuner(settings, name, spec, index, resume)
+    for index, (name, spec, grid) in enumerate(experiment_runs(plan)):
+        tuner = make_tuner(plan, name, spec, grid, index, resume)
         frames.append(results_frame(tuner.fit(), name))
     trials = _clean(pd.concat(frames, ignore_index=True))
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet(trials, out / "trials.parquet")
+    contract.write_trials(trials, out)
     for key, df in collect_artifacts(trials).items():
-        write_parquet(df, out / f"{key}.parquet")
-    _write_json(out / "search.json", settings.to_dict())
+        contract.write_table(df, out, key)
+    contract.write_search_json(out, contract.search_record(plan, settings or {}))
     return out
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def grid_points(families: Sequence[dict], lams: Sequence[float]) -> tuple[dict, ...]:
-    """The cartesian product of penalty points and lambdas, for grid mode."""
-    return tuple({**fam, "lam": float(lam)} for fam in families for lam in lams)
-
-
+def grid_points(exponents, lams) -> tuple[dict, ...]:
+    """The sweep's grid: pure powers (eps = 0) times lambdas."""
+    return tuple({"penalty": "power", "power.p": float(p), "power.eps": 0.0, "lam": float(lam)}
+                 for p in exponents for lam in lams)

@@ -1,0 +1,81 @@
+"""The K-member ensemble step against K single-SAE steps on the same batches, same run.
+
+At the local default's shape (d_in 128, d_sae 512, batch 512, fp32, CPU), one
+``EnsembleTrainer.step`` (K members, batched matmuls, one fused Adam, no host sync)
+against K ``Trainer.step`` calls on the same batch, interleaved round by round; the
+median of each is reported as member-tokens/s and as the ratio
+ensemble / (K single steps) (target: <= 0.8).
+
+    python benchmarks/ensemble_step.py [--k 6] [--threads 2] [--rounds 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.train import Trainer
+
+
+def _median_times(fns: dict, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaved (three warm-up calls each first)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for fn in fns.values():
+        fn(), fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def build(args: argparse.Namespace, penalty: PenaltyConfig) -> dict:
+    """The two callables: one ensemble step, and K single steps, on the same batch."""
+    targets = [4.0 * 2 ** (i * 4 / max(args.k - 1, 1)) for i in range(args.k)]  # 4 .. 64
+    cfg = TrainConfig(sae=SAEConfig(args.d_in, args.d_sae), penalty=penalty, lam=1.0,
+                      batch_size=args.batch, total_tokens=args.batch * (args.rounds + 100),
+                      device=args.device, log_every=10**9)
+    x = torch.randn(args.batch, args.d_in, device=args.device)
+    ensemble = EnsembleTrainer(cfg, targets)
+    singles = [Trainer(TrainConfig(**{**cfg.__dict__, "l0_target": t})) for t in targets]
+
+    def k_singles():
+        for trainer in singles:
+            trainer.step(x)
+
+    return {"ensemble step": lambda: ensemble.step(x), f"{args.k} single steps": k_singles}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--d-in", type=int, default=128)
+    parser.add_argument("--d-sae", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} "
+          f"d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} rounds={args.rounds}")
+    print(f"{'penalty':<22}{'what':<18}{'ms':>9}{'member-tokens/s':>18}")
+    for label, penalty in [("L1 (p=1)", PenaltyConfig.power(1.0)),
+                           ("sqrt (p=0.5)", PenaltyConfig.power(0.5))]:
+        times = _median_times(build(args, penalty), args.rounds, args.device)
+        for what, t in times.items():
+            print(f"{label:<22}{what:<18}{t * 1e3:>9.2f}{args.k * args.batch / t:>18,.0f}")
+        ens, single = times.values()
+        print(f"{label:<22}ratio ensemble / {args.k} single steps = {ens / single:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The results contract: what a search writes and the report reads, named once.
+
+A results folder holds ``trials.parquet`` (one row per trained SAE, ``TRIAL_COLUMNS``; the
+penalty's parameters are extra columns named after the registry's parameters), optional
+artifact tables (``ARTIFACT_FILES``) and ``search.json`` (``SEARCH_KEYS``). The search writes
+only through ``write_*`` here and the report reads only through ``read_*``; a test
+round-trips both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raysae import io
+
+TRIALS_FILE = "trials.parquet"
+SEARCH_FILE = "search.json"
+REPORT_FILE = "report.html"
+FIGURES_DIR = "figures"
+ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
+                  "feature_stats": "feature_stats.parquet",
+                  "activation_samples": "activation_samples.parquet"}
+"""Results table name -> the file each trial's checkpoint holds (concatenated with trial_id)."""
+REQUIRED_TRIAL_COLUMNS = ("trial_id", "status", "family", "l0", "ce_sae")
+TRIAL_COLUMNS = (*REQUIRED_TRIAL_COLUMNS, "experiment", "penalty", "label", "target_l0",
+                 "seed", "lam", "objective", "ce_clean", "ce_zero", "ce_recovered", "fvu",
+                 "mse", "cos_sim", "l2_ratio", "dead_fraction", "low_freq_fraction",
+                 "median_nonzero", "steps", "tokens_seen", "status_reason")
+REQUIRED_ABLATION_COLUMNS = ("trial_id", "method", "parameter", "l0", "ce_sae")
+SEARCH_KEYS = ("name", "kind", "objective", "lambda_mode", "targets", "penalties", "space",
+               "references", "settings")
+"""kind: target | pareto | grid; space: the parameters Optuna proposed (name, family, low,
+high, log); references: (label, penalty, params); settings: the job's whole config."""
+
+
+def search_record(plan, settings: dict[str, Any]) -> dict[str, Any]:
+    """search.json's content for a SearchPlan (raysae.search.tune_setup)."""
+    from raysae.core.penalties import reference_points
+    from raysae.search.space import SearchSpace
+
+    search = plan.search
+    grid = bool(plan.grid)
+    return {"name": plan.name, "kind": plan.kind, "objective": search.objective,
+            "lambda_mode": plan.spec.lambda_mode,
+            "targets": [] if grid or search.objective != "target" else list(search.targets),
+            "penalties": list(search.penalty),
+            "space": [] if grid else SearchSpace(search).describe(),
+            "references": [] if grid else [list(r) for r in reference_points()],
+            "settings": settings}
+
+
+def write_search_json(out: str | os.PathLike, record: dict[str, Any]) -> Path:
+    missing = [k for k in SEARCH_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"search.json record lacks keys {missing}")
+    return io.write_json(Path(out) / SEARCH_FILE, record)
+
+
+def read_search_json(root: str | os.PathLike) -> dict[str, Any]:
+    """search.json, or {} when absent; every SEARCH_KEYS key present (None if unknown)."""
+    path = Path(root) / SEARCH_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-run the search") from None
+    return {**{k: None for k in SEARCH_KEYS}, **data}
+
+
+def require_columns(df: pd.DataFrame, columns, name: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} lacks columns {missing}; the search service must write them")
+
+
+def write_trials(trials: pd.DataFrame, out: str | os.PathLike) -> Path:
+    require_columns(trials, TRIAL_COLUMNS, TRIALS_FILE)
+    return io.write_parquet(trials, Path(out) / TRIALS_FILE)
+
+
+def read_trials(root: str | os.PathLike) -> pd.DataFrame:
+    path = Path(root) / TRIALS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} not found; point at a folder written by a search")
+    trials = pd.read_parquet(path)
+    require_columns(trials, REQUIRED_TRIAL_COLUMNS, TRIALS_FILE)
+    return trials
+
+
+def write_table(df: pd.DataFrame, out: str | os.PathLike, key: str) -> Path:
+    if key not in ARTIFACT_FILES:
+        raise ValueError(f"unknown results table {key!r}; known: {sorted(ARTIFACT_FILES)}")
+    return io.write_parquet(df, Path(out) / f"{key}.parquet")
+
+
+def read_table(root: str | os.PathLike, key: str) -> pd.DataFrame | None:
+    path = Path(root) / f"{key}.parquet"
+    if not path.is_file():
+        return None
+    df = pd.read_parquet(path)
+    if key == "ablations":
+        require_columns(df, REQUIRED_ABLATION_COLUMNS, path.name)
+    return df

@@ -1,0 +1,82 @@
+"""`raysae search` and `raysae sweep`: the main job's flags, generated from the config tree.
+
+Every flag is a field of raysae.search.config (help = the field's docstring); the preset
+sits under the flags (defaults < preset < flags). searches/exponent_search.py and
+searches/l1_sweep.py are thin wrappers of these two subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from raysae.cli.flags import add_range_flags, add_section, given
+from raysae.core.config import TrainConfig
+from raysae.search.config import (
+    LAMBDA_MODES,
+    OBJECTIVES,
+    PRESETS,
+    ActivationSettings,
+    ModelSettings,
+    RunSettings,
+    SearchConfig,
+    SweepSettings,
+    job_config,
+)
+
+TRAIN_FLAGS_SKIP = ("sae", "penalty", "adam_betas", "normalize_activations",
+                    "activation_scale", "l0_target", "device")
+"""TrainConfig fields a trial sets itself (not flags)."""
+
+
+def searchable_params() -> dict[str, str]:
+    """Every searched penalty parameter in the registry -> its help line."""
+    from raysae.core.penalties import PENALTIES
+
+    out: dict[str, str] = {}
+    for spec in PENALTIES.values():
+        for p in spec.searched_params():
+            lo, hi = p.search
+            text = f"{spec.name}: {p.doc} (searched {lo:g}..{hi:g}{', log' if p.log else ''})"
+            out[p.name] = f"{out[p.name]}; {text}" if p.name in out else text
+    return out
+
+
+def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """Every flag of the job, grouped by config section."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="experiment setting: 'local' (default: offline local model and "
+                             "stdlib text) or 'pythia-70m' (the study's setting)")
+    add_section(parser, ModelSettings, "model and data")
+    add_section(parser, ActivationSettings, "activations")
+    add_section(parser, TrainConfig, "training", skip=TRAIN_FLAGS_SKIP)
+    skip = ("ranges",) + (("penalty", "objective", "lambda_mode", "targets", "num_trials",
+                           "beta", "tol") if sweep else ())
+    add_section(parser, SearchConfig, "search", skip=skip,
+                choices={"objective": OBJECTIVES, "lambda_mode": LAMBDA_MODES})
+    if sweep:
+        add_section(parser, SweepSettings, "sweep")
+    else:
+        add_range_flags(parser, searchable_params())
+    add_section(parser, RunSettings, "run")
+
+
+def run_command(args: argparse.Namespace, *, sweep: bool) -> int:
+    """Build and validate the whole config, then run the job."""
+    from raysae.search.job import run
+
+    values = given(args)
+    cfg = job_config(values.pop("preset", None) or "local", sweep=sweep, **values)
+    run(cfg, sweep=sweep)
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Register `search` and `sweep`."""
+    for name, sweep, text in (
+            ("search", False, "search the sparsity penalty (Optuna via Ray Tune) per target "
+                              "L0; the main job"),
+            ("sweep", True, "the study's baseline: a lambda grid for pure powers (L1, sqrt, "
+                            "sqrt(sqrt)) with threshold-removal curves")):
+        p = subparsers.add_parser(name, help=text, description=text)
+        add_job_flags(p, sweep=sweep)
+        p.set_defaults(func=lambda args, sweep=sweep: run_command(args, sweep=sweep))

@@ -1,0 +1,322 @@
+"""An L0 ladder of K SAEs trained together: one batch read once, fed to K members.
+
+``BatchedSAE`` holds K standard SAEs as stacked weights (``W_enc [K, d_in, d_sae]``,
+``W_dec [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``) and runs them with
+batched matmuls. ``EnsembleTrainer`` trains one member per target L0 with a shared
+penalty; each member has its own lambda, L0 controller, dead-feature tracking and
+divergence status. The loss is the sum over live members of
+``mean_tokens ||x_hat_k - x||^2 + lambda_k * mean_tokens penalty(f_k)``: summing keeps each
+member's gradient what it would be alone, and Adam is elementwise, so one Adam over the
+stacked weights trains every member as ``Trainer`` would (``train.py``).
+
+No host sync between logging steps: batch L0, the controller, lambdas, finiteness and
+last-fired steps stay device tensors; ``.item()``/``.tolist()`` run only every
+``cfg.log_every`` steps, at the end and in ``result()`` (plus once on the first batch
+when the activation scale is estimated). So a member whose loss goes NaN/inf has its
+gradients zeroed from that very step (on the device), but is *reported* diverged at the
+next logging step, which also zeroes its Adam state so its weights stay frozen after.
+Likewise a non-finite activation batch trains nobody (all gradients zeroed) and raises
+``NonFiniteActivationsError`` at the next logging step.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from raysae.core import metrics
+from raysae.core.config import SAEConfig, TrainConfig
+from raysae.core.penalties import penalty_per_token, penalty_scale_at_one
+from raysae.core.sae import SAE
+from raysae.core.train import (
+    DATA_EXHAUSTED,
+    DIVERGED,
+    FINISHED,
+    CheckpointError,
+    NonFiniteActivationsError,
+    TrainResult,
+)
+
+_PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+class BatchedSAE(nn.Module):
+    """K standard SAEs with stacked weights; member k starts exactly as ``SAE(cfg, seed=seeds[k])``."""
+
+    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None]):
+        super().__init__()
+        self.cfg, self.k = cfg, len(seeds)
+        members = [SAE(cfg, seed=s) for s in seeds]
+        for name in _PARAMS:
+            stacked = torch.stack([getattr(m, name).detach() for m in members])
+            setattr(self, name, nn.Parameter(stacked))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae])."""
+        centred = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
+        f = torch.relu(torch.baddbmm(self.b_enc.unsqueeze(1), centred, self.W_enc))
+        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec), f
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        if self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=2, keepdim=True) * rows
+
+    @torch.no_grad()
+    def member(self, k: int) -> SAE:
+        """Member k as a standard SAE (a CPU copy), for saving and evaluation."""
+        sae = SAE(self.cfg, seed=None)
+        sae.load_state_dict({n: getattr(self, n)[k].detach().float().cpu().clone()
+                             for n in _PARAMS})
+        return sae
+
+    @torch.no_grad()
+    def finite_members(self) -> torch.Tensor:
+        """[K] bool: every weight of member k is finite (device tensor, no sync)."""
+        oks = [torch.isfinite(getattr(self, n)).flatten(1).all(dim=1) for n in _PARAMS]
+        return torch.stack(oks).all(dim=0)
+
+
+class EnsembleTrainer:
+    """One SAE per target L0, trained together on the same batches (see module doc).
+
+    ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)`` for every member);
+    with ``cfg.control_frac = 0`` they stay fixed (search-mode lambda).
+    """
+
+    def __init__(self, cfg: TrainConfig, targets: Sequence[float], *,
+                 lams: Sequence[float] | None = None):
+        if cfg.sae is None:
+            raise ValueError("TrainConfig.sae is None: give the SAE's shape (SAEConfig)")
+        self.cfg, self.targets = cfg, [float(t) for t in targets]
+        self.k = len(self.targets)
+        if self.k == 0 or not all(0 < t <= cfg.sae.d_sae for t in self.targets):
+            raise ValueError(f"targets = {list(targets)!r} is invalid: allowed a non-empty "
+                             f"list of numbers in (0, d_sae={cfg.sae.d_sae}]")
+        rho1 = penalty_scale_at_one(cfg.penalty.name, cfg.penalty.params)
+        start = [cfg.lam / rho1] * self.k if lams is None else [float(v) for v in lams]
+        if len(start) != self.k:
+            raise ValueError(f"lams has {len(start)} values for {self.k} targets")
+        dev = self.device = torch.device(cfg.device)
+        self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k).to(dev)
+        fused = dev.type in ("cpu", "cuda") or None  # fused Adam: no .item() per step
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                    fused=fused)
+        self.lam = torch.tensor(start, dtype=torch.float64, device=dev)
+        self.target_t = torch.tensor(self.targets, dtype=torch.float64, device=dev)
+        self.live = torch.ones(self.k, dtype=torch.bool, device=dev)
+        self.died_at = torch.full((self.k,), -1, dtype=torch.int64, device=dev)
+        self.bad_input = torch.zeros((), dtype=torch.bool, device=dev)
+        self.last_fired = torch.full((self.k, cfg.sae.d_sae), -1.0, dtype=torch.float64,
+                                     device=dev)
+        self.step_count = self.tokens = 0
+        self.scale: float | None = cfg.activation_scale if cfg.normalize_activations else 1.0
+        self.status: list[str | None] = [None] * self.k
+        self.reason: list[str | None] = [None] * self.k
+        self.stopped: list[list[int] | None] = [None] * self.k  # [steps, tokens] at divergence
+        self.history: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
+
+    # -- schedule -------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return (self.step_count >= self.cfg.total_steps
+                or all(s is not None for s in self.status))
+
+    def current_lr(self) -> float:
+        total, decay = self.cfg.total_steps, int(self.cfg.total_steps * self.cfg.lr_decay_frac)
+        left = total - self.step_count
+        return self.cfg.lr if decay == 0 or left > decay else self.cfg.lr * left / decay
+
+    def controlling(self) -> bool:
+        return self.step_count < int(self.cfg.total_steps * self.cfg.control_frac)
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
+        """Train every live member on one batch; per-member rows on logging steps, else None."""
+        if self.done:
+            raise RuntimeError("training is already done; check EnsembleTrainer.done first")
+        x, x_ok = self._prepare(x)
+        for group in self.opt.param_groups:
+            group["lr"] = self.current_lr()
+        pen_cfg = self.cfg.penalty
+        x_hat, f = self.model(x)
+        recon = (x_hat - x).pow(2).sum(dim=-1).mean(dim=-1)
+        pen = penalty_per_token(pen_cfg.name, f, pen_cfg.params, pen_cfg.grad_floor).mean(-1)
+        lam = self.lam.float()
+        per = recon + lam * pen
+        finite = torch.isfinite(per)
+        train = self.live & finite & x_ok
+        self.opt.zero_grad(set_to_none=True)
+        torch.where(train, per, 0.0).sum().backward()
+        for p in self.model.parameters():  # NaN-safe: a dead member's grads become 0
+            p.grad.masked_fill_(~train.view(-1, *[1] * (p.ndim - 1)), 0.0)
+        self.model.remove_parallel_grad_()
+        self.opt.step()
+        self.model.normalize_decoder_()
+        self.step_count += 1
+        self.tokens += x.shape[0]
+        newly = self.live & ~finite & x_ok
+        self.died_at.masked_fill_(newly, self.step_count - 1)
+        self.live &= ~newly
+        fired = (f.detach() > 0)
+        self.last_fired.masked_fill_(fired.any(dim=1), float(self.tokens))
+        if self.controlling():
+            self._control(fired.float().sum(dim=-1).mean(dim=-1))
+        if self.step_count % self.cfg.log_every == 0 or self.done:
+            return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen, lam)
+        return None
+
+    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, torch.float32)
+        if x.ndim != 2 or x.shape[1] != self.cfg.sae.d_in:
+            raise ValueError(f"activation batch has shape {tuple(x.shape)}; expected "
+                             f"[batch, d_in={self.cfg.sae.d_in}]")
+        x_ok = torch.isfinite(x).all()
+        if self.scale is None:  # the one sync outside logging steps: the first batch
+            if not x_ok:
+                raise NonFiniteActivationsError("the first activation batch has NaN/inf; "
+                                                "rebuild the activation cache or check the model")
+            self.scale = math.sqrt(self.cfg.sae.d_in / x.pow(2).sum(dim=-1).mean().item())
+        self.bad_input |= ~x_ok
+        return torch.where(x_ok, x, 0.0) * self.scale, x_ok
+
+    def _control(self, batch_l0: torch.Tensor) -> None:
+        """Per-member integral control of ln(lambda), error clipped to +-1 (as Trainer)."""
+        error = torch.log(batch_l0.double().clamp_min(0.5) / self.target_t).clamp(-1.0, 1.0)
+        new = self.lam.clamp_min(1e-12) * torch.exp(self.cfg.control_gain * error)
+        self.lam = torch.where(self.live, new, self.lam)
+
+    def dead_fractions(self) -> torch.Tensor:
+        horizon = max(self.tokens - self.cfg.dead_window_tokens, 0)
+        if not self.tokens:
+            return torch.zeros(self.k, device=self.device)
+        return (self.last_fired < horizon).float().mean(dim=1)
+
+    # -- host side: logging steps, divergence ---------------------------------------------
+    def check_members(self) -> None:
+        """Sync: raise on a bad batch seen since the last check; mark non-finite members."""
+        if self.bad_input.item():
+            raise NonFiniteActivationsError(
+                f"an activation batch before step {self.step_count} had NaN/inf (it trained "
+                f"nobody); rebuild the activation cache or check the model")
+        self.live &= self.model.finite_members()
+        died = self.died_at.tolist()
+        for k, ok in enumerate(self.live.tolist()):
+            if ok or self.status[k] is not None:
+                continue
+            when = (f"loss became non-finite at step {died[k]}" if died[k] >= 0
+                    else f"weights became non-finite by step {self.step_count}")
+            self.status[k], self.reason[k] = DIVERGED, when
+            self.stopped[k] = [self.step_count, self.tokens]
+            for p in self.model.parameters():  # zero Adam's moments: no further updates
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in self.opt.state.get(p, {}):
+                        self.opt.state[p][moment][k].zero_()
+
+    def _log(self, x, x_hat, f, per, recon, pen, lam) -> list[dict[str, float]]:
+        self.check_members()
+        raw_x = x / self.scale
+        losses, recons, pens = per.tolist(), recon.tolist(), pen.tolist()
+        lams, dead = lam.tolist(), self.dead_fractions().tolist()
+        rows = []
+        for k in range(self.k):
+            if self.status[k] is not None:
+                continue
+            row = metrics.reconstruction_metrics(raw_x, x_hat[k] / self.scale, f[k])
+            row.update(loss=losses[k], recon_loss=recons[k], penalty_loss=pens[k], lam=lams[k],
+                       lr=self.current_lr(), dead_fraction=dead[k], step=self.step_count,
+                       tokens_seen=self.tokens, member=k, target_l0=self.targets[k])
+            self.history[k].append(row)
+            rows.append(row)
+        return rows
+
+    # -- end and checkpoints --------------------------------------------------------------
+    def result(self) -> list[TrainResult]:
+        """Per member: its SAE (scale folded in unless diverged) and how it ended."""
+        self.check_members()
+        lams, out = self.lam.tolist(), []
+        for k in range(self.k):
+            status = self.status[k] or (FINISHED if self.step_count >= self.cfg.total_steps
+                                        else DATA_EXHAUSTED)
+            reason = self.reason[k]
+            if status == DATA_EXHAUSTED:
+                reason = (f"activations ran out after {self.tokens} of {self.cfg.total_tokens} "
+                          f"tokens; give a longer activation stream or fewer total_tokens")
+            sae = self.model.member(k)
+            if status != DIVERGED:
+                sae.fold_input_scale_(self.scale or 1.0)
+            steps, tokens = self.stopped[k] or (self.step_count, self.tokens)
+            out.append(TrainResult(sae, status, steps, tokens, lams[k], self.scale or 1.0,
+                                   list(self.history[k]), reason))
+        return out
+
+    _STATE = ("step_count", "tokens", "scale", "lam", "live", "died_at", "bad_input",
+              "last_fired", "status", "reason", "stopped", "history")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self._STATE}
+        state.update(config=self.cfg.to_dict(), targets=list(self.targets),
+                     model=self.model.state_dict(), optimizer=self.opt.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"]["sae"] != self.cfg.to_dict()["sae"] or state["targets"] != self.targets:
+            raise CheckpointError(f"checkpoint is for SAE {state['config']['sae']} with targets "
+                                  f"{state['targets']}, not {self.cfg.to_dict()['sae']} with "
+                                  f"{self.targets}; start a fresh trial")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        for name in self._STATE:
+            value = state[name]
+            setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, cfg: TrainConfig | None = None,
+                   targets: Sequence[float] | None = None) -> EnsembleTrainer:
+        """Rebuild from ``to_bytes`` output; never unpickles arbitrary objects."""
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            cfg = cfg or TrainConfig.from_dict(state["config"])
+            trainer = cls(cfg, targets if targets is not None else state["targets"])
+            trainer.load_state_dict(state)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # torch raises several types for truncated/unsafe files
+            raise CheckpointError(f"ensemble checkpoint is unreadable or unsafe ({exc}); "
+                                  f"delete it to restart the trial from scratch") from None
+        return trainer
+
+
+def train_ensemble(
+    cfg: TrainConfig,
+    targets: Sequence[float],
+    batches: Iterable[torch.Tensor],
+    *,
+    trainer: EnsembleTrainer | None = None,
+    on_log: Callable[[list[dict[str, float]], EnsembleTrainer], None] | None = None,
+) -> list[TrainResult]:
+    """Train the ladder until ``cfg.total_tokens`` or every member diverged."""
+    trainer = trainer or EnsembleTrainer(cfg, targets)
+    for x in batches:
+        if trainer.done:
+            break
+        rows = trainer.step(x)
+        if rows is not None and on_log is not None:
+            on_log(rows, trainer)
+    return trainer.result()

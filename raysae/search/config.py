@@ -1,0 +1,281 @@
+"""The job's config tree: every setting of a search or sweep, declared once.
+
+    JobConfig
+      model        ModelSettings       which LM, hook, text, SAE width
+      activations  ActivationSettings  the activation cache / live stream, held-out sizes
+      train        TrainConfig         the SAE's training (raysae.core.config; a template
+                                       whose shape and penalty each trial fills in)
+      search       SearchConfig        penalties, ranges, targets, trials, resources
+      sweep        SweepSettings       the lambda grid of `raysae sweep`
+      run          RunSettings         name, folders, resume, Ray address, report
+
+Presets are sets of overrides (``PRESETS``); the CLI generates one flag per field (with the
+field's docstring as help) and applies preset, then flags. ``job_config`` builds and
+validates the whole tree on the driver, before Ray starts; what a config cannot check alone
+(files, disks, the model and its hook, the corpus) is checked in raysae.search.preflight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from raysae.activations.source import DTYPES
+from raysae.core.config import TrainConfig
+from raysae.core.penalties import PENALTIES, get_penalty
+from raysae.settings import SettingError, is_number, positive_int, replace_fields, require
+
+OBJECTIVES = ("target", "pareto")
+LAMBDA_MODES = ("control", "search")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The LM, the hooked activation and the text it reads."""
+
+    model: str | None = None
+    """LM: a hub name or a local checkpoint folder; none: the locally built GPT-NeoX."""
+    hook: str = "blocks.1.hook_resid_post"
+    """Hook whose activations the SAEs reconstruct, e.g. blocks.3.hook_resid_post."""
+    corpus: str = "stdlib"
+    """Text: 'stdlib' (the Python standard library's sources), local files/folder, or a hub
+    dataset name."""
+    text_column: str = "text"
+    """Text column of a table corpus (parquet/json/hub dataset)."""
+    context_length: int = 128
+    """Tokens per block fed to the LM."""
+    expansion: int = 4
+    """SAE width: d_sae = expansion * d_in."""
+
+    def __post_init__(self) -> None:
+        positive_int(self, "context_length")
+        require(self.context_length >= 2, "context_length", self.context_length,
+                "must be >= 2", "pass {context_length} 2 or more")
+        require(isinstance(self.expansion, int) and self.expansion >= 1, "expansion",
+                self.expansion, "d_sae = expansion * d_in must be a positive integer",
+                "pass a whole number >= 1, e.g. {expansion} 4")
+
+
+@dataclass(frozen=True)
+class ActivationSettings:
+    """Where the training activations come from and how much held-out data is evaluated."""
+
+    cache_tokens: int = 200_000
+    """Activation rows in the cache built for the search."""
+    cache: str | None = None
+    """Use this existing activation cache folder (checked against the model, hook and
+    context length) instead of building one."""
+    cache_dtype: str = "float32"
+    """Storage dtype of the activation cache."""
+    live: bool = False
+    """Stream activations from the Ray Data pipeline into each trial (no cache)."""
+    eval_blocks: int = 64
+    """Held-out token blocks for the spliced CE of every SAE."""
+    feature_tokens: int = 100_000
+    """Activation rows read for each SAE's feature statistics."""
+
+    def __post_init__(self) -> None:
+        positive_int(self, "cache_tokens", "eval_blocks", "feature_tokens")
+        require(self.cache_dtype in DTYPES, "cache_dtype", self.cache_dtype,
+                f"allowed {list(DTYPES)}", "pass one of them")
+        if self.cache and self.live:
+            raise SettingError("cache", self.cache, "{cache} and {live} exclude each other: "
+                               "{live} streams activations instead of reading a cache",
+                               "drop one of them")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What Optuna searches, against which targets, with how many trials and resources."""
+
+    penalty: tuple[str, ...] = ("power",)
+    """Penalty families to search (registry names); several: Optuna chooses the family too.
+    The study's references (L1, sqrt, sqrt(sqrt)) are trained in every search."""
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Searched range per penalty parameter (flags --PARAM-range LOW HIGH); default: the
+    registry's."""
+    objective: str = "target"
+    """target: CE at each target L0 (one Optuna study per target); pareto: minimise
+    [ce_sae, l0] (needs lambda_mode search)."""
+    lambda_mode: str = "control"
+    """control: a feedback controller drives L0 to the target; search: Optuna searches lambda."""
+    targets: tuple[float, ...] = (8.0, 16.0, 32.0)
+    """Target L0 values."""
+    num_trials: int = 3
+    """Searched trials per target L0 (or in all, pareto), besides the reference penalties."""
+    lam_range: tuple[float, float] = (1e-2, 1e2)
+    """Lambda range, log scale: searched with lambda_mode search; the sweep's grid."""
+    beta: float = 1.0
+    """Objective weight of missing the target L0 (nats per unit |ln(l0/target)|)."""
+    tol: float = 0.15
+    """Relative L0 miss that costs nothing in the objective."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    cpus_per_trial: float = 1.0
+    """CPU share per trial; fractions (e.g. 0.25) let more trials share a core."""
+    gpus_per_trial: float | None = None
+    """GPU share per trial (default: 0.25 when the cluster has GPUs, else 0)."""
+    max_failures: int = 2
+    """Retries of a failed trial, from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        for name in self.penalty:
+            require(name in PENALTIES, "penalty", name, f"registered penalties: "
+                    f"{sorted(PENALTIES)}", "pass {penalty} with registered names")
+        require(self.objective in OBJECTIVES, "objective", self.objective,
+                f"allowed {list(OBJECTIVES)}", "pass one of them")
+        require(self.lambda_mode in LAMBDA_MODES, "lambda_mode", self.lambda_mode,
+                f"allowed {list(LAMBDA_MODES)}", "pass one of them")
+        if self.objective == "pareto" and self.lambda_mode == "control":
+            raise SettingError("objective", "pareto", "needs {lambda_mode} search: lambda "
+                               "must vary to trace a frontier", "add {lambda_mode} search")
+        positive_int(self, "num_trials", "max_concurrent")
+        require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        require(bool(self.targets), "targets", "", "give at least one target L0")
+        for t in self.targets:
+            require(is_number(t) and t > 0, "targets", t, "a target L0 must be > 0 (and "
+                    "<= d_sae)", "pass positive target L0 values")
+        require(is_number(self.beta) and self.beta >= 0, "beta", self.beta,
+                "must be a number >= 0", "pass e.g. {beta} 1")
+        require(is_number(self.cpus_per_trial) and self.cpus_per_trial > 0, "cpus_per_trial",
+                self.cpus_per_trial, "must be > 0", "pass a CPU share such as 1 or 0.25")
+        require(self.gpus_per_trial is None or (is_number(self.gpus_per_trial)
+                                                and self.gpus_per_trial >= 0),
+                "gpus_per_trial", self.gpus_per_trial, "must be >= 0",
+                "pass a GPU share such as 0.25")
+        check_log_range("lam_range", self.lam_range, "lambda")
+        for name, pair in self.ranges.items():
+            self._check_param_range(name, tuple(pair))
+
+    def _check_param_range(self, name: str, pair: tuple[float, float]) -> None:
+        flag = f"{name}_range"
+        owners = [spec for fam in self.penalty for spec in [get_penalty(fam)]
+                  if name in spec.param_names()]
+        require(bool(owners), flag, pair, f"no searched penalty ({', '.join(self.penalty)}) "
+                f"has a parameter {name!r}", "drop it or pass {penalty} with a family that has")
+        for spec in owners:
+            param = spec.param(name)
+            for end, value in zip(("LOW", "HIGH"), pair):
+                require(param.contains(value), flag, f"{end} = {value:g}",
+                        f"{name} of penalty {spec.name!r} must be in {param.range_text()}",
+                        f"pass {{{flag}}} LOW HIGH inside that range")
+            if param.log:
+                check_log_range(flag, pair, name)
+        require(pair[0] <= pair[1], flag, pair, "LOW is above HIGH",
+                f"pass {{{flag}}} LOW HIGH with LOW <= HIGH")
+
+    def searched_range(self, penalty: str, param: str) -> tuple[float, float]:
+        """The range Optuna searches for one parameter of one family."""
+        return tuple(self.ranges.get(param, get_penalty(penalty).param(param).search))
+
+
+def check_log_range(field_name: str, pair, what: str) -> None:
+    """Both ends > 0 and LOW <= HIGH: the range is searched on a log scale."""
+    require(all(is_number(v) and v > 0 for v in pair), field_name, pair,
+            f"{what} is searched on a log scale, so both ends must be > 0",
+            f"pass {{{field_name}}} LOW HIGH with 0 < LOW <= HIGH")
+    require(pair[0] <= pair[1], field_name, pair, "LOW is above HIGH",
+            f"pass {{{field_name}}} LOW HIGH with LOW <= HIGH")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The lambda grid of `raysae sweep` (the study's baseline)."""
+
+    lambdas: tuple[float, ...] | None = None
+    """Lambda grid (default: n_lambdas values log-spaced over lam_range)."""
+    n_lambdas: int = 5
+    """Grid points when lambdas is not given."""
+    exponents: tuple[float, ...] = (1.0, 0.5, 0.25)
+    """Exponents p of the pure power penalty, one family each (1 = L1, 0.5 = sqrt)."""
+
+    def __post_init__(self) -> None:
+        positive_int(self, "n_lambdas")
+        for lam in self.lambdas or ():
+            require(is_number(lam) and lam >= 0, "lambdas", lam, "lambda must be a number "
+                    ">= 0", "pass non-negative penalty coefficients")
+        param = get_penalty("power").param("p")
+        for p in self.exponents:
+            require(param.contains(p), "exponents", p, f"the exponent p of penalty 'power' "
+                    f"must be in {param.range_text()}", "pass exponents such as 1 0.5 0.25")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Names, folders and where Ray runs."""
+
+    name: str | None = None
+    """Search name (default: exponent_search or l1_sweep)."""
+    storage: str = field(default_factory=lambda: os.environ.get("RAYSAE_STORAGE", "results"))
+    """Where Tune keeps experiments: a folder or s3://bucket/prefix (default
+    $RAYSAE_STORAGE or ./results)."""
+    results: str | None = None
+    """Folder for trials.parquet and report.html (default: STORAGE/NAME/analysis when
+    STORAGE is local, else ./results/NAME/analysis)."""
+    resume: bool = False
+    """Continue an interrupted search of the same name: finished trials are kept,
+    unfinished ones resume from their last checkpoint."""
+    address: str | None = None
+    """Ray cluster address (default: $RAY_ADDRESS, a running cluster, or an embedded
+    local Ray)."""
+    report: bool = True
+    """Write report.html at the end (--no-report skips it)."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One search or sweep, whole."""
+
+    preset: str = "local"
+    """Experiment setting: 'local' (offline local model and stdlib text) or 'pythia-70m'
+    (the study: Pythia-70M-deduped, layer 3 resid, 4x SAE, the Pile)."""
+    model: ModelSettings = field(default_factory=ModelSettings)
+    activations: ActivationSettings = field(default_factory=ActivationSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        require(self.preset in PRESETS, "preset", self.preset, f"allowed {sorted(PRESETS)}",
+                "pass one of them")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelSettings, "activations": ActivationSettings, "train": TrainConfig,
+            "search": SearchConfig, "sweep": SweepSettings, "run": RunSettings}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "local": {},
+    "pythia-70m": {
+        "model": "EleutherAI/pythia-70m-deduped", "hook": "blocks.3.hook_resid_post",
+        "corpus": "monology/pile-uncopyrighted", "cache_tokens": 50_000_000,
+        "cache_dtype": "float16", "eval_blocks": 256, "total_tokens": 400_000_000,
+        "batch_size": 4096, "targets": (15.0, 30.0, 60.0), "num_trials": 21,
+        "n_lambdas": 15},
+}
+SWEEP_DEFAULTS = {"lam_range": (0.3, 10.0)}
+"""The sweep's own defaults: lambdas giving L0 ~ 5-100 on the local default."""
+
+
+def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) -> JobConfig:
+    """Defaults, then the preset's overrides, then ``overrides`` (field name -> value; None
+    means "not given"; ``<param>_range`` sets a searched penalty range). Validated whole."""
+    require(preset in PRESETS, "preset", preset, f"allowed {sorted(PRESETS)}",
+            "pass one of them")
+    values = {**(SWEEP_DEFAULTS if sweep else {}), **PRESETS[preset],
+              **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    ranges = {k[:-6]: tuple(v) for k, v in values.items()
+              if k.endswith("_range") and k not in known}
+    unknown = sorted(k for k in values if k not in known and k[:-6] not in ranges)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; see raysae.search.config")
+    if ranges:
+        values["ranges"] = ranges
+    sections = {name: replace_fields(cls(), values) for name, cls in SECTIONS.items()}
+    return JobConfig(preset=preset, **sections)

@@ -1,0 +1,97 @@
+"""The machinery of raysae's one config tree: documented dataclass fields and their errors.
+
+A setting is one dataclass field with one default and a docstring right below it (read here
+with ``field_docs``, so the CLI's flags and help come from the same place). Validation lives
+in each config's ``__post_init__`` and raises ``SettingError``, whose message is a template
+naming fields as ``{field_name}``: rendered for Python callers as the field name and for the
+command line as the flag (``--batch-size``), so one check serves both.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+import re
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+class SettingError(ValueError):
+    """A setting out of range: ``{field} {value} is invalid: {allowed}; {fix}``."""
+
+    def __init__(self, field: str, value: Any, allowed: str, fix: str = ""):
+        self.field, self.value, self.allowed, self.fix = field, value, allowed, fix
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with every ``{field}`` replaced by ``name_of(field)``."""
+        sub = lambda text: _FIELD.sub(lambda m: name_of(m.group(1)), text)  # noqa: E731
+        value = self.value
+        if isinstance(value, (list, tuple)):
+            value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        text = f"{name_of(self.field)} {value} is invalid: {sub(self.allowed)}"
+        return f"{text}; {sub(self.fix)}" if self.fix else text
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(ok: bool, field: str, value: Any, allowed: str, fix: str = "") -> None:
+    """Raise SettingError unless ``ok``."""
+    if not ok:
+        raise SettingError(field, value, allowed, fix)
+
+
+def positive_int(obj: Any, *names: str) -> None:
+    """Each named field of ``obj`` is an integer >= 1."""
+    for name in names:
+        value = getattr(obj, name)
+        require(is_int(value) and value >= 1, name, value, "must be an integer >= 1",
+                f"pass a positive {{{name}}}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body (its first paragraph)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                text = inspect.cleandoc(nxt.value.value).split("\n\n")[0]
+                docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+def replace_fields(obj: Any, values: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` with only the fields ``obj`` has and values that are not None."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    given = {k: v for k, v in values.items() if k in names and v is not None}
+    return dataclasses.replace(obj, **given) if given else obj
