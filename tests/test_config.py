@@ -1,5 +1,7 @@
 """Config validation: bad values fail early, naming the field and the allowed range."""
 
+import dataclasses
+
 import pytest
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
@@ -17,16 +19,16 @@ def _cfg(**kw):
         (lambda: PenaltyConfig.power(eps=-0.1), r"penalty\.eps = -0\.1 .*allowed \[0, inf\)"),
         (lambda: PenaltyConfig("tanh", {"c": 0.0}), r"penalty\.c = 0\.0 .*allowed \(0, inf\)"),
         (lambda: PenaltyConfig("lp", {"p": 0.5}), r"unknown penalty 'lp'.*'power'"),
-        (lambda: _cfg(lam=-0.1), r"lam = -0\.1 is invalid: allowed a number >= 0"),
+        (lambda: _cfg(lam=-0.1), r"lam -0\.1 is invalid: must be a number >= 0"),
         (lambda: SAEConfig(8, 0), r"sae\.d_sae = 0 .*integer >= 1"),
         (lambda: SAEConfig(8, 2.5), r"sae\.d_sae = 2\.5"),
-        (lambda: TrainConfig(sae=SAEConfig(8, 16), batch_size=0), r"batch_size = 0"),
-        (lambda: _cfg(l0_target=0.0), r"l0_target = 0\.0 .*d_sae=16"),
-        (lambda: _cfg(l0_target=17), r"l0_target = 17"),
-        (lambda: _cfg(lr=0), r"lr = 0"),
-        (lambda: _cfg(control_frac=1.5), r"control_frac = 1\.5"),
+        (lambda: TrainConfig(sae=SAEConfig(8, 16), batch_size=0), r"batch_size 0 is invalid: must be an integer >= 1"),
+        (lambda: _cfg(l0_target=0.0), r"l0_target 0 is invalid.*d_sae=16"),
+        (lambda: _cfg(l0_target=17), r"l0_target 17 is invalid"),
+        (lambda: _cfg(lr=0), r"lr 0 is invalid"),
+        (lambda: _cfg(control_frac=1.5), r"control_frac 1\.5 is invalid"),
         (lambda: TrainConfig(sae=SAEConfig(8, 16), batch_size=8, total_tokens=4),
-         r"total_tokens = 4 .*batch_size \(8\)"),
+         r"total_tokens 4 is invalid: smaller than one batch \(batch_size 8\)"),
     ],
 )
 def test_bad_values_raise_value_error_naming_field(make, pattern):
@@ -50,3 +52,26 @@ def test_frozen():
     cfg = _cfg()
     with pytest.raises(AttributeError):
         cfg.lam = 1.0
+
+
+def test_setting_error_renders_fields_as_flags():
+    from raysae.settings import SettingError, flag_name
+
+    with pytest.raises(SettingError) as info:
+        TrainConfig(sae=SAEConfig(8, 16), batch_size=256, total_tokens=100)
+    assert str(info.value) == ("total_tokens 100 is invalid: smaller than one batch "
+                               "(batch_size 256); raise total_tokens or lower batch_size")
+    assert info.value.render(flag_name) == ("--total-tokens 100 is invalid: smaller than one "
+                                            "batch (--batch-size 256); raise --total-tokens "
+                                            "or lower --batch-size")
+
+
+def test_every_training_field_is_documented():
+    """A setting is one documented field: the CLI's help comes from these docstrings."""
+    from raysae.search.config import SECTIONS
+    from raysae.settings import field_docs
+
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"

@@ -2,19 +2,17 @@
 
 ``make_results`` writes tables in the search service's schema, with known ground truth:
 sqrt's front crosses L1's at L0 = 15 (better above), sqrt(sqrt) is worse than sqrt, and
-searched penalties near p = 0.45, s = 0.1 beat both.
+searched power penalties near p = 0.45, eps = 0.1 beat both.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 from optuna._hypervolume import compute_hypervolume
 
-from raysae.analysis import pareto
+from raysae.analysis import contract, pareto
 
 CE_CLEAN, CE_ZERO, CROSS = 4.02, 7.5, 15.0
 TARGETS = (8.0, 16.0, 32.0, 64.0)
@@ -22,6 +20,9 @@ TARGETS = (8.0, 16.0, 32.0, 64.0)
 
 def ce_l1(l0):
     return CE_CLEAN + 1.6 * np.asarray(l0, float) ** -0.45
+
+SPACE = [{"name": "power.p", "family": "power", "low": 0.1, "high": 1.0, "log": False},
+         {"name": "power.eps", "family": "power", "low": 1e-3, "high": 10.0, "log": True}]
 
 
 def ce_true(family, l0, p=1.0, s=1.0):
@@ -31,7 +32,7 @@ def ce_true(family, l0, p=1.0, s=1.0):
         return base - 0.04 * (x - np.log(CROSS))
     if family == "sqrt(sqrt)":
         return base - 0.03 * (x - np.log(60.0))
-    if family == "searched":
+    if family == "power":
         gain = np.exp(-((p - 0.45) / 0.25) ** 2 - (np.log10(s) + 1) ** 2 / 2)
         return base - 0.045 * (x - np.log(6.0)) * gain - 0.01
     return base
@@ -48,7 +49,10 @@ def _trial_rows(rng, family, n, p, s, mode, targets=None):
         fvu = 0.6 * l0 ** -0.55 * (0.85 if family != "L1" else 1.0)
         l2 = (0.72 if family == "L1" else 0.86) + 0.04 * np.log10(l0)
         rows.append({
-            "penalty": "lp", "p": pp, "s": ss, "lam": 0.02 * (l0 / 30) ** -1.4,
+            "penalty": "power", "p": pp, "eps": 0.0 if p is not None else ss,
+            "label": family if p is not None else f"power(p={pp:.3g}, eps={ss:.3g})",
+            "experiment": "syn_refs" if p is not None else "syn",
+            "lam": 0.02 * (l0 / 30) ** -1.4,
             "lambda_mode": mode, "target_l0": tgt, "family": family, "l0": l0,
             "ce_clean": CE_CLEAN, "ce_sae": ce, "ce_zero": CE_ZERO,
             "ce_recovered": (CE_ZERO - ce) / (CE_ZERO - CE_CLEAN), "mse": 0.9 * fvu, "fvu": fvu,
@@ -63,9 +67,9 @@ def make_trials(seed: int = 0, n_searched: int = 32) -> pd.DataFrame:
     rows = (_trial_rows(rng, "L1", 12, 1.0, 1.0, "fixed")
             + _trial_rows(rng, "sqrt", 12, 0.5, 1.0, "fixed")
             + _trial_rows(rng, "sqrt(sqrt)", 8, 0.25, 1.0, "fixed")
-            + _trial_rows(rng, "searched", n_searched, None, None, "control", TARGETS))
+            + _trial_rows(rng, "power", n_searched, None, None, "control", TARGETS))
     for status in ("diverged", "diverged", "error"):
-        bad = dict(rows[-1], family="searched", status=status)
+        bad = dict(rows[-1], family="power", status=status)
         bad.update({k: np.nan for k in ("l0", "ce_sae", "fvu", "mse", "objective")})
         rows.append(bad)
     df = pd.DataFrame(rows)
@@ -102,15 +106,15 @@ def make_results(root, seed: int = 0, n_searched: int = 32, extras: bool = True)
     rng = np.random.default_rng(seed + 1)
     trials = make_trials(seed, n_searched)
     trials.to_parquet(root / "trials.parquet")
-    search = {"name": "synthetic", "num_samples": len(trials), "lambda_mode": "control",
-              "target_l0s": list(TARGETS), "metric": "objective", "mode": "min",
-              "space": {"p": [0.2, 1.0], "s": [0.01, 100], "lam": [1e-4, 10]}}
-    (root / "search.json").write_text(json.dumps(search))
+    search = {"name": "synthetic", "kind": "target", "objective": "target",
+              "lambda_mode": "control", "targets": list(TARGETS), "penalties": ["power"],
+              "space": SPACE, "references": [], "settings": {"search": {"num_trials": 32}}}
+    contract.write_search_json(root, search)
     if not extras:
         return root
     make_ablations(trials).to_parquet(root / "ablations.parquet")
     done = trials[trials["status"] == "finished"]
-    med = {"L1": 0.28, "sqrt": 0.43, "sqrt(sqrt)": 0.5, "searched": 0.38}
+    med = {"L1": 0.28, "sqrt": 0.43, "sqrt(sqrt)": 0.5, "power": 0.38}
     fs, acts = [], []
     for t in done.itertuples():
         lf = rng.normal(np.log10(t.l0 / 256), 0.9 if t.family == "L1" else 1.2, 256)
@@ -151,7 +155,7 @@ def test_nondominated_matches_brute_force(seed):
 def test_family_and_overall_fronts_match_brute_force():
     pts = pareto.points_table(make_trials(3), make_ablations(make_trials(3)))
     frs = pareto.fronts(pts)
-    assert set(frs) == {"L1", "sqrt", "sqrt(sqrt)", "searched", "overall"}
+    assert set(frs) == {"L1", "sqrt", "sqrt(sqrt)", "power", "overall"}
     for fam, fr in frs.items():
         sub = pts if fam == "overall" else pts[pts["family"] == fam]
         xy = sub[["l0", "ce_sae"]].to_numpy()
@@ -181,7 +185,7 @@ def test_hypervolumes_share_a_reference_that_bounds_all_points():
     ref = pareto.reference_point(pts)
     assert np.all(np.log10(pts["l0"]) < ref[0]) and np.all(pts["ce_sae"] < ref[1])
     assert hv.loc["overall", "hypervolume"] >= hv["hypervolume"].drop("overall").max()
-    for fam in ("L1", "sqrt", "searched"):
+    for fam in ("L1", "sqrt", "power"):
         fr = pareto.front(pts, family=fam)
         obj = np.column_stack([np.log10(fr["l0"]), fr["ce_sae"]])
         assert hv.loc[fam, "hypervolume"] == pytest.approx(compute_hypervolume(obj, ref))
@@ -196,7 +200,7 @@ def _linear_points():
         "trial_id": [f"a{i}" for i in range(9)] + [f"b{i}" for i in range(7)],
         "status": "finished", "family": ["L1"] * 9 + ["sqrt"] * 7,
         "l0": np.r_[l1, sq], "ce_sae": np.r_[5 - 0.2 * np.log(l1), 5.3 - 0.3 * np.log(sq)],
-        "p": [1.0] * 9 + [0.5] * 7, "s": 1.0, "lam": 0.1})
+        "p": [1.0] * 9 + [0.5] * 7, "eps": 0.0, "lam": 0.1})
 
 
 def test_matched_l0_is_exact_on_linear_data():
@@ -221,8 +225,8 @@ def test_matched_l0_is_exact_on_linear_data():
 
 def test_summary_table_savings_are_exact_on_linear_data():
     trials = pd.concat([_linear_points(), pd.DataFrame({
-        "trial_id": ["c0"], "status": "finished", "family": "searched", "l0": [30.0],
-        "ce_sae": [4.0], "p": [0.4], "s": [0.1], "lam": [0.3]})], ignore_index=True)
+        "trial_id": ["c0"], "status": "finished", "family": "power", "l0": [30.0],
+        "ce_sae": [4.0], "p": [0.4], "eps": [0.1], "lam": [0.3]})], ignore_index=True)
     pts = pareto.points_table(trials)
     table = pareto.summary_table(trials, pts, [30.0, 1000.0])
     assert list(table["target_l0"]) == [30.0, 1000.0]
@@ -270,7 +274,7 @@ def test_load_results_validates(tmp_path):
         pareto.load_results(tmp_path)
     make_results(tmp_path)
     res = pareto.load_results(tmp_path)
-    assert res.search["mode"] == "min" and res.ablations is not None
+    assert res.search["objective"] == "target" and res.ablations is not None
     assert set(res.activation_samples.columns) == {"trial_id", "activation"}
 
 

@@ -36,7 +36,7 @@ def test_frontier_draws_each_family_in_its_colour(data, tmp_path):
     _, a = data
     arr = _png(plots.frontier(a["points"], a["fronts"], tmp_path / "f.png",
                               best=a["summary"], ce_clean=4.02))
-    for fam in ("L1", "sqrt", "sqrt(sqrt)", "searched"):
+    for fam in ("L1", "sqrt", "sqrt(sqrt)", "power"):
         assert _count_colour(arr, plots.style(fam)["color"]) > 200, fam
     one = a["points"][a["points"]["family"] == "L1"]
     arr1 = _png(plots.frontier(one, pareto.fronts(one), tmp_path / "one.png"))
@@ -59,7 +59,7 @@ def test_delta_metrics_and_fvu_figures(data, tmp_path):
 def test_distribution_figures(data, tmp_path):
     res, _ = data
     reps = report.representatives(res.trials, res.feature_stats)
-    assert set(reps) == {"L1", "sqrt", "sqrt(sqrt)", "searched"}
+    assert set(reps) == {"L1", "sqrt", "sqrt(sqrt)", "power"}
     _png(plots.feature_frequency(res.feature_stats, reps, tmp_path / "ff.png"))
     s = res.activation_samples
     med = {f: float(s.loc[s.trial_id == t, "activation"].median()) for f, (t, _) in reps.items()}
@@ -73,7 +73,7 @@ def test_search_and_ablation_figures(tmp_path):
     ab = make_ablations(trials)
     _png(plots.optuna_history(trials, tmp_path / "h.png"))
     _png(plots.optuna_history(trials, tmp_path / "hmax.png", direction="maximize"))
-    _png(plots.importance({"p": 0.6, "s": 0.3, "lam": 0.1}, tmp_path / "i.png"), min_px=150)
+    _png(plots.importance({"power.p": 0.6, "power.eps": 0.3, "lam": 0.1}, tmp_path / "i.png"), min_px=150)
     fam = dict(zip(trials["trial_id"], trials["family"], strict=True))
     _png(plots.ablation_curves(ab, fam, tmp_path / "ab.png"))
     _png(plots.ablation_methods(ab, "t000", tmp_path / "methods.png"))
@@ -81,5 +81,6 @@ def test_search_and_ablation_figures(tmp_path):
 
 def test_frontier_accepts_missing_best_rows(data, tmp_path):
     _, a = data
-    empty_best = pd.DataFrame({"l0": [np.nan], "ce_sae": [np.nan], "p": [np.nan], "s": [np.nan]})
+    empty_best = pd.DataFrame({"l0": [np.nan], "ce_sae": [np.nan], "label": [np.nan],
+                               "p": [np.nan]})
     _png(plots.frontier(a["points"], a["fronts"], tmp_path / "f.png", best=empty_best))

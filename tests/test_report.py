@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pareto import TARGETS, make_results, make_trials
+from test_pareto import SPACE, TARGETS, make_results, make_trials
 
 from raysae import cli
 from raysae.analysis import pareto, report
@@ -43,23 +43,24 @@ def test_page_states_the_answer_from_pareto(results):
     n_img = len(re.findall(r'<img [^>]*src="data:image/png;base64,', text))
     assert n_img == len(list((root / "figures").glob("*.png"))) == 10
     assert text.index("Frontier") < text.index('id="summary"') < text.index("Search history")
-    assert "space.lam" in text and "http" not in text  # settings shown; nothing external
+    assert "lambda_mode" in text and "http" not in text  # settings shown; nothing external
 
 
 def test_importances_need_enough_trials():
     trials = make_trials(0)
-    imp = report.param_importances(trials)
-    assert set(imp) == {"p", "s", "lam"} and sum(imp.values()) == pytest.approx(1.0)
-    assert report.param_importances(trials.head(5)) is None
+    imp = report.param_importances(trials, SPACE)
+    assert set(imp) == {"power.p", "power.eps"} and sum(imp.values()) == pytest.approx(1.0)
+    assert report.param_importances(trials.head(5), SPACE) is None
+    assert report.param_importances(trials, []) is None  # a sweep proposes nothing
 
 
 def test_sparse_directories_still_give_a_page(tmp_path):
     make_results(tmp_path, extras=False)  # no ablations, feature stats or samples
     (tmp_path / "search.json").unlink()
     text = report.write_report(tmp_path).read_text()
-    assert text.count("<img ") == 6 and 'id="summary"' in text
+    assert text.count("<img ") == 5 and 'id="summary"' in text  # no space: no importances
     only = make_trials(0)
-    only = only[only["family"] == "searched"]  # no L1 at all
+    only = only[only["family"] == "power"]  # no L1 at all
     only.to_parquet(tmp_path / "trials.parquet")
     text = report.write_report(tmp_path).read_text()
     assert "Lowest CE at matched L0" in text and "CE difference to L1" not in text

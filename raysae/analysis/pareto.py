@@ -1,20 +1,9 @@
 """CE-vs-L0 Pareto analysis of a penalty search: frontiers, hypervolume, matched-L0 CE.
 
-Inputs (written by the search service into one results directory):
-
-``trials.parquet`` -- one row per trial:
-    trial_id (str), status (str: "finished" | "diverged" | "error"), penalty (str, registry
-    name), p, s (float), lam (float, final lambda), lambda_mode (str: "search" | "control" |
-    "fixed"), target_l0 (float or NaN), family (str: "L1" when p == 1; "sqrt" when p == 0.5
-    and s == 1; "sqrt(sqrt)" when p == 0.25 and s == 1; otherwise "searched"), l0, ce_clean,
-    ce_sae, ce_zero, ce_recovered, mse, fvu, cos_sim, l2_ratio, dead_fraction, objective
-    (float), tokens_seen (int), trial_dir, checkpoint_path (str; may be missing on disk).
-``ablations.parquet`` (optional) -- trial_id, method ("lowest_k" | "percent_of_max" |
-    "quantile" | "global_threshold"), parameter (0 = unablated), l0, mse, fvu, ce_sae,
-    ce_recovered, cos_sim, l2_ratio.
-``feature_stats.parquet`` (optional) -- trial_id, feature, frequency, median_nonzero.
-``activation_samples.parquet`` (optional) -- trial_id, activation (nonzero values).
-``search.json`` -- the search settings (a flat-ish dict).
+Inputs: one results folder, read through raysae.analysis.contract (which names the files,
+the required columns of trials.parquet and the keys of search.json). ``family`` is the
+reference label (L1, sqrt, sqrt(sqrt)) or the searched family's registry name (power, tanh,
+log); ``label`` names the penalty with its parameters.
 
 Conventions. Both objectives are minimised (fewer features, lower CE). Only "finished"
 trials enter frontiers. A trained SAE's threshold sweep (ablation rows of one method, by
@@ -28,7 +17,6 @@ families share one reference and their numbers are comparable.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -37,10 +25,13 @@ import moocore
 import numpy as np
 import pandas as pd
 
-FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)", "searched")
-REQUIRED_TRIAL_COLUMNS = ("trial_id", "status", "family", "l0", "ce_sae")
-REQUIRED_ABLATION_COLUMNS = ("trial_id", "method", "parameter", "l0", "ce_sae")
-POINT_COLUMNS = ("p", "s", "lam", "fvu", "mse", "cos_sim", "l2_ratio", "ce_recovered")
+from raysae.analysis import contract
+
+FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)")
+"""The study's reference families come first; searched families (power, tanh, log, ...) after."""
+REQUIRED_TRIAL_COLUMNS = contract.REQUIRED_TRIAL_COLUMNS
+REQUIRED_ABLATION_COLUMNS = contract.REQUIRED_ABLATION_COLUMNS
+METRIC_COLUMNS = ("fvu", "mse", "cos_sim", "l2_ratio", "ce_recovered")
 REF_MARGIN = 0.1
 
 
@@ -56,31 +47,24 @@ class Results:
 
 
 def _require(df: pd.DataFrame, columns, name: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} lacks columns {missing}; the search service must write them")
+    contract.require_columns(df, columns, name)
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """The penalty's columns present: its label, every registered parameter, lambda."""
+    from raysae.core.penalties import PENALTIES
+
+    names = {p.name for spec in PENALTIES.values() for p in spec.params}
+    return [c for c in ("label", *sorted(names), "lam") if c in df.columns]
 
 
 def load_results(results_dir) -> Results:
-    """Read a results directory; trials.parquet is required, the rest optional."""
+    """Read a results folder through the results contract (trials required, rest optional)."""
     root = Path(results_dir)
-    path = root / "trials.parquet"
-    if not path.is_file():
-        raise ValueError(f"{path} not found; point at a directory written by a search")
-    trials = pd.read_parquet(path)
-    _require(trials, REQUIRED_TRIAL_COLUMNS, "trials.parquet")
-
-    def optional(name):
-        p = root / name
-        return pd.read_parquet(p) if p.is_file() else None
-
-    ablations = optional("ablations.parquet")
-    if ablations is not None:
-        _require(ablations, REQUIRED_ABLATION_COLUMNS, "ablations.parquet")
-    search_path = root / "search.json"
-    search = json.loads(search_path.read_text()) if search_path.is_file() else {}
-    return Results(trials, ablations, optional("feature_stats.parquet"),
-                   optional("activation_samples.parquet"), search)
+    return Results(contract.read_trials(root), contract.read_table(root, "ablations"),
+                   contract.read_table(root, "feature_stats"),
+                   contract.read_table(root, "activation_samples"),
+                   contract.read_search_json(root))
 
 
 def families(points: pd.DataFrame) -> list[str]:
@@ -100,13 +84,14 @@ def points_table(trials: pd.DataFrame, ablations: pd.DataFrame | None = None,
     done = trials[trials["status"] == "finished"].copy()
     done["source"], done["parameter"] = "trial", 0.0
     keep = ["trial_id", "family", "source", "parameter", "l0", "ce_sae"]
-    keep += [c for c in POINT_COLUMNS if c in done.columns]
+    keep += param_columns(done) + [c for c in METRIC_COLUMNS if c in done.columns]
     parts = [done[keep]]
     if ablations is not None and method is not None and len(ablations):
         _require(ablations, REQUIRED_ABLATION_COLUMNS, "ablations")
         ab = ablations[(ablations["method"] == method) & (ablations["parameter"] != 0)]
-        meta = done[["trial_id", "family"] + [c for c in ("p", "s", "lam") if c in done]]
-        ab = ab.drop(columns=[c for c in ("family", "p", "s", "lam") if c in ab.columns])
+        params = param_columns(done)
+        meta = done[["trial_id", "family"] + params]
+        ab = ab.drop(columns=[c for c in ("family", *params) if c in ab.columns])
         ab = ab.merge(meta, on="trial_id", how="inner").assign(source="ablation")
         parts.append(ab[[c for c in keep if c in ab.columns]])
     pts = pd.concat(parts, ignore_index=True)
@@ -330,12 +315,13 @@ def summary_table(trials: pd.DataFrame, points: pd.DataFrame, targets, tol: floa
         row = {"target_l0": float(t), "n_near": len(near)}
         if len(near):
             b = near.loc[near[y].idxmin()]
-            row.update({k: b.get(k, np.nan) for k in ("trial_id", "family", "p", "s", "lam")})
+            keys = ("trial_id", "family", *param_columns(trials))
+            row.update({k: b.get(k, np.nan) for k in keys})
             row.update(l0=float(b["l0"]), **{y: float(b[y])})
             for fam, fr in frs.items():
                 row[f"{y}_{fam}"] = float(interp_front(fr, b["l0"], y)[0])
                 row[f"saved_vs_{fam}"] = row[f"{y}_{fam}"] - row[y]
         rows.append(row)
-    cols = ["target_l0", "n_near", "trial_id", "family", "p", "s", "lam", "l0", y]
+    cols = ["target_l0", "n_near", "trial_id", "family", *param_columns(trials), "l0", y]
     cols += [f"{k}_{fam}" for fam in compare for k in (y, "saved_vs")]
     return pd.DataFrame(rows).reindex(columns=cols)

@@ -23,7 +23,9 @@ STYLE = {
     "L1": {"color": "#1f5fa8", "ls": "-", "marker": "o"},
     "sqrt": {"color": "#d9731a", "ls": ":", "marker": "s"},
     "sqrt(sqrt)": {"color": "#2e8b57", "ls": "-.", "marker": "^"},
-    "searched": {"color": "#7b3fa0", "ls": "--", "marker": "D"},
+    "power": {"color": "#7b3fa0", "ls": "--", "marker": "D"},
+    "tanh": {"color": "#b8860b", "ls": "--", "marker": "P"},
+    "log": {"color": "#c71585", "ls": "--", "marker": "X"},
 }
 OTHER = {"color": "#666666", "ls": (0, (5, 2, 1, 2)), "marker": "v"}
 METRIC_LABEL = {"ce_sae": "CE with SAE spliced in (nats)",
@@ -89,7 +91,7 @@ def frontier(points: pd.DataFrame, fronts: dict, path, y: str = "ce_sae",
         ax.scatter(b["l0"], b[y], marker="*", s=220, color="#c0392b", edgecolor="k", lw=0.6,
                    zorder=5, label="best found per target L0")
         for _, r in b.iterrows():
-            ax.annotate(f"p={r['p']:.2f}, s={r['s']:.2g}", (r["l0"], r[y]), fontsize=8,
+            ax.annotate(str(r.get("label", r["family"])), (r["l0"], r[y]), fontsize=8,
                         xytext=(7, 7), textcoords="offset points", color="#7b1d12", zorder=6,
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
                               "alpha": 0.8})

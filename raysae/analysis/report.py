@@ -11,17 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from raysae.analysis import pareto, plots
+from raysae import io
+from raysae.analysis import contract, pareto, plots
 
-SEARCH_SPACE = {"p": (0.2, 1.0, False), "s": (1e-2, 1e2, True), "lam": (1e-4, 10.0, True)}
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
 CSS = """
@@ -65,28 +63,41 @@ def representatives(trials: pd.DataFrame, table: pd.DataFrame | None) -> dict:
     return out
 
 
-def param_importances(trials: pd.DataFrame, direction: str = "minimize") -> dict | None:
-    """Optuna's importances of p, s, lam for the objective; None when too few usable trials."""
+def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | None:
+    """Optuna's importances for the objective, over the parameters the search really
+    proposed (search.json's ``space``) and per family; None when too few usable trials."""
     import optuna
 
-    dists = {k: optuna.distributions.FloatDistribution(lo, hi, log=log)
-             for k, (lo, hi, log) in SEARCH_SPACE.items()}
-    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
-    ok = ok[np.logical_and.reduce([ok[k].between(d.low, d.high) for k, d in dists.items()])]
-    if len(ok) < MIN_TRIALS_FOR_IMPORTANCE:
+    if not space or "experiment" not in trials:
         return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction)
-    study.add_trials([optuna.trial.create_trial(
-        params={k: float(r[k]) for k in dists}, distributions=dists, value=float(r["objective"]))
-        for _, r in ok.iterrows()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            imp = optuna.importance.get_param_importances(study)
-        except (ValueError, RuntimeError):
-            return None
-    return {k: float(v) for k, v in imp.items()} if sum(imp.values()) > 0 else None
+    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])
+                & ~trials["experiment"].astype(str).str.endswith("_refs")]
+    out: dict[str, float] = {}
+    for family in {s["family"] for s in space if s["family"]}:
+        items = [s for s in space if s["family"] in (family, None)]
+        cols = {s["name"]: s["name"].split(".", 1)[-1] for s in items}
+        sub = ok[ok["penalty"] == family]
+        if not all(c in sub for c in cols.values()):
+            continue
+        sub = sub[sub[list(cols.values())].notna().all(axis=1)]
+        if len(sub) < MIN_TRIALS_FOR_IMPORTANCE:
+            continue
+        dists = {s["name"]: optuna.distributions.FloatDistribution(
+            min(s["low"], sub[cols[s["name"]]].min()), max(s["high"], sub[cols[s["name"]]].max()),
+            log=s["log"]) for s in items}
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize")
+        study.add_trials([optuna.trial.create_trial(
+            params={k: float(r[cols[k]]) for k in dists}, distributions=dists,
+            value=float(r["objective"])) for _, r in sub.iterrows()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                imp = optuna.importance.get_param_importances(study)
+            except (ValueError, RuntimeError):
+                continue
+        out.update({k: float(v) for k, v in imp.items()})
+    return out if out and sum(out.values()) > 0 else None
 
 
 def analyse(res: pareto.Results) -> dict:
@@ -98,15 +109,15 @@ def analyse(res: pareto.Results) -> dict:
     fams = pareto.families(pts)
     switch = pd.DataFrame([pareto.switch_point(curves, f) for f in fams if f != "L1"],
                           columns=list(pareto.switch_point(curves, "").keys()))
-    targets = res.search.get("target_l0s") or pareto.default_targets(res.trials, pts)
-    direction = "maximize" if str(res.search.get("mode", "min")).startswith("max") else "minimize"
+    targets = res.search.get("targets") or pareto.default_targets(res.trials, pts)
+    direction = "minimize"
     return {"points": pts, "fronts": pareto.fronts(pts), "fronts_fvu": pareto.fronts(pts, "fvu")
             if "fvu" in pts else None, "curves": curves, "switch": switch,
             "wins": pareto.win_ranges(curves, fams, TIE_TOL), "direction": direction,
             "summary": pareto.summary_table(res.trials, pts, [float(t) for t in targets]),
             "hv": pd.concat([pareto.hypervolumes(pts, y).assign(metric=y) for y in ("ce_sae", "fvu")
                              if y in pts], ignore_index=True),
-            "importance": param_importances(res.trials, direction)}
+            "importance": param_importances(res.trials, res.search.get("space"))}
 
 
 def _versus_l1(r) -> str:
@@ -143,7 +154,8 @@ def headline(a: dict) -> str:
         r = s.loc[s["saved_vs_L1"].idxmax()]
         vs_sqrt = (f" and {_vs(r['saved_vs_sqrt'], 'sqrt')}"
                    if np.isfinite(r.get("saved_vs_sqrt", np.nan)) else "")
-        items.append(f"Best penalty found: p = <b>{r['p']:.3g}</b>, s = <b>{r['s']:.3g}</b> at "
+        label = html.escape(str(r.get("label", r["family"])))
+        items.append(f"Best penalty found: <b>{label}</b> at "
                      f"L0 {r['l0']:.3g} (target {r['target_l0']:.3g}): CE {r['ce_sae']:.4g}, "
                      f"<b>{_vs(r['saved_vs_L1'], 'L1')}</b>{vs_sqrt} at the same L0.")
     if not items:
@@ -240,8 +252,8 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
                 f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
                 for i, (ti, cap, p) in enumerate(figs)]
     y = "ce_sae"
-    summ = {"target_l0": "target L0", "trial_id": "best trial", "family": "family", "p": "p",
-            "s": "s", "lam": "λ", "l0": "L0", y: "CE", f"{y}_L1": "CE of L1 front",
+    summ = {"target_l0": "target L0", "trial_id": "best trial", "family": "family",
+            "label": "penalty", "lam": "λ", "l0": "L0", y: "CE", f"{y}_L1": "CE of L1 front",
             "saved_vs_L1": "saved vs L1", f"{y}_sqrt": "CE of sqrt front",
             "saved_vs_sqrt": "saved vs sqrt", "n_near": "trials near"}
     parts = [
@@ -284,11 +296,6 @@ def write_report(results_dir, out: Path | None = None) -> Path:
     root = Path(results_dir)
     res = pareto.load_results(root)
     a = analyse(res)
-    figs = make_figures(res, a, root / "figures")
-    out = Path(out) if out else root / "report.html"
-    fd, tmp = tempfile.mkstemp(suffix=".html", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(render(root, res, a, figs))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    return out
+    figs = make_figures(res, a, root / contract.FIGURES_DIR)
+    return io.write_text(Path(out) if out else root / contract.REPORT_FILE,
+                         render(root, res, a, figs))

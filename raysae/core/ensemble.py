@@ -57,9 +57,14 @@ class BatchedSAE(nn.Module):
             setattr(self, name, nn.Parameter(stacked))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae])."""
-        centred = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
-        f = torch.relu(torch.baddbmm(self.b_enc.unsqueeze(1), centred, self.W_enc))
+        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]).
+
+        The encoder computes ``x W_enc + (b_enc - b_dec W_enc)``, equal to
+        ``(x - b_dec) W_enc + b_enc``: x needs no gradient, so backward skips the
+        [K, B, d_sae] x [K, d_sae, d_in] product that ``x - b_dec`` would cost.
+        """
+        bias = self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
+        f = torch.relu(torch.baddbmm(bias, x.expand(self.k, *x.shape), self.W_enc))
         return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec), f
 
     @torch.no_grad()
@@ -169,10 +174,10 @@ class EnsembleTrainer:
         newly = self.live & ~finite & x_ok
         self.died_at.masked_fill_(newly, self.step_count - 1)
         self.live &= ~newly
-        fired = (f.detach() > 0)
-        self.last_fired.masked_fill_(fired.any(dim=1), float(self.tokens))
+        f_ = f.detach()  # f >= 0 (ReLU): fired means nonzero, max over tokens > 0
+        self.last_fired.masked_fill_(f_.amax(dim=1) > 0, float(self.tokens))
         if self.controlling():
-            self._control(fired.float().sum(dim=-1).mean(dim=-1))
+            self._control(torch.count_nonzero(f_, dim=-1).sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
             return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen, lam)
         return None
