@@ -35,16 +35,25 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def test_members_start_as_seeded_saes_and_round_trip():
+def test_members_match_seeded_saes_in_init_forward_and_gradients():
     model = BatchedSAE(SAEConfig(D_IN, D_SAE), [5, 7])
     for k, seed in enumerate([5, 7]):
         ref, got = SAE(SAEConfig(D_IN, D_SAE), seed=seed), model.member(k)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             assert torch.equal(getattr(ref, name), getattr(got, name))
+    with torch.no_grad():
+        model.b_dec.normal_(), model.b_enc.normal_(std=0.1)
     x = torch.randn(8, D_IN)
+    ref = model.member(1)
     x_hat, f = model(x)
-    ref_hat, ref_f = model.member(1)(x)
-    assert torch.allclose(x_hat[1], ref_hat, atol=1e-6) and torch.allclose(f[1], ref_f, atol=1e-6)
+    ref_hat, ref_f = ref(x)
+    torch.testing.assert_close(x_hat[1], ref_hat, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(f[1], ref_f, atol=1e-6, rtol=1e-6)
+    ((x_hat - x).pow(2).sum() + f.sqrt().sum()).backward()
+    ((ref_hat - x).pow(2).sum() + ref_f.sqrt().sum()).backward()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(model, name).grad[1], getattr(ref, name).grad,
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("control_frac", [0.0, 0.8])  # fixed lambdas, then controlled

@@ -46,7 +46,7 @@ _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 class BatchedSAE(nn.Module):
-    """K standard SAEs with stacked weights; member k starts exactly as ``SAE(cfg, seed=seeds[k])``."""
+    """K standard SAEs, stacked; member k starts exactly as ``SAE(cfg, seed=seeds[k])``."""
 
     def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None]):
         super().__init__()
@@ -57,14 +57,17 @@ class BatchedSAE(nn.Module):
             setattr(self, name, nn.Parameter(stacked))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]).
+        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]); the same math as ``SAE``.
 
-        The encoder computes ``x W_enc + (b_enc - b_dec W_enc)``, equal to
-        ``(x - b_dec) W_enc + b_enc``: x needs no gradient, so backward skips the
-        [K, B, d_sae] x [K, d_sae, d_in] product that ``x - b_dec`` would cost.
+        ``x - b_dec`` enters the encoder detached, and b_dec's encoder gradient,
+        ``-(sum_tokens dL/dpre) W_enc^T``, comes from ``t = y - y.detach()`` with
+        ``y = b_dec W_enc.detach()`` (t is exactly 0): backward then skips the
+        [K, B, d_sae] x [K, d_sae, d_in] product for the gradient of ``x - b_dec``.
         """
-        bias = self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
-        f = torch.relu(torch.baddbmm(bias, x.expand(self.k, *x.shape), self.W_enc))
+        y = torch.bmm(self.b_dec.unsqueeze(1), self.W_enc.detach())
+        bias = self.b_enc.unsqueeze(1) - (y - y.detach())
+        centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
+        f = torch.baddbmm(bias, centred, self.W_enc).relu_()  # in place: no extra copy
         return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec), f
 
     @torch.no_grad()
@@ -174,10 +177,10 @@ class EnsembleTrainer:
         newly = self.live & ~finite & x_ok
         self.died_at.masked_fill_(newly, self.step_count - 1)
         self.live &= ~newly
-        f_ = f.detach()  # f >= 0 (ReLU): fired means nonzero, max over tokens > 0
-        self.last_fired.masked_fill_(f_.amax(dim=1) > 0, float(self.tokens))
+        fires = (f.detach() > 0).sum(dim=1, dtype=torch.int32)  # [K, d_sae] over tokens
+        self.last_fired.masked_fill_(fires > 0, float(self.tokens))
         if self.controlling():
-            self._control(torch.count_nonzero(f_, dim=-1).sum(dim=-1) / x.shape[0])
+            self._control(fires.sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
             return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen, lam)
         return None

@@ -1,0 +1,27 @@
+"""Small builders of TrialSpec / SearchPlan for the search tests (flat keyword arguments)."""
+
+from __future__ import annotations
+
+from raysae.core.config import SAEConfig, TrainConfig
+from raysae.search.config import SearchConfig
+from raysae.search.trainable import TrialSpec
+from raysae.search.tune_setup import SearchPlan
+
+TRAIN_KEYS = ("total_tokens", "batch_size", "lr", "lam", "log_every", "seed")
+
+
+def make_spec(*, d_in: int, d_sae: int, **kw) -> TrialSpec:
+    """A TrialSpec whose training template has the given shape and training keywords."""
+    train = {k: kw.pop(k) for k in TRAIN_KEYS if k in kw}
+    return TrialSpec(train=TrainConfig(sae=SAEConfig(d_in, d_sae), **train), **kw)
+
+
+def make_plan(name: str, storage: str, spec: TrialSpec, grid=(), **search) -> SearchPlan:
+    """A SearchPlan; a grid's points may be written as {p, eps, lam} (power family)."""
+    points = tuple(point if "penalty" in point else
+                   {"penalty": "power", **{f"power.{k}": v for k, v in point.items()
+                                           if k != "lam"}, "lam": point["lam"]}
+                   for point in grid)
+    search.setdefault("gpus_per_trial", 0.0)
+    return SearchPlan(name=name, storage=storage, search=SearchConfig(**search), spec=spec,
+                      grid=points)
