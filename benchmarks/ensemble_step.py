@@ -6,7 +6,10 @@ against K ``Trainer.step`` calls on the same batch, interleaved round by round; 
 median of each is reported as member-tokens/s and as the ratio
 ensemble / (K single steps) (target: <= 0.8).
 
-    python benchmarks/ensemble_step.py [--k 6] [--threads 2] [--rounds 40]
+    python benchmarks/ensemble_step.py [--k 6] [--threads 2] [--rounds 40] [--keep-freed-memory]
+
+``--keep-freed-memory`` stops glibc returning the step's large freed buffers to the OS
+(process-wide; run it as a separate invocation to compare).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory
 from raysae.core.train import Trainer
 
 
@@ -63,10 +66,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call raysae.core.ensemble.keep_freed_memory() first (glibc)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} "
-          f"d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} rounds={args.rounds}")
+          f"d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} rounds={args.rounds} "
+          f"keep_freed_memory={kept}")
     print(f"{'penalty':<22}{'what':<18}{'ms':>9}{'member-tokens/s':>18}")
     for label, penalty in [("L1 (p=1)", PenaltyConfig.power(1.0)),
                            ("sqrt (p=0.5)", PenaltyConfig.power(0.5))]:

@@ -65,21 +65,23 @@ def _replace_a_worker(cluster, experiment: Path, search: threading.Thread) -> di
 
 
 def _spec(model: str, cache: str):
-    from raysae.search.trainable import TrialSpec
+    from search_helpers import make_spec
 
     # 200 steps with a checkpoint every 20: the node goes away mid-training.
-    return TrialSpec(activations=cache, model=model, hook=HOOK, d_in=32, d_sae=128,
+    return make_spec(activations=cache, model=model, hook=HOOK, d_in=32, d_sae=128,
                      context_length=CTX, total_tokens=256 * 200, batch_size=256,
-                     report_every=10, checkpoint_every=2, eval_blocks=8, feature_tokens=2000)
+                     log_every=10, checkpoint_every=2, eval_blocks=8, feature_tokens=2000,
+                     lambda_mode="search")
 
 
 def run(model: str, workdir: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
+    from search_helpers import make_plan
 
     from raysae.activations.cache import build_cache
     from raysae.activations.source import ActivationSource
-    from raysae.search.tune_setup import SearchSettings, run_search
+    from raysae.search.tune_setup import run_search
 
     t0, seconds = time.perf_counter(), {}
     cluster = Cluster(initialize_head=True,
@@ -92,10 +94,9 @@ def run(model: str, workdir: Path) -> dict:
                                num_actors=1)
         cache = build_cache(src, workdir / "acts", progress=False)
         seconds["cache_built"] = time.perf_counter() - t0
-        settings = SearchSettings(name="mn", storage=str(workdir / "tune"), targets=(8.0,),
-                                  num_trials=2, max_concurrent=2, lam_range=(0.1, 10.0),
-                                  cpus_per_trial=1.0, max_failures=2,
-                                  spec=_spec(model, str(cache)))
+        settings = make_plan("mn", str(workdir / "tune"), _spec(model, str(cache)),
+                             grid=({"p": 1.0, "lam": 1.0}, {"p": 0.5, "eps": 0.0, "lam": 1.0}),
+                             max_concurrent=2, cpus_per_trial=1.0, max_failures=2)
         result: dict = {}
 
         def search() -> None:  # Tune runs fine outside the main thread
@@ -104,7 +105,7 @@ def run(model: str, workdir: Path) -> dict:
             except BaseException as exc:  # re-raised in the main thread
                 result["error"] = exc
 
-        experiment = workdir / "tune" / "mn_l0_8"
+        experiment = workdir / "tune" / "mn"
         thread = threading.Thread(target=search, daemon=True)
         thread.start()
         log = {"workers": [w.node_id for w in workers], "head": cluster.head_node.node_id,

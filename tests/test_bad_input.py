@@ -19,7 +19,6 @@ import pytest
 from raysae import cli
 from raysae.activations.cache import build_cache, default_cache_root
 from raysae.activations.source import ActivationSource
-from raysae.search import job
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -75,7 +74,13 @@ def _error_line(capsys) -> str:
 SEARCH_CASES = [
     ("p<=0", ["--p-range", "0", "1"], ["--p-range LOW = 0", "(0, 2]", "pass --p-range"]),
     ("p>2", ["--p-range", "0.5", "2.5"], ["--p-range HIGH = 2.5", "(0, 2]"]),
-    ("s<=0", ["--s-range", "0", "10"], ["--s-range LOW = 0", "(0, inf)", "pass --s-range"]),
+    ("eps<=0", ["--eps-range", "0", "10"], ["--eps-range 0 10", "log scale", "> 0",
+                                             "pass --eps-range"]),
+    ("c of a family not searched", ["--c-range", "1", "10"],
+     ["--c-range 1 10", "no searched penalty (power)", "--penalty"]),
+    ("c<=0", ["--penalty", "tanh", "--c-range", "0", "10"], ["--c-range LOW = 0", "(0, inf)"]),
+    ("unknown penalty", ["--penalty", "lp"], ["--penalty lp", "registered penalties",
+                                              "'power'"]),
     ("negative lambda", ["--lambda-mode", "search", "--lam-range", "-1", "10"],
      ["--lam-range -1 10", "> 0", "pass --lam-range"]),
     ("target L0 <= 0", ["--targets", "0"], ["--targets 0", "> 0", "pass positive"]),
@@ -132,7 +137,7 @@ def test_bad_search_input_exits_2_and_writes_nothing(extra, phrases, tiny_model_
     extra = [e.format(**fill) for e in extra]
     watched = [default_cache_root(), small_cache.parent, data]
     before = _tree(*watched)
-    assert job.main(_base(tiny_model_dir, tmp_path) + extra) == 2
+    assert cli.main(["search", *(_base(tiny_model_dir, tmp_path) + extra)]) == 2
     line = _error_line(capsys)
     for phrase in phrases:
         assert phrase.format(**fill) in line, (phrase, line)
@@ -150,8 +155,9 @@ SWEEP_CASES = [
 @pytest.mark.parametrize("extra, phrases", [c[1:] for c in SWEEP_CASES],
                          ids=[c[0] for c in SWEEP_CASES])
 def test_bad_sweep_input(extra, phrases, tiny_model_dir, tmp_path, capsys):
-    argv = [a for a in _base(tiny_model_dir, tmp_path) if a not in ("--targets", "8")]
-    assert job.main(argv + extra, sweep=True) == 2
+    argv = [a for a in _base(tiny_model_dir, tmp_path)
+            if a not in ("--targets", "8", "--num-trials", "1")]
+    assert cli.main(["sweep", *(argv + extra)]) == 2
     line = _error_line(capsys)
     assert all(p in line for p in phrases), line
     assert not (tmp_path / "results").exists() and not (tmp_path / "tune").exists()
@@ -162,13 +168,15 @@ def test_bad_sweep_input(extra, phrases, tiny_model_dir, tmp_path, capsys):
     ("l1_sweep.py", ["--model", "EleutherAI/pythia-70m-deduped"], "HF_HUB_OFFLINE"),
 ])
 def test_scripts_exit_2_before_ray_starts(script, extra, phrase, tiny_model_dir, tmp_path):
-    argv = [a for a in _base(tiny_model_dir, tmp_path) if a not in ("--targets", "8")]
+    argv = [a for a in _base(tiny_model_dir, tmp_path)
+            if a not in ("--targets", "8", "--num-trials", "1")]
     env = {**os.environ, "RAY_ADDRESS": "", "RAYSAE_RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "searches" / script), *argv, *extra],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
+    assert len(lines) == 1 and phrase in lines[0], lines
+    assert lines[0].startswith(("raysae search: error: ", "raysae sweep: error: ")), lines
     assert "Ray" not in out.stdout  # failed before Ray started
     assert not (tmp_path / "results").exists() and not (tmp_path / "tune").exists()
 

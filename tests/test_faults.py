@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raysae import cli
 from raysae.activations.batches import iter_activation_batches
 from raysae.activations.cache import (
     PROGRESS,
@@ -31,7 +32,6 @@ from raysae.activations.cache import (
     verify_cache,
 )
 from raysae.activations.source import ActivationSource, source_blocks
-from raysae.search import job
 from raysae.search.preflight import preflight_writable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,17 +147,17 @@ def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
 
 def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_dir, tmp_path):
     import pandas as pd
+    from search_helpers import make_plan, make_spec
 
-    from raysae.search.trainable import TrialSpec
-    from raysae.search.tune_setup import SearchSettings, run_search
+    from raysae.search.tune_setup import run_search
 
     bad = tmp_path / "nan_cache"
     name = _nan_copy(small_cache, bad)
-    spec = TrialSpec(activations=str(bad), model=str(tiny_model_dir), hook=HOOK, d_in=32,
+    spec = make_spec(activations=str(bad), model=str(tiny_model_dir), hook=HOOK, d_in=32,
                      d_sae=64, context_length=32, total_tokens=4096, batch_size=256,
                      lambda_mode="fixed", eval_blocks=4, feature_tokens=512)
-    settings = SearchSettings(name="nan", storage=str(tmp_path / "tune"), objective="grid",
-                              grid=({"p": 1.0, "lam": 1.0},), max_failures=0, spec=spec)
+    settings = make_plan("nan", str(tmp_path / "tune"), spec, grid=({"p": 1.0, "lam": 1.0},),
+                         max_failures=0)
     row = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet").iloc[0]
     assert row["status"] == "error"
     # The table's status_reason and Tune's error file both hold the reader's message.
@@ -176,7 +176,7 @@ def _job_args(model, tmp_path, results=None, storage=None):
 
 def _error(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and len(
+    assert lines and ": error: " in lines[-1] and len(
         [x for x in lines if "error:" in x]) == 1, lines
     return lines[-1]
 
@@ -192,7 +192,7 @@ def test_model_giving_nan_is_named_and_leaves_no_results_folder(tiny_model_dir, 
     key = next(k for k in weights if "embed_in" in k)
     weights[key][:50] = float("nan")  # the 50 lowest token ids embed to NaN
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    assert job.main(_job_args(broken, tmp_path)) == 2
+    assert cli.main(["search", *(_job_args(broken, tmp_path))]) == 2
     line = _error(capsys)
     assert f"model {broken} at hook {HOOK} gives NaN/inf activations" in line, line
     assert "check the model" in line
@@ -244,7 +244,7 @@ def test_unwritable_disk_fails_before_any_work(disk, flag, phrase, tiny_model_di
     cache_before = sorted(os.listdir(default_cache_root())) if default_cache_root().exists() \
         else []
     target = {flag.strip("-"): mnt / "out"}
-    assert job.main(_job_args(tiny_model_dir, tmp_path, **target)) == 2
+    assert cli.main(["search", *(_job_args(tiny_model_dir, tmp_path, **target))]) == 2
     line = _error(capsys)
     assert f"{flag} folder {mnt / 'out'}" in line and phrase in line, line
     assert f"pass {flag}" in line or "free space" in line
@@ -267,7 +267,7 @@ def test_free_space_threshold_is_a_parameter(tmp_path):
 
 LOAD_DRIVER = """
 import json, resource, sys, threading, time
-from raysae.search import job
+from raysae import cli
 
 seen = {"alive": 0}
 
@@ -287,7 +287,7 @@ def watch():  # the most trial actors alive at once (Ray's GCS actor table)
 
 threading.Thread(target=watch, daemon=True).start()
 start = time.time()
-rc = job.main(sys.argv[1:])
+rc = cli.main(["search", *(sys.argv[1:])])
 print("LOAD " + json.dumps({"rc": rc, "wall_s": round(time.time() - start, 1),
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "max_alive_trials": seen["alive"]}), flush=True)

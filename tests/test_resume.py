@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysae.search import job
+from raysae import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _finished_trials(storage: Path) -> int:
 
 def test_killed_search_resumes_without_lost_or_duplicated_trials(tiny_model_dir, ray_local,
                                                                  tmp_path):
-    args = _args(tiny_model_dir, tmp_path, n_trials=4)
+    args = _args(tiny_model_dir, tmp_path, n_trials=1)
     env = {**os.environ, "RAY_ADDRESS": "", "RAYSAE_RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, str(ROOT / "searches" / "exponent_search.py"),
                              *args], cwd=ROOT, env=env, start_new_session=True,
@@ -51,9 +51,9 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tiny_model_dir,
         proc.wait()
     assert not (tmp_path / "results" / "trials.parquet").exists()
 
-    assert job.main([*args, "--resume"]) == 0
+    assert cli.main(["search", *([*args, "--resume"])]) == 0
     trials = pd.read_parquet(tmp_path / "results" / "trials.parquet")
-    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert len(trials) == 3 + 1 and trials["trial_id"].is_unique
     assert set(trials["status"]) == {"finished"}
-    # The study's seed points were proposed once, not again after the restore.
-    assert sorted(trials["family"]) == ["L1", "searched", "sqrt", "sqrt(sqrt)"]
+    # The references ran once each, and Optuna's one trial once, not again after the restore.
+    assert sorted(trials["family"]) == ["L1", "power", "sqrt", "sqrt(sqrt)"]

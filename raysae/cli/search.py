@@ -15,6 +15,7 @@ from raysae.search.config import (
     LAMBDA_MODES,
     OBJECTIVES,
     PRESETS,
+    TRAIN_INTERNAL,
     ActivationSettings,
     ModelSettings,
     RunSettings,
@@ -22,10 +23,6 @@ from raysae.search.config import (
     SweepSettings,
     job_config,
 )
-
-TRAIN_FLAGS_SKIP = ("sae", "penalty", "adam_betas", "normalize_activations",
-                    "activation_scale", "l0_target", "device")
-"""TrainConfig fields a trial sets itself (not flags)."""
 
 
 def searchable_params() -> dict[str, str]:
@@ -48,7 +45,7 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
                              "stdlib text) or 'pythia-70m' (the study's setting)")
     add_section(parser, ModelSettings, "model and data")
     add_section(parser, ActivationSettings, "activations")
-    add_section(parser, TrainConfig, "training", skip=TRAIN_FLAGS_SKIP)
+    add_section(parser, TrainConfig, "training", skip=TRAIN_INTERNAL)
     skip = ("ranges",) + (("penalty", "objective", "lambda_mode", "targets", "num_trials",
                            "beta", "tol") if sweep else ())
     add_section(parser, SearchConfig, "search", skip=skip,

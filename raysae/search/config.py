@@ -246,6 +246,9 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
+TRAIN_INTERNAL = ("sae", "penalty", "adam_betas", "normalize_activations", "activation_scale",
+                  "l0_target", "device")
+"""TrainConfig fields each trial sets itself: not job settings (and not flags)."""
 SECTIONS = {"model": ModelSettings, "activations": ActivationSettings, "train": TrainConfig,
             "search": SearchConfig, "sweep": SweepSettings, "run": RunSettings}
 
@@ -277,5 +280,7 @@ def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) 
         raise ValueError(f"unknown setting(s) {unknown}; see raysae.search.config")
     if ranges:
         values["ranges"] = ranges
-    sections = {name: replace_fields(cls(), values) for name, cls in SECTIONS.items()}
+    train_values = {k: v for k, v in values.items() if k not in TRAIN_INTERNAL}
+    sections = {name: replace_fields(cls(), train_values if name == "train" else values)
+                for name, cls in SECTIONS.items()}
     return JobConfig(preset=preset, **sections)
