@@ -73,7 +73,8 @@ def test_search_and_ablation_figures(tmp_path):
     ab = make_ablations(trials)
     _png(plots.optuna_history(trials, tmp_path / "h.png"))
     _png(plots.optuna_history(trials, tmp_path / "hmax.png", direction="maximize"))
-    _png(plots.importance({"power.p": 0.6, "power.eps": 0.3, "lam": 0.1}, tmp_path / "i.png"), min_px=150)
+    _png(plots.importance({"power.p": 0.6, "power.eps": 0.3, "lam": 0.1}, tmp_path / "i.png"),
+         min_px=150)
     fam = dict(zip(trials["trial_id"], trials["family"], strict=True))
     _png(plots.ablation_curves(ab, fam, tmp_path / "ab.png"))
     _png(plots.ablation_methods(ab, "t000", tmp_path / "methods.png"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysae import io
 from raysae.activations.harvest import iter_harvest
 from raysae.activations.source import ActivationSource, from_storage, source_blocks
 
@@ -37,12 +38,6 @@ def default_cache_root() -> Path:
     from raysae.lm.local_model import cache_dir
 
     return cache_dir() / "activations"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _sha256(data: bytes) -> str:
@@ -134,7 +129,7 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
         nonlocal pending, rows
         shards.append(_write_shard(partial, len(shards), pending, src.dtype,
                                    f"model {src.model} at hook {src.hook}"))
-        _write_json(partial / PROGRESS, {"tokens_sha256": tokens_sha256, "shards": shards})
+        io.write_json(partial / PROGRESS, {"tokens_sha256": tokens_sha256, "shards": shards})
         pending, rows = [], 0
 
     with bar:  # closed (its line ended) before any error is printed
@@ -182,7 +177,7 @@ def build_cache(src: ActivationSource, cache_root: str | os.PathLike | None = No
             "build_seconds": round(time.perf_counter() - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_json(partial / MANIFEST, manifest)
+        io.write_json(partial / MANIFEST, manifest)
         (partial / PROGRESS).unlink()
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

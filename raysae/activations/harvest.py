@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,16 +19,18 @@ class Harvester:
     """Ray Data callable class: token blocks -> activation rows (model loaded once per actor)."""
 
     def __init__(self, src: ActivationSource):
+        from raysae.cluster.monitoring import HarvestMetrics
         from raysae.lm.models import load_model, stop_layer
 
         self.src = src
         self.model = load_model(src.model)
         self.stop = stop_layer(self.model, src.hook)
+        self.metrics = HarvestMetrics(src.model, src.hook)
 
     def __call__(self, batch: dict) -> dict:
         from raysae.lm.models import hook_activations
 
-        src = self.src
+        src, start_time = self.src, time.perf_counter()
         tokens = torch.from_numpy(np.array(batch["tokens"], dtype=np.int64))
         acts = hook_activations(self.model, tokens, src.hook, stop=self.stop)
         start = int(src.bos_dropped)
@@ -37,6 +40,7 @@ class Harvester:
         pos = np.tile(pos, n)
         keep = block_id * src.tokens_per_block + (pos - start) < src.n_tokens
         flat = acts[:, start:].reshape(-1, acts.shape[-1])[torch.from_numpy(keep)]
+        self.metrics.record(int(keep.sum()), time.perf_counter() - start_time)
         return {"block_id": block_id[keep], "pos": pos[keep].astype(np.int16),
                 "token": tokens[:, start:].reshape(-1).numpy()[keep].astype(np.int32),
                 "act": to_storage(flat, src.dtype)}

@@ -11,7 +11,6 @@ activation cache folder (see `raysae.activations.cache`) or straight from the li
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -82,9 +81,6 @@ class ActivationSource:
     def cache_key(self) -> str:
         blob = json.dumps(self.cache_settings(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def replace(self, **changes) -> ActivationSource:
-        return dataclasses.replace(self, **changes)
 
 
 def _dataset_id(dataset) -> str:

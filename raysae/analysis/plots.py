@@ -7,8 +7,6 @@ Line styles follow the study: L1 solid, sqrt dotted, sqrt(sqrt) dash-dot.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from raysae import io
 
 STYLE = {
     "L1": {"color": "#1f5fa8", "ls": "-", "marker": "o"},
@@ -42,20 +42,12 @@ def style(family: str) -> dict:
 
 
 def save_png(fig, path, dpi: int | None = None) -> Path:
-    """Write ``fig`` as a PNG through a temp file (never half-written) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Write ``fig`` as a PNG atomically (raysae.io) and close it."""
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        return io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi,
+                                                           bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _log_l0_axis(ax, label: str = "L0 (active features per token)") -> None:

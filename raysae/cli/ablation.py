@@ -10,10 +10,9 @@ named in the SAE's cfg.json metadata (``model_name``, ``hook_name``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from raysae import io
 
 STDLIB = "stdlib"  # raysae.lm.corpus.STDLIB; heavy modules load only when the command runs
 DEFAULT_HOOK = "blocks.3.hook_resid_post"  # raysae.lm.models.DEFAULT_HOOK
@@ -84,7 +83,7 @@ def run_threshold_ablation(sae_dir, model: str | None = None, hook: str | None =
     table = ablation_sweep(evaluator, sae, methods or METHODS, n_points,
                            calibrate(evaluator, sae))
     out = Path(out_dir) if out_dir else Path(sae_dir) / "ablation"
-    paths = {"table": feature_stats.write_parquet(table, out / "ablations.parquet")}
+    paths = {"table": io.write_parquet(table, out / "ablations.parquet")}
     paths.update(feature_stats.save_feature_statistics(
         out, *feature_stats.feature_statistics(evaluator, sae, feature_tokens)))
     paths["removal_strength"] = ablation_plots.removal_strength(
@@ -93,16 +92,8 @@ def run_threshold_ablation(sae_dir, model: str | None = None, hook: str | None =
         table, out / "methods_ce_vs_l0.png", evaluator.ce_clean)
     summary.update(hook=hook, n_tokens=evaluator.n_tokens, context_length=ctx,
                    resumed_after_hook=evaluator.resumes)
-    paths["summary"] = _write_json(summary, out / "summary.json")
+    paths["summary"] = io.write_json(out / "summary.json", summary)
     return {"table": table, "summary": summary, "paths": paths}
-
-
-def _write_json(data: dict, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=float)
-    os.replace(tmp, path)
-    return path
 
 
 def ablation_command(args: argparse.Namespace) -> int:

@@ -85,6 +85,3 @@ class FiringCounter:
     def frequency(self) -> torch.Tensor:
         return (self.counts / max(self.tokens, 1)).float()
 
-    def reset(self) -> None:
-        self.counts.zero_()
-        self.tokens = 0

@@ -14,7 +14,6 @@ so nothing of size [tokens, d_sae] is ever held (nonzeros are ~L0 per token).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from raysae import io
 from raysae.core import metrics
 
 DEFAULT_TOKENS = 100_000
@@ -80,12 +80,6 @@ class NonzeroIndex:
         v_hi = v[(start + hi).clamp(max=last)].double()
         out = v_lo + (v_hi - v_lo) * (pos - lo)
         return torch.where(fired, out, torch.full_like(out, float("nan"))).float()
-
-    def global_quantile(self, q: float) -> float:
-        """q-quantile over every nonzero activation of every feature (NaN if none)."""
-        if len(self.values) == 0:
-            return float("nan")
-        return float(np.quantile(self.values.numpy(), q))
 
 
 def _as_activation_batches(source, n_tokens: int | None) -> Iterator[torch.Tensor]:
@@ -204,21 +198,6 @@ def activation_histogram(activation_sample: pd.DataFrame, bins: int = 50) -> pd.
     return histogram(activation_sample["activation"].to_numpy(), bins)
 
 
-def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``df`` to ``path`` through a temp file in the same folder (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_feature_statistics(out_dir: str | os.PathLike, per_feature: pd.DataFrame,
                             activation_sample: pd.DataFrame) -> dict[str, Path]:
     """feature_stats, activation_samples and both histograms as Parquet files in ``out_dir``."""
@@ -226,4 +205,4 @@ def save_feature_statistics(out_dir: str | os.PathLike, per_feature: pd.DataFram
     frames = {"feature_stats": per_feature, "activation_samples": activation_sample,
               "frequency_histogram": frequency_histogram(per_feature),
               "activation_histogram": activation_histogram(activation_sample)}
-    return {name: write_parquet(df, out / f"{name}.parquet") for name, df in frames.items()}
+    return {name: io.write_parquet(df, out / f"{name}.parquet") for name, df in frames.items()}

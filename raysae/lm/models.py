@@ -27,9 +27,6 @@ _EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "embed.", "rotary_emb.", "pos_em
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-LOCAL_ALIASES = ("local", "local-tiny")
-
-
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """"local" -> the default local model's folder (built on first use), "local-tiny" -> the
     test-sized one; anything else (hub name or folder) unchanged."""
