@@ -200,7 +200,7 @@ def test_bad_inputs_raise_value_errors(tiny_model, tokens, evaluator):
         Evaluator(tiny_model, HOOK, np.asarray(tokens) + 10_000)
     with pytest.raises(ValueError, match="shape"):
         Evaluator(tiny_model, HOOK, np.asarray(tokens)[0])
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="is not a hook of model"):
         Evaluator(tiny_model, "blocks.0.hook_resid_middle", tokens)
     with pytest.raises(ValueError, match="d_in"):
         evaluator.evaluate(SAE(SAEConfig(evaluator.d_in + 1, 8)))

@@ -10,7 +10,7 @@ import raysae
 from raysae import cli
 
 ROOT = Path(raysae.__file__).parent
-MAX_LINES = 320
+MAX_LINES = 330
 
 
 def _module_name(path: Path) -> str:

@@ -5,14 +5,10 @@ the required columns of trials.parquet and the keys of search.json). ``family`` 
 reference label (L1, sqrt, sqrt(sqrt)) or the searched family's registry name (power, tanh,
 log); ``label`` names the penalty with its parameters.
 
-Conventions. Both objectives are minimised (fewer features, lower CE). Only "finished"
-trials enter frontiers. A trained SAE's threshold sweep (ablation rows of one method, by
-default the global threshold the study found best) joins its family's points, so a family's
-front is the best CE reachable at each L0 by training *or* by thresholding. Points with
-L0 <= 0 are dropped: every comparison is made in log(L0), where they have no place.
-Hypervolume is measured in (log10 L0, metric) space against the reference point
-``max + 10% of range`` on each axis over all finished points of every family, so all
-families share one reference and their numbers are comparable.
+Conventions. Both objectives are minimised. Only "finished" trials enter frontiers; a
+trained SAE's threshold sweep (by default the global threshold) joins its family's points;
+points with L0 <= 0 are dropped (comparisons are in log L0). Hypervolume is measured in
+(log10 L0, metric) against one reference point shared by all families (max + 10% of range).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def check_hook(model, hook_name: str, model_name: str | None = None) -> str:
     close = difflib.get_close_matches(hook_name, names, n=3, cutoff=0.6)
     resid = [n for n in names if n.endswith("hook_resid_post")]
     span = f" (residual stream: {resid[0]} .. {resid[-1]})" if resid else ""
-    raise ValueError(f"--hook {hook_name} is not a hook of model {model_name or 'this model'};"
+    raise ValueError(f"--hook {hook_name} is not a hook of model {model_name or '(in memory)'};"
                      f" close matches: {close or 'none'}; pass --hook with a valid name{span}")
 
 
