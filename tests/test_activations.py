@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,7 +117,7 @@ def test_corrupted_shard_is_detected(fp32_cache, tmp_path):
 
 def test_cache_with_other_settings_is_refused(fp32_cache, tmp_path):
     src, path = fp32_cache
-    other = src.replace(hook="blocks.1.hook_resid_post")
+    other = dataclasses.replace(src, hook="blocks.1.hook_resid_post")
     shutil.copytree(path, tmp_path / other.cache_key())
     with pytest.raises(CacheError, match="other settings.*hook"):
         build_cache(other, tmp_path, progress=False)

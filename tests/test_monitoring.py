@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_noop_outside_ray():
     """A fresh process without ray.init: recording works and creates no metric objects."""
     code = (
-        "import sys; from raysae import monitoring as m\n"
+        "import sys; from raysae.cluster import monitoring as m\n"
         "t = m.TrialMetrics('t0', 'power'); t.record({'l0': 3.0, 'mse': 0.1, 'tokens_seen': 64})\n"
         "t.finished('completed'); m.HarvestMetrics('lm', 'hook').record(8, 0.5)\n"
         "assert not m.ray_connected() and m._created == {} and m._failed == set(), m._created\n"
