@@ -81,7 +81,7 @@ def run(model: str, workdir: Path) -> dict:
 
     from raysae.activations.cache import build_cache
     from raysae.activations.source import ActivationSource
-    from raysae.search.tune_setup import run_search
+    from raysae.search.stages import run_search
 
     t0, seconds = time.perf_counter(), {}
     cluster = Cluster(initialize_head=True,

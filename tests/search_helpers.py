@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from raysae.core.config import SAEConfig, TrainConfig
 from raysae.search.config import SearchConfig
-from raysae.search.trainable import TrialSpec
+from raysae.search.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan
 
 TRAIN_KEYS = ("total_tokens", "batch_size", "lr", "lam", "log_every", "seed")
@@ -20,7 +20,8 @@ def make_plan(name: str, storage: str, spec: TrialSpec, grid=(), **search) -> Se
     """A SearchPlan; a grid's points may be written as {p, eps, lam} (power family)."""
     points = tuple(point if "penalty" in point else
                    {"penalty": "power", **{f"power.{k}": v for k, v in point.items()
-                                           if k != "lam"}, "lam": point["lam"]}
+                                           if k != "lam"},
+                    **({"lam": point["lam"]} if "lam" in point else {})}
                    for point in grid)
     search.setdefault("gpus_per_trial", 0.0)
     return SearchPlan(name=name, storage=storage, search=SearchConfig(**search), spec=spec,

@@ -129,6 +129,26 @@ def test_exact_sae_gives_clean_ce_and_zero_sae_gives_zero_ce(evaluator):
     assert zeros["l0"] == 0 and zeros["ce_recovered"] == pytest.approx(0, abs=1e-6)
 
 
+def test_per_block_ce_averages_to_ce_sae_and_identity_gives_clean_blocks(evaluator, trained,
+                                                                        tokens):
+    n_blocks, ctx = np.asarray(tokens).shape
+    # every block has the same number of predictions, so the weighted mean is the plain mean
+    assert evaluator.n_predictions == n_blocks * (ctx - 1)
+    got = evaluator.evaluate(trained)
+    blocks = got["ce_sae_blocks"]
+    assert isinstance(blocks, list) and len(blocks) == n_blocks
+    assert all(isinstance(v, float) for v in blocks)
+    assert np.mean(blocks) == pytest.approx(got["ce_sae"], abs=1e-9)
+    assert len(evaluator.ce_clean_blocks) == n_blocks
+    assert np.mean(evaluator.ce_clean_blocks) == pytest.approx(evaluator.ce_clean, abs=1e-9)
+    assert np.ptp(blocks) > 0  # blocks differ: the list is per block, not a repeated mean
+    exact = evaluator.evaluate(identity_sae(evaluator.d_in))
+    np.testing.assert_allclose(exact["ce_sae_blocks"], evaluator.ce_clean_blocks, atol=1e-5)
+    # block order: the per-block clean CE of each block alone equals its entry
+    single = Evaluator(evaluator.model, HOOK, np.asarray(tokens)[[3]])
+    assert single.ce_clean_blocks == pytest.approx([evaluator.ce_clean_blocks[3]], abs=1e-5)
+
+
 def test_evaluate_runs_no_layer_before_the_hook(tiny_model, evaluator, trained):
     calls = []
     layer0 = tiny_model.original_model.gpt_neox.layers[0]

@@ -149,7 +149,7 @@ def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_
     import pandas as pd
     from search_helpers import make_plan, make_spec
 
-    from raysae.search.tune_setup import run_search
+    from raysae.search.stages import run_search
 
     bad = tmp_path / "nan_cache"
     name = _nan_copy(small_cache, bad)

@@ -13,8 +13,8 @@ from raysae.activations.cache import build_cache
 from raysae.activations.source import ActivationSource
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, penalty_of, reference_configs
-from raysae.search.trainable import BAD_OBJECTIVE, objective
-from raysae.search.tune_setup import run_search
+from raysae.search.spec import BAD_OBJECTIVE, objective
+from raysae.search.stages import run_search
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32
@@ -101,18 +101,26 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
         threshold_sweep=True,
         sweep_points=4,
         lambda_mode="control",
-        target_l0=8.0,
+        targets=(4.0, 8.0, 16.0),
     )
-    plan = make_plan("t3", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=1)
+    plan = make_plan("t3", str(tmp_path / "tune"), spec, targets=(4.0, 8.0, 16.0),
+                     num_trials=1, seeds=0)
     out = run_search(plan, tmp_path / "results")
     trials = pd.read_parquet(out / "trials.parquet")
-    assert trials["trial_id"].is_unique
+    assert trials["trial_id"].is_unique  # one row per SAE: (trial, target)
     assert set(trials["status"]) == {"finished"}
-    refs = trials[trials["experiment"] == "t3_l0_8_refs"]
-    assert sorted(refs["family"]) == ["L1", "sqrt", "sqrt(sqrt)"]
+    refs = trials[trials["experiment"] == "t3_refs"]
+    assert sorted(refs["family"]) == ["L1"] * 3 + ["sqrt"] * 3 + ["sqrt(sqrt)"] * 3
     assert (refs["eps"] == 0).all()  # the study's points, exact
-    searched = trials[trials["experiment"] == "t3_l0_8"]
-    assert len(searched) == 1 and (searched["penalty"] == "power").all()
+    # Every family has a point at every target of the ladder.
+    assert (refs.groupby("family")["target_l0"].apply(sorted) == [[4.0, 8.0, 16.0]] * 3).all()
+    searched = trials[trials["experiment"] == "t3_search"]
+    assert len(searched) == 3 and (searched["penalty"] == "power").all()
+    assert searched["tune_trial_id"].nunique() == 1 and sorted(searched["member"]) == [0, 1, 2]
+    # The trial's score is its ladder's mean CE minus L1's (the search's zero point).
+    l1 = refs[refs["family"] == "L1"].sort_values("target_l0")["ce_sae"].mean()
+    assert searched["trial_objective"].iloc[0] == pytest.approx(
+        searched["objective"].mean() - l1, abs=1e-6)
     for col in (
         "l0",
         "ce_sae",
@@ -131,7 +139,7 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
     assert (trials["tokens_seen"] == 512 * 40).all()
     assert (trials["ce_zero"] > trials["ce_sae"]).all()
     ablations = pd.read_parquet(out / "ablations.parquet")
-    assert set(ablations["trial_id"]) == set(trials["trial_id"])
+    assert set(ablations["trial_id"]) == set(trials["trial_id"])  # every member's curve
     assert set(ablations["method"]) == {"global_threshold"}
     assert (out / "feature_stats.parquet").exists() and (out / "search.json").exists()
 
@@ -146,7 +154,8 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
         tiny_model_dir,
         tiny_cache,
         inject_failure_at_step=25,
-        lambda_mode="fixed",
+        lambda_mode="control",
+        targets=(4.0, 8.0),
         checkpoint_every=2,
         inject_failure_kind=kind,
     )
@@ -154,14 +163,16 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
         "restart",
         str(tmp_path / "tune"),
         spec,
-        grid=({"p": 0.5, "eps": 0.0, "lam": 1.0},),
+        grid=({"p": 0.5, "eps": 0.0},),
+        targets=(4.0, 8.0),
         max_failures=1,
     )
     trials = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet")
-    assert len(trials) == 1  # the restarted trial is one row, not two
-    row = trials.iloc[0]
-    assert row["status"] == "finished" and row["steps"] == 40
-    assert row["restored_from_step"] == 20  # the last checkpoint before the failure
+    assert len(trials) == 2  # one row per ladder member, not two per restart
+    assert set(trials["status"]) == {"finished"} and set(trials["steps"]) == {40}
+    # Every member resumed from the last checkpoint before the failure.
+    assert set(trials["restored_from_step"]) == {20}
+    assert sorted(trials["target_l0"]) == [4.0, 8.0]
 
 
 def test_diverging_trial_is_reported_not_crashed(tiny_model_dir, tiny_cache, tmp_path):
@@ -179,7 +190,7 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, tiny_cache):
         make_plan("x", "st", spec, targets=(200.0,))
     with pytest.raises(ValueError, match="num_trials 0 is invalid"):
         make_plan("x", "st", spec, num_trials=0)
-    with pytest.raises(ValueError, match="lambda_mode 'control' needs target_l0"):
+    with pytest.raises(ValueError, match="lambda_mode 'control' needs targets"):
         _spec(tiny_model_dir, tiny_cache, lambda_mode="control")
 
 

@@ -27,7 +27,8 @@ ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
                   "activation_samples": "activation_samples.parquet"}
 """Results table name -> the file each trial's checkpoint holds (concatenated with trial_id)."""
 REQUIRED_TRIAL_COLUMNS = ("trial_id", "status", "family", "l0", "ce_sae")
-TRIAL_COLUMNS = (*REQUIRED_TRIAL_COLUMNS, "experiment", "penalty", "label", "target_l0",
+TRIAL_COLUMNS = (*REQUIRED_TRIAL_COLUMNS, "experiment", "stage", "tune_trial_id", "member",
+                 "trial_objective", "penalty", "label", "target_l0",
                  "seed", "lam", "objective", "ce_clean", "ce_zero", "ce_recovered", "fvu",
                  "mse", "cos_sim", "l2_ratio", "dead_fraction", "low_freq_fraction",
                  "median_nonzero", "steps", "tokens_seen", "status_reason")

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from raysae.core.kinds import KINDS
 from raysae.core.penalties import (
     DEFAULT_GRAD_FLOOR,
     get_penalty,
@@ -93,6 +94,9 @@ class TrainConfig:
     """SAE shape; None in a job's template until the activations' width is known."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     """Sparsity penalty."""
+    kind: str = "relu"
+    """SAE kind (registry raysae.core.kinds): relu + penalty, topk, batchtopk, jumprelu,
+    panneal (the power penalty with p annealed from 1 to the penalty's p)."""
     lam: float = 1.0
     """Penalty coefficient lambda: the controller's start value (scaled by 1 / rho(1) of the
     penalty) when l0_target is set, else the fixed coefficient."""
@@ -136,6 +140,10 @@ class TrainConfig:
                 "an SAEConfig")
         require(isinstance(self.penalty, PenaltyConfig), "penalty", self.penalty,
                 "a PenaltyConfig")
+        require(self.kind in KINDS, "kind", self.kind, f"must be one of {sorted(KINDS)}")
+        problem = KINDS[self.kind].check(self)
+        require(problem is None, "kind", self.kind, problem or "",
+                "pick another {kind} or penalty")
         require(is_number(self.lam) and self.lam >= 0, "lam", self.lam, "must be a number >= 0")
         positive_int(self, "batch_size", "total_tokens", "log_every", "dead_window_tokens")
         require(self.total_tokens >= self.batch_size, "total_tokens", self.total_tokens,

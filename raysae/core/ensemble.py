@@ -1,31 +1,29 @@
 """An L0 ladder of K SAEs trained together: one batch read once, fed to K members.
 
-``BatchedSAE`` holds K standard SAEs as stacked weights (``W_enc [K, d_in, d_sae]``,
-``W_dec [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``) and runs them with
-batched matmuls. ``EnsembleTrainer`` trains one member per target L0 with a shared
-penalty; each member has its own lambda, L0 controller, dead-feature tracking and
-divergence status. The loss is the sum over live members of
-``mean_tokens ||x_hat_k - x||^2 + lambda_k * mean_tokens penalty(f_k)``: summing keeps each
-member's gradient what it would be alone, and Adam is elementwise, so one Adam over the
-stacked weights trains every member as ``Trainer`` would (``train.py``).
+``BatchedSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``,
+``W_dec [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``, plus the kind's
+thresholds) and runs them with batched matmuls. ``EnsembleTrainer`` trains one member per
+target L0, all of ``cfg.kind`` (raysae.core.kinds: relu + penalty, topk, batchtopk,
+jumprelu, panneal); each member has its own lambda and L0 controller (penalty kinds), k or
+L0 target (the others), dead-feature tracking and divergence status. The loss is the sum
+over live members of ``mean_tokens ||x_hat_k - x||^2 + term_k`` (term: lambda_k * penalty,
+AuxK or the JumpReLU L0 loss): summing keeps each member's gradient what it would be
+alone, and Adam is elementwise, so one Adam over the stacked weights trains every member
+as it would be trained alone (``Trainer`` in train.py for relu).
 
-No host sync between logging steps: batch L0, the controller, lambdas, finiteness and
-last-fired steps stay device tensors; ``.item()``/``.tolist()`` run only every
-``cfg.log_every`` steps, at the end and in ``result()`` (plus once on the first batch
+No host sync between logging steps: batch L0, the controller, lambdas, thresholds,
+finiteness and last-fired steps stay device tensors; ``.item()``/``.tolist()`` run only
+every ``cfg.log_every`` steps, at the end and in ``result()`` (plus once on the first batch
 when the activation scale is estimated). So a member whose loss goes NaN/inf has its
 gradients zeroed from that very step (on the device), but is *reported* diverged at the
 next logging step, which also zeroes its Adam state so its weights stay frozen after.
 Likewise a non-finite activation batch trains nobody (all gradients zeroed) and raises
-``NonFiniteActivationsError`` at the next logging step.
-
-CPU: the step's [K, B, d_sae] temporaries are big enough that glibc returns them to the
-OS and page-faults them back every step; ``keep_freed_memory()`` (opt-in, process-wide)
-stops that (benchmarks/ensemble_step.py).
+``NonFiniteActivationsError`` at the next logging step. CPU: see
+``raysae.core.memory.keep_freed_memory`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +34,8 @@ from torch import nn
 
 from raysae.core import metrics
 from raysae.core.config import SAEConfig, TrainConfig
+from raysae.core.kinds import get_kind
+from raysae.core.memory import keep_freed_memory
 from raysae.core.penalties import penalty_per_token, penalty_scale_at_one
 from raysae.core.sae import SAE
 from raysae.core.train import (
@@ -48,37 +48,27 @@ from raysae.core.train import (
 )
 
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
-
-
-def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Opt-in, process-wide (glibc only): keep freed blocks below these sizes for reuse.
-
-    By default glibc hands the step's freed [K, B, d_sae] buffers back to the OS and
-    page-faults them in again next step, which costs the batched step about as much as
-    its elementwise work on CPU. Returns False where mallopt is unavailable.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)
-                and libc.mallopt(m_trim_threshold, trim_threshold))
+__all__ = ["BatchedSAE", "EnsembleTrainer", "keep_freed_memory", "train_ensemble"]
 
 
 class BatchedSAE(nn.Module):
-    """K standard SAEs, stacked; member k starts exactly as ``SAE(cfg, seed=seeds[k])``."""
+    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``.
 
-    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None]):
+    ``targets`` (default 1.0 each) give the kind its per-member k or L0 target.
+    """
+
+    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
+                 targets: Sequence[float] | None = None):
         super().__init__()
-        self.cfg, self.k = cfg, len(seeds)
+        self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)
         members = [SAE(cfg, seed=s) for s in seeds]
         for name in _PARAMS:
             stacked = torch.stack([getattr(m, name).detach() for m in members])
             setattr(self, name, nn.Parameter(stacked))
+        self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]); the same math as ``SAE``.
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae].
 
         ``x - b_dec`` enters the encoder detached, and b_dec's encoder gradient,
         ``-(sum_tokens dL/dpre) W_enc^T``, comes from ``t = y - y.detach()`` with
@@ -88,8 +78,15 @@ class BatchedSAE(nn.Module):
         y = torch.bmm(self.b_dec.unsqueeze(1), self.W_enc.detach())
         bias = self.b_enc.unsqueeze(1) - (y - y.detach())
         centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
-        f = torch.baddbmm(bias, centred, self.W_enc).relu_()  # in place: no extra copy
-        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec), f
+        return torch.baddbmm(bias, centred, self.W_enc)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]) (training activation)."""
+        f = self.kind.activate(self, self.pre_acts(x))
+        return self.decode(f), f
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -104,16 +101,16 @@ class BatchedSAE(nn.Module):
 
     @torch.no_grad()
     def member(self, k: int) -> SAE:
-        """Member k as a standard SAE (a CPU copy), for saving and evaluation."""
-        sae = SAE(self.cfg, seed=None)
-        sae.load_state_dict({n: getattr(self, n)[k].detach().float().cpu().clone()
-                             for n in _PARAMS})
+        """Member k as an SAE with its inference architecture (a CPU copy)."""
+        sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
+        for n in _PARAMS:
+            getattr(sae, n).copy_(getattr(self, n)[k].detach().float().cpu())
         return sae
 
     @torch.no_grad()
     def finite_members(self) -> torch.Tensor:
         """[K] bool: every weight of member k is finite (device tensor, no sync)."""
-        oks = [torch.isfinite(getattr(self, n)).flatten(1).all(dim=1) for n in _PARAMS]
+        oks = [torch.isfinite(p).flatten(1).all(dim=1) for p in self.parameters()]
         return torch.stack(oks).all(dim=0)
 
 
@@ -121,7 +118,8 @@ class EnsembleTrainer:
     """One SAE per target L0, trained together on the same batches (see module doc).
 
     ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)`` for every member);
-    with ``cfg.control_frac = 0`` they stay fixed (search-mode lambda).
+    with ``cfg.control_frac = 0`` they stay fixed (search-mode lambda). Kinds without a
+    penalty keep lambda at 0.
     """
 
     def __init__(self, cfg: TrainConfig, targets: Sequence[float], *,
@@ -137,8 +135,11 @@ class EnsembleTrainer:
         start = [cfg.lam / rho1] * self.k if lams is None else [float(v) for v in lams]
         if len(start) != self.k:
             raise ValueError(f"lams has {len(start)} values for {self.k} targets")
+        self.kind = get_kind(cfg.kind)
+        start = start if self.kind.uses_penalty else [0.0] * self.k
         dev = self.device = torch.device(cfg.device)
-        self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k).to(dev)
+        self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
+                                targets=self.targets).to(dev)
         fused = dev.type in ("cpu", "cuda") or None  # fused Adam: no .item() per step
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                     fused=fused)
@@ -178,11 +179,12 @@ class EnsembleTrainer:
         x, x_ok = self._prepare(x)
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr()
-        x_hat, f = self.model(x)
+        pre = self.model.pre_acts(x)
+        f = self.kind.activate(self.model, pre)
+        x_hat = self.model.decode(f)
         recon = (x_hat - x).pow(2).sum(dim=-1).mean(dim=-1)
-        pen = self._penalty(f).mean(dim=-1)
-        lam = self.lam.float()
-        per = recon + lam * pen
+        term, pen = self.kind.loss_terms(self, x, x_hat, f, pre)
+        per = recon + term
         finite = torch.isfinite(per)
         train = self.live & finite & x_ok
         self.opt.zero_grad(set_to_none=True)
@@ -192,6 +194,7 @@ class EnsembleTrainer:
         self.model.remove_parallel_grad_()
         self.opt.step()
         self.model.normalize_decoder_()
+        self.kind.after_step(self.model, train)
         self.step_count += 1
         self.tokens += x.shape[0]
         newly = self.live & ~finite & x_ok
@@ -199,20 +202,20 @@ class EnsembleTrainer:
         self.live &= ~newly
         fires = (f.detach() > 0).sum(dim=1, dtype=torch.int32)  # [K, d_sae] over tokens
         self.last_fired.masked_fill_(fires > 0, float(self.tokens))
-        if self.controlling():
+        if self.controlling() and self.kind.uses_controller:
             self._control(fires.sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
-            return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen, lam)
+            return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen.detach())
         return None
 
-    def _penalty(self, f: torch.Tensor) -> torch.Tensor:
+    def penalty(self, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
         """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's
         elementwise passes and their backward run in cache (sqrt: ~8% off the step)."""
-        pen = self.cfg.penalty
+        name, floor = self.cfg.penalty.name, self.cfg.penalty.grad_floor
         if f.device.type != "cpu":
-            return penalty_per_token(pen.name, f, pen.params, pen.grad_floor)
+            return penalty_per_token(name, f, params, floor)
         chunk = max(1, (1 << 19) // (f.shape[0] * f.shape[2]))
-        return torch.cat([penalty_per_token(pen.name, part, pen.params, pen.grad_floor)
+        return torch.cat([penalty_per_token(name, part, params, floor)
                           for part in f.split(chunk, dim=1)], dim=1)
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,11 +238,14 @@ class EnsembleTrainer:
         new = self.lam.clamp_min(1e-12) * torch.exp(self.cfg.control_gain * error)
         self.lam = torch.where(self.live, new, self.lam)
 
+    def dead_mask(self) -> torch.Tensor:
+        """[K, d_sae] bool: no fire in the last ``dead_window_tokens`` (or ever, if fewer)."""
+        return self.last_fired < max(self.tokens - self.cfg.dead_window_tokens, 0)
+
     def dead_fractions(self) -> torch.Tensor:
-        horizon = max(self.tokens - self.cfg.dead_window_tokens, 0)
         if not self.tokens:
             return torch.zeros(self.k, device=self.device)
-        return (self.last_fired < horizon).float().mean(dim=1)
+        return self.dead_mask().float().mean(dim=1)
 
     # -- host side: logging steps, divergence ---------------------------------------------
     def check_members(self) -> None:
@@ -262,19 +268,19 @@ class EnsembleTrainer:
                     if moment in self.opt.state.get(p, {}):
                         self.opt.state[p][moment][k].zero_()
 
-    def _log(self, x, x_hat, f, per, recon, pen, lam) -> list[dict[str, float]]:
+    def _log(self, x, x_hat, f, per, recon, pen) -> list[dict[str, float]]:
         self.check_members()
         raw_x = x / self.scale
         losses, recons, pens = per.tolist(), recon.tolist(), pen.tolist()
-        lams, dead = lam.tolist(), self.dead_fractions().tolist()
-        rows = []
+        lams, dead = self.lam.tolist(), self.dead_fractions().tolist()
+        extra, rows = self.kind.log_fields(self), []
         for k in range(self.k):
             if self.status[k] is not None:
                 continue
             row = metrics.reconstruction_metrics(raw_x, x_hat[k] / self.scale, f[k])
             row.update(loss=losses[k], recon_loss=recons[k], penalty_loss=pens[k], lam=lams[k],
                        lr=self.current_lr(), dead_fraction=dead[k], step=self.step_count,
-                       tokens_seen=self.tokens, member=k, target_l0=self.targets[k])
+                       tokens_seen=self.tokens, member=k, target_l0=self.targets[k], **extra[k])
             self.history[k].append(row)
             rows.append(row)
         return rows
@@ -309,10 +315,11 @@ class EnsembleTrainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"]["sae"] != self.cfg.to_dict()["sae"] or state["targets"] != self.targets:
-            raise CheckpointError(f"checkpoint is for SAE {state['config']['sae']} with targets "
-                                  f"{state['targets']}, not {self.cfg.to_dict()['sae']} with "
-                                  f"{self.targets}; start a fresh trial")
+        mine = (self.cfg.to_dict()["sae"], self.cfg.kind, self.targets)
+        theirs = (state["config"]["sae"], state["config"].get("kind", "relu"), state["targets"])
+        if theirs != mine:
+            raise CheckpointError(f"checkpoint is for (SAE, kind, targets) {theirs}, not "
+                                  f"{mine}; start a fresh trial")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         for name in self._STATE:

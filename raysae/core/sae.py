@@ -1,15 +1,25 @@
-"""The standard SAE: f = relu(W_enc (x - b_dec) + b_enc), x_hat = W_dec f + b_dec.
+"""An SAE with SAELens's three inference architectures; x_hat = W_dec f + b_dec and
+``pre = W_enc (x - b_dec) + b_enc`` for all three:
 
-Saved in SAELens's layout for a standard SAE, so ``sae_lens.SAE.load_from_disk``
-reads it: a directory holding
+- ``standard``: f = relu(pre) (the study's SAE; raysae kinds ``relu``, ``panneal``);
+- ``topk``: f = the k largest pre per token, relu'd, the rest 0 (kind ``topk``);
+- ``jumprelu``: f = relu(pre) * (pre > threshold), a per-feature threshold (kind
+  ``jumprelu``; kind ``batchtopk`` too, with its one learned threshold for every feature,
+  as SAELens converts BatchTopK).
+
+Saved in SAELens's layout, so ``sae_lens.SAE.load_from_disk`` reads it: a directory
+holding
 
 - ``sae_weights.safetensors`` with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
-  ``b_enc [d_sae]``, ``b_dec [d_in]`` (SAELens's names and shapes);
-- ``cfg.json`` with SAELens's fields ``architecture="standard"``, ``d_in``, ``d_sae``,
-  ``dtype``, ``device``, ``apply_b_dec_to_input=true``, ``normalize_activations="none"``
-  (any training-time scaling is folded into the weights), and ``metadata``
-  (``model_name``, ``hook_name``, ...); raysae's own settings (penalty, lambda, training
-  config) sit under the extra key ``"raysae"``, which SAELens ignores.
+  ``b_enc [d_sae]``, ``b_dec [d_in]`` (SAELens's names and shapes), plus
+  ``threshold [d_sae]`` for jumprelu (SAELens's name; raw threshold, not its log);
+- ``cfg.json`` with SAELens's fields ``architecture`` ("standard" / "topk" / "jumprelu"),
+  ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input=true``,
+  ``normalize_activations="none"`` (any training-time scaling is folded into the weights;
+  k and threshold act on pre, which folding leaves unchanged), for topk also ``k`` (int)
+  and ``rescale_acts_by_decoder_norm=false``, and ``metadata`` (``model_name``,
+  ``hook_name``, ...); raysae's own settings (kind, penalty, lambda, training config) sit
+  under the extra key ``"raysae"``, which SAELens ignores.
 
 Loading never unpickles: safetensors holds only tensors and JSON only data.
 """
@@ -34,6 +44,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 _SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",),
            "b_dec": ("d_in",)}
+ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
 class SAELoadError(ValueError):
@@ -41,11 +52,24 @@ class SAELoadError(ValueError):
 
 
 class SAE(nn.Module):
-    """Untied ReLU SAE with a pre-encoder bias and unit-norm decoder rows."""
+    """Untied SAE with a pre-encoder bias and unit-norm decoder rows (module doc).
 
-    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0):
+    ``architecture="topk"`` needs ``k`` (an int in [1, d_sae]); ``"jumprelu"`` holds a
+    ``threshold`` buffer [d_sae] (zeros unless given).
+    """
+
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, architecture: str = "standard",
+                 k: int | None = None, threshold: torch.Tensor | None = None):
         super().__init__()
-        self.cfg = cfg
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} is not one of {ARCHITECTURES}")
+        if architecture == "topk" and not (isinstance(k, int) and 1 <= k <= cfg.d_sae):
+            raise ValueError(f"topk needs an integer k in [1, d_sae={cfg.d_sae}]; got {k!r}")
+        self.cfg, self.architecture = cfg, architecture
+        self.k = k if architecture == "topk" else None
+        if architecture == "jumprelu":
+            start = torch.zeros(cfg.d_sae) if threshold is None else threshold.float().clone()
+            self.register_buffer("threshold", start.reshape(cfg.d_sae))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -55,7 +79,13 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.architecture == "topk":
+            vals, idx = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        if self.architecture == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        return torch.relu(pre)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -95,12 +125,15 @@ class SAE(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in _SHAPES}
+        names = [*_SHAPES, "threshold"] if self.architecture == "jumprelu" else list(_SHAPES)
+        tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in names}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        cfg = {"architecture": "standard", "d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae,
-               "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-               "normalize_activations": "none", "reshape_activations": "none",
-               "metadata": metadata or {}, "raysae": raysae or {}}
+        cfg = {"architecture": self.architecture, "d_in": self.cfg.d_in,
+               "d_sae": self.cfg.d_sae, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "reshape_activations": "none", "metadata": metadata or {}, "raysae": raysae or {}}
+        if self.architecture == "topk":
+            cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -113,7 +146,7 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> SAE:
-        """Read an SAE saved by ``save`` (or SAELens, standard architecture); no pickle."""
+        """Read an SAE saved by ``save`` (or SAELens: standard, topk, jumprelu); no pickle."""
         cfg = read_sae_config(path)
         try:
             tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=device)
@@ -121,9 +154,12 @@ class SAE(nn.Module):
             raise SAELoadError(
                 f"{Path(path) / WEIGHTS_FILE} is unreadable ({exc}); re-save or re-train the SAE"
             ) from None
-        sae = cls(SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"])), seed=None)
+        arch = cfg.get("architecture", "standard")
+        sae = cls(SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"])), seed=None,
+                  architecture=arch, k=cfg.get("k"))
         dims = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
-        for name, shape in _SHAPES.items():
+        shapes = {**_SHAPES, "threshold": ("d_sae",)} if arch == "jumprelu" else _SHAPES
+        for name, shape in shapes.items():
             want = tuple(dims[d] for d in shape)
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != want:
@@ -131,7 +167,7 @@ class SAE(nn.Module):
                                    f"from cfg.json; the files do not belong together")
             if not torch.isfinite(tensors[name]).all():
                 raise SAELoadError(f"{path}: tensor {name} holds NaN/inf; the SAE diverged")
-        sae.load_state_dict({k: tensors[k].float() for k in _SHAPES})
+        sae.load_state_dict({k: tensors[k].float() for k in shapes})
         return sae.to(device)
 
 
@@ -147,11 +183,15 @@ def read_sae_config(path: str | os.PathLike) -> dict[str, Any]:
         raise SAELoadError(f"{cfg_path} is not valid JSON ({exc}); the file is truncated "
                            f"or corrupt") from None
     arch = cfg.get("architecture", "standard")
-    if arch != "standard":
-        raise SAELoadError(f"{cfg_path}: architecture {arch!r} is not supported; only 'standard'")
-    for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+    if arch not in ARCHITECTURES:
+        raise SAELoadError(f"{cfg_path}: architecture {arch!r} is not supported; "
+                           f"only {ARCHITECTURES}")
+    for key in ("d_in", "d_sae", *(("k",) if arch == "topk" else ())):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise SAELoadError(f"{cfg_path}: field {key!r} = {cfg.get(key)!r} must be an int >= 1")
+    if arch == "topk" and (cfg["k"] > cfg["d_sae"] or cfg.get("rescale_acts_by_decoder_norm")):
+        raise SAELoadError(f"{cfg_path}: topk needs k <= d_sae and no "
+                           f"rescale_acts_by_decoder_norm; got k={cfg['k']}")
     if cfg.get("normalize_activations", "none") != "none":
         raise SAELoadError(f"{cfg_path}: normalize_activations="
                            f"{cfg['normalize_activations']!r} is not supported; fold it first")

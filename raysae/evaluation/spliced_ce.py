@@ -2,7 +2,11 @@
 
 CE convention: mean next-token cross-entropy (nats) over every predicted position of every
 block (targets are tokens 1..ctx-1: ctx-1 predictions per block, BOS never a target), over
-the same positions for ce_clean, ce_sae and ce_zero. With ``keep_first=True`` (default) the
+the same positions for ce_clean, ce_sae and ce_zero. Per-block CE (``ce_clean_blocks``, the
+``ce_sae_blocks`` of ``evaluate``) is the same mean over one block's ctx-1 predictions, in
+block order; every block has the same number of predictions, so the overall CE is the plain
+mean of the per-block values (``raysae.analysis.confidence`` uses them for the held-out
+set's sampling noise). With ``keep_first=True`` (default) the
 hooked activation is replaced at every position except the first of each block: position 0
 holds BOS, whose activation is an outlier the SAE never trained on (activation harvesting
 drops BOS rows). ce_zero zeroes the same positions ce_sae replaces. Reconstruction metrics
@@ -39,9 +43,15 @@ _CHECK_TOL = 1e-4
 
 def next_token_ce_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """Sum of next-token CE over positions 0..ctx-2 (logits [b, ctx, V], tokens [b, ctx])."""
+    return float(next_token_ce_blocks(logits, tokens).sum())
+
+
+def next_token_ce_blocks(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
+    """Per-block sum of next-token CE over positions 0..ctx-2: float64 array [b]."""
     v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(),
-                           tokens[:, 1:].reshape(-1).to(logits.device), reduction="sum").item()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(),
+                         tokens[:, 1:].reshape(-1).to(logits.device), reduction="none")
+    return ce.view(tokens.shape[0], -1).sum(1).double().cpu().numpy()
 
 
 def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
@@ -99,19 +109,26 @@ class Evaluator:
         self.first = int(keep_first)
         self.device = next(model.parameters()).device
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        clean, first_logits = 0.0, None
+        clean, first_logits = [], None
         for toks in self.tokens.split(batch_size):
             toks = toks.to(self.device)
             logits, acts = self._clean_forward(toks)
-            clean += next_token_ce_sum(logits, toks)
+            clean.append(next_token_ce_blocks(logits, toks))
             self._batches.append((toks, acts.detach()))
             first_logits = logits if first_logits is None else first_logits
         self.n_predictions = self.tokens.shape[0] * (self.tokens.shape[1] - 1)
-        self.ce_clean = clean / self.n_predictions
+        clean_sums = np.concatenate(clean)
+        self.ce_clean = float(clean_sums.sum()) / self.n_predictions
+        #: Clean CE of each held-out block (mean over its ctx-1 predictions), block order.
+        self.ce_clean_blocks: list[float] = self._block_means(clean_sums)
         self.d_in = self._batches[0][1].shape[-1]
         self._suffix = self._make_suffix(first_logits) if resume else None
         del first_logits
         self.ce_zero = self.ce_with(torch.zeros_like)
+
+    def _block_means(self, sums: np.ndarray) -> list[float]:
+        """Per-block CE sums -> per-block mean CE (every block has ctx-1 predictions)."""
+        return (sums / (self.tokens.shape[1] - 1)).tolist()
 
     @property
     def n_tokens(self) -> int:
@@ -187,16 +204,18 @@ class Evaluator:
                           for _, a in self._batches])
 
     @torch.no_grad()
-    def evaluate(self, sae, transform: Transform | None = None) -> dict[str, float]:
+    def evaluate(self, sae, transform: Transform | None = None) -> dict[str, float | list[float]]:
         """CE and reconstruction metrics with the hook replaced by the SAE's reconstruction.
 
         ``transform`` maps feature activations [tokens, d_sae] before decoding (ablations).
+        Every value is a float except ``ce_sae_blocks``: the CE of each held-out block (block
+        order), whose plain mean is ``ce_sae``.
         """
         if sae.cfg.d_in != self.d_in:
             raise ValueError(f"SAE reads d_in={sae.cfg.d_in} but {self.hook_name} has width "
                              f"{self.d_in}; use an SAE trained on this hook")
         sae_device = sae.W_enc.device
-        total, l0_sum, recons = 0.0, 0.0, []
+        sums, l0_sum, recons = [], 0.0, []
         for toks, acts in self._batches:
             x = acts[:, self.first:].reshape(-1, self.d_in).to(sae_device, torch.float32)
             f = sae.encode(x)
@@ -205,10 +224,12 @@ class Evaluator:
             x_hat = sae.decode(f)
             l0_sum += metrics.l0(f) * x.shape[0]
             recons.append(x_hat.cpu())
-            total += next_token_ce_sum(self._logits(toks, self._patch(acts, x_hat)), toks)
+            sums.append(next_token_ce_blocks(self._logits(toks, self._patch(acts, x_hat)), toks))
         x, x_hat = self.activations(), torch.cat(recons)
-        ce_sae = total / self.n_predictions
-        return {"ce_clean": self.ce_clean, "ce_sae": ce_sae, "ce_zero": self.ce_zero,
+        block_sums = np.concatenate(sums)
+        ce_sae = float(block_sums.sum()) / self.n_predictions
+        return {"ce_clean": self.ce_clean, "ce_sae": ce_sae,
+                "ce_sae_blocks": self._block_means(block_sums), "ce_zero": self.ce_zero,
                 "ce_recovered": ce_recovered(self.ce_clean, ce_sae, self.ce_zero),
                 "l0": l0_sum / x.shape[0], "mse": metrics.mse(x, x_hat),
                 "fvu": metrics.fvu(x, x_hat), "cos_sim": metrics.cos_sim(x, x_hat),

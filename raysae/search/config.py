@@ -25,7 +25,14 @@ from typing import Any
 from raysae.activations.source import DTYPES
 from raysae.core.config import TrainConfig
 from raysae.core.penalties import PENALTIES, get_penalty
-from raysae.settings import SettingError, is_number, positive_int, replace_fields, require
+from raysae.settings import (
+    SettingError,
+    is_int,
+    is_number,
+    positive_int,
+    replace_fields,
+    require,
+)
 
 OBJECTIVES = ("target", "pareto")
 LAMBDA_MODES = ("control", "search")
@@ -101,10 +108,15 @@ class SearchConfig:
     [ce_sae, l0] (needs lambda_mode search)."""
     lambda_mode: str = "control"
     """control: a feedback controller drives L0 to the target; search: Optuna searches lambda."""
-    targets: tuple[float, ...] = (8.0, 16.0, 32.0)
-    """Target L0 values."""
+    targets: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    """The L0 ladder: every trial trains one SAE per target, each driven to it."""
     num_trials: int = 3
-    """Searched trials per target L0 (or in all, pareto), besides the reference penalties."""
+    """Trials Optuna proposes, besides the references (each trains the whole ladder)."""
+    seeds: int = 3
+    """Confirmation stage: retrain the best proposals and the references with this many
+    seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
+    confirm_best: int = 2
+    """How many of the best proposals (by the search objective) the confirmation retrains."""
     lam_range: tuple[float, float] = (1e-2, 1e2)
     """Lambda range, log scale: searched with lambda_mode search; the sweep's grid."""
     beta: float = 1.0
@@ -131,7 +143,9 @@ class SearchConfig:
         if self.objective == "pareto" and self.lambda_mode == "control":
             raise SettingError("objective", "pareto", "needs {lambda_mode} search: lambda "
                                "must vary to trace a frontier", "add {lambda_mode} search")
-        positive_int(self, "num_trials", "max_concurrent")
+        positive_int(self, "num_trials", "max_concurrent", "confirm_best")
+        require(is_int(self.seeds) and self.seeds >= 0, "seeds", self.seeds,
+                "must be an integer >= 0", "pass e.g. {seeds} 3 (0 turns it off)")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         require(bool(self.targets), "targets", "", "give at least one target L0")
         for t in self.targets:
@@ -258,7 +272,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "EleutherAI/pythia-70m-deduped", "hook": "blocks.3.hook_resid_post",
         "corpus": "monology/pile-uncopyrighted", "cache_tokens": 50_000_000,
         "cache_dtype": "float16", "eval_blocks": 256, "total_tokens": 400_000_000,
-        "batch_size": 4096, "targets": (15.0, 30.0, 60.0), "num_trials": 21,
+        "batch_size": 4096, "targets": (8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
+        "num_trials": 16,
         "n_lambdas": 15},
 }
 SWEEP_DEFAULTS = {"lam_range": (0.3, 10.0)}

@@ -12,8 +12,9 @@ from pathlib import Path
 from raysae.core.config import SAEConfig
 from raysae.search import preflight
 from raysae.search.config import JobConfig
-from raysae.search.trainable import TrialSpec
-from raysae.search.tune_setup import SearchPlan, grid_points, live_concurrency, run_search
+from raysae.search.spec import TrialSpec
+from raysae.search.stages import run_search
+from raysae.search.tune_setup import SearchPlan, grid_points, live_concurrency
 
 
 def job_name(cfg: JobConfig, sweep: bool) -> str:
@@ -103,8 +104,8 @@ def _run(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
         lambda_mode="fixed" if sweep else cfg.search.lambda_mode, beta=cfg.search.beta,
         tol=cfg.search.tol, eval_blocks=cfg.activations.eval_blocks,
         feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
-        target_l0=None if sweep or cfg.search.objective == "pareto"
-        else cfg.search.targets[0]))
+        targets=() if sweep or cfg.search.lambda_mode != "control"
+        else tuple(cfg.search.targets)))
     out = run_search(plan, results, resume=cfg.run.resume, settings=cfg.to_dict())
     print(f"raysae: trials table: {out / 'trials.parquet'}")
     if cfg.run.report:

@@ -1,133 +1,43 @@
-"""The Ray Tune function trainable: train one SAE, report, checkpoint, evaluate.
+"""The Ray Tune function trainable: train a trial's SAEs (an L0 ladder), report, checkpoint,
+evaluate.
 
-Every trial reports the same metrics. Training rows (every ``report_every`` steps) carry
-l0, mse, fvu, cos_sim, l2_ratio, dead_fraction, tokens_seen, lam and ``objective = NaN``
-(CE needs the held-out evaluation); the final row adds ce_clean, ce_sae, ce_zero,
-ce_recovered, the feature statistics, ``objective`` and ``status`` (finished, diverged or
-data_exhausted). A diverged trial ends with a finite, clearly bad objective
-(``BAD_OBJECTIVE``) instead of an exception, so the searcher learns to avoid the region.
+Training reports (every ``log_every`` steps) carry the ladder's mean l0, mse, fvu and
+tokens_seen with ``objective = NaN``; the final report adds ``objective`` (the trial's
+frontier score, raysae.search.spec), ``status`` and ``members``: one row per SAE (its
+target, l0, ce_clean/ce_sae/ce_zero, ce_recovered, fvu, cos_sim, l2_ratio, dead and
+low-frequency fractions, lambda, status), which the results table expands into one row per
+(trial, target). One diverging member does not end the others.
 
-Checkpoints hold the whole trainer state (SAE, Adam moments, step, lambda, scale) in a
-``weights_only``-loadable file, so a restarted trial continues at the step it stopped.
-The final checkpoint also holds the SAE (SAELens layout), its feature statistics and,
-optionally, its global-threshold removal curve.
+Checkpoints hold the whole ensemble state (weights, Adam moments, step, lambdas, scale) in a
+``weights_only``-loadable file, so a restarted trial resumes every member at the step it
+stopped. The final checkpoint also holds every member's SAE (SAELens layout, ``sae/<k>``),
+feature statistics and, optionally, global-threshold removal curves.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import signal
 import tempfile
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raysae.core.config import PenaltyConfig, TrainConfig
-from raysae.core.penalties import penalty_scale_at_one
-from raysae.core.train import DIVERGED, FINISHED, Trainer, train_sae
-from raysae.search.space import penalty_of
+from raysae.core.config import TrainConfig
+from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory, train_ensemble
+from raysae.search.members import evaluate_members
+from raysae.search.spec import (  # noqa: F401  (re-exported: the trial's public names)
+    BAD_OBJECTIVE,
+    LAMBDA_MODES,
+    TrialSpec,
+    frontier_score,
+    objective,
+    train_config,
+)
 
 STATE_FILE = "trainer_state.pt"
-SAE_DIR = "sae"
-SWEEP_FILE = "threshold_sweep.parquet"
-BAD_OBJECTIVE = 1e3
-LAMBDA_MODES = ("search", "control", "fixed")
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """What every trial of one search shares; the searcher varies only the penalty (family
-    and parameters) and, in search mode, lambda."""
-
-    activations: str | dict
-    """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
-    model: str
-    """LM hub name or local checkpoint folder (for the held-out CE)."""
-    hook: str
-    """Hook name whose activations the SAE reconstructs."""
-    train: TrainConfig
-    """The training template (shape set); a trial fills in penalty, lambda, target, seed."""
-    activation_source: dict | None = None
-    """The ActivationSource the cache was built from: a node that lacks the cache folder
-    (a fresh cluster worker) builds it from this, once per node (file-locked)."""
-    context_length: int = 128
-    """Tokens per held-out block."""
-    corpus: str = "stdlib"
-    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
-    lambda_mode: str = "control"
-    """control: a controller drives L0 to the target; search: Optuna proposes lambda;
-    fixed: lambda comes from the trial config (grid sweeps)."""
-    target_l0: float | None = None
-    beta: float = 1.0
-    """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
-    tol: float = 0.15
-    """Relative L0 miss that costs nothing in the objective."""
-    checkpoint_every: int = 4
-    """Checkpoint every this many reports (and always at the end)."""
-    eval_blocks: int = 64
-    feature_tokens: int = 100_000
-    threshold_sweep: bool = False
-    sweep_points: int = 10
-    torch_threads: int = 1
-    inject_failure_at_step: int | None = None
-    """Fault injection for reliability tests: fail once at this step (first attempt only)."""
-    inject_failure_kind: str = "raise"
-    """raise: a Python exception; sigkill: the trial's worker process SIGKILLs itself."""
-
-    def __post_init__(self) -> None:
-        if self.train.sae is None:
-            raise ValueError("TrialSpec.train.sae is None: set the SAE shape before the search")
-        if self.lambda_mode not in LAMBDA_MODES:
-            raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
-                             f"{LAMBDA_MODES}")
-        if self.lambda_mode == "control" and self.target_l0 is None:
-            raise ValueError("lambda_mode 'control' needs target_l0: give a target L0")
-        d_sae = self.train.sae.d_sae
-        if self.target_l0 is not None and not 0 < self.target_l0 <= d_sae:
-            raise ValueError(f"target_l0 = {self.target_l0} is invalid: allowed (0, d_sae="
-                             f"{d_sae}]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def objective(ce_sae: float, l0: float, target_l0: float | None, beta: float,
-              tol: float) -> float:
-    """ce_sae + beta * max(0, |ln(l0 / target)| - ln(1 + tol)); just ce_sae without a target."""
-    if not (math.isfinite(ce_sae) and math.isfinite(l0)):
-        return BAD_OBJECTIVE
-    if target_l0 is None:
-        return ce_sae
-    miss = abs(math.log(max(l0, 1e-3) / target_l0)) - math.log(1 + tol)
-    return ce_sae + beta * max(0.0, miss)
-
-
-def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of one trial: the spec's template plus the searched penalty and
-    lambda. In control mode lambda starts at lam / rho(1), so the penalty's own scale does
-    not set the controller's start."""
-    config = flatten_config(config)
-    name, params = penalty_of(config)
-    penalty = PenaltyConfig(name, params)
-    control = spec.lambda_mode == "control"
-    lam = float(config.get("lam", spec.train.lam))
-    if control:
-        lam = spec.train.lam / penalty_scale_at_one(name, penalty.params)
-    return replace(spec.train, penalty=penalty, lam=lam,
-                   l0_target=spec.target_l0 if control else None, device=trial_device())
-
-
-def trial_device() -> str:
-    """CUDA when the trial was given a GPU (Tune sets CUDA_VISIBLE_DEVICES), else CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Grid searches nest a trial's values under "point"; searchers give them flat."""
-    return {**config.get("point", {}), **{k: v for k, v in config.items() if k != "point"}}
 
 
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
@@ -137,7 +47,7 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
     source = spec.activations
     if not isinstance(source, str):
         # Live streaming: one harvest actor per trial, so trials cannot starve each other's
-        # Ray Data pipelines of CPUs (see search.live_concurrency).
+        # Ray Data pipelines of CPUs (see tune_setup.live_concurrency).
         source = ActivationSource(**{**source, "num_actors": 1})
     elif not os.path.isdir(source) and spec.activation_source is not None:
         from raysae.activations.cache import build_cache
@@ -150,17 +60,26 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
                                    seed=seed + tokens_done)
 
 
-def _restore(cfg: TrainConfig) -> Trainer:
+def make_trainer(spec: TrialSpec, cfg: TrainConfig, data: bytes | None = None):
+    """The trial's EnsembleTrainer (restored from checkpoint bytes when given)."""
+    targets = [t if t is not None else float(cfg.sae.d_sae) for t in spec.ladder]
+    lams = None if spec.lambda_mode == "control" else [cfg.lam]
+    if data is not None:
+        return EnsembleTrainer.from_bytes(data, cfg, targets)
+    return EnsembleTrainer(cfg, targets, lams=lams)
+
+
+def _restore(spec: TrialSpec, cfg: TrainConfig) -> EnsembleTrainer:
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return Trainer(cfg)
+        return make_trainer(spec, cfg)
     with checkpoint.as_directory() as folder:
-        return Trainer.from_bytes((Path(folder) / STATE_FILE).read_bytes(), cfg)
+        return make_trainer(spec, cfg, (Path(folder) / STATE_FILE).read_bytes())
 
 
-def _report(row: dict[str, Any], trainer: Trainer | None = None, extra=None) -> None:
+def _report(row: dict[str, Any], trainer: EnsembleTrainer | None = None, extra=None) -> None:
     """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``)."""
     from ray import tune
 
@@ -187,19 +106,32 @@ def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (TrialSpec.inject_failure_at_step)")
 
 
+def _mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = ("l0", "mse", "fvu", "cos_sim", "lam", "dead_fraction")
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in keys if all(k in r for r in rows)}
+    out.update(step=max(r.get("step", r.get("steps", 0)) for r in rows),
+               tokens_seen=max(r.get("tokens_seen", 0) for r in rows),
+               members_l0=json.dumps([round(r.get("l0", float("nan")), 3) for r in rows]))
+    return out
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function trainable (bind ``spec`` with ``tune.with_parameters``)."""
     torch.set_num_threads(spec.torch_threads)
+    keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ensemble.py
     cfg = train_config(spec, config)
-    trainer = _restore(cfg)
+    trainer = _restore(spec, cfg)
     reports = 0
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
             "node_id": _node_id()}
     dashboard = _trial_metrics(cfg, trainer)
 
-    def on_log(row: dict[str, float], live: Trainer) -> None:
+    def on_log(rows: list[dict[str, float]], live: EnsembleTrainer) -> None:
         nonlocal reports
         reports += 1
+        if not rows:
+            return
+        row = _mean_row(rows)
         dashboard.record(row)
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                "status": "running"}
@@ -208,13 +140,19 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         _maybe_inject_failure(spec, live.step_count)
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
-    result = train_sae(cfg, batches, trainer=trainer, on_log=on_log)
-    final, write_artifacts = _finish(spec, cfg, result)
-    _report({**base, **final}, trainer, write_artifacts)
-    dashboard.finished(result.status)
+    results = train_ensemble(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+    members, write_artifacts = evaluate_members(spec, cfg, results)
+    status = "finished" if all(m["status"] == "finished" for m in members) else (
+        "diverged" if all(m["status"] == "diverged" for m in members) else members[0]["status"]
+        if len({m["status"] for m in members}) == 1 else "partial")
+    final = {**base, **_mean_row([m for m in members if "l0" in m] or members),
+             "objective": frontier_score(members, spec), "status": status,
+             "members": json.dumps(members)}
+    _report(final, trainer, write_artifacts)
+    dashboard.finished(status)
 
 
-def _trial_metrics(cfg: TrainConfig, trainer: Trainer):
+def _trial_metrics(cfg: TrainConfig, trainer: EnsembleTrainer):
     """Dashboard gauges for this trial (tokens/s, l0, mse), tagged with its id and family."""
     from ray import tune
 
@@ -232,66 +170,6 @@ def _node_id() -> str:
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
-    """The penalty's columns (name, family, label, each parameter), target and seed."""
+    """The penalty's columns (name, family, label, each parameter) and the seed."""
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": cfg.penalty.family,
-            "label": cfg.penalty.label, "lambda_mode": spec.lambda_mode, "seed": cfg.seed,
-            "target_l0": spec.target_l0 if spec.target_l0 is not None else float("nan")}
-
-
-def _feature_source(spec: TrialSpec, evaluator):
-    """Activations for feature statistics: ``feature_tokens`` rows of the cache (the held-out
-    set is too small to see a 1e-5 frequency), or the held-out set when streaming live."""
-    if not isinstance(spec.activations, str) or not os.path.isdir(spec.activations):
-        return evaluator
-    from raysae.activations.batches import iter_activation_batches
-    from raysae.activations.cache import load_manifest
-
-    n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
-    return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens,
-                                   seed=spec.train.seed)
-
-
-def _finish(spec: TrialSpec, cfg: TrainConfig, result):
-    """The final metrics row and a function that writes the final artifacts into a folder."""
-    last = result.final_metrics
-    row: dict[str, Any] = {**last, "status": result.status, "lam": result.lam,
-                           "steps": result.steps, "tokens_seen": result.tokens,
-                           "status_reason": result.reason or ""}
-    if result.status == DIVERGED:
-        row.update(objective=BAD_OBJECTIVE, ce_sae=BAD_OBJECTIVE, l0=float(cfg.sae.d_sae))
-        return row, None
-    from raysae.evaluation import feature_stats
-    from raysae.evaluation.spliced_ce import heldout_evaluator
-    from raysae.lm.models import load_model
-
-    model = load_model(spec.model, device=cfg.device)
-    result.sae.to(cfg.device)
-    evaluator = heldout_evaluator(model, spec.hook, n_blocks=spec.eval_blocks,
-                                  context_length=spec.context_length, source=spec.corpus)
-    row.update(evaluator.evaluate(result.sae))
-    stats = feature_stats.feature_statistics(_feature_source(spec, evaluator), result.sae,
-                                             spec.feature_tokens)
-    summary = feature_stats.summarize(*stats)
-    row.update({k: summary[k] for k in ("dead_fraction", "low_freq_fraction", "median_nonzero",
-                                        "feature_tokens")})
-    row["objective"] = objective(row["ce_sae"], row["l0"], spec.target_l0, spec.beta, spec.tol)
-    sweep = None
-    if spec.threshold_sweep and result.status == FINISHED:
-        from raysae.evaluation.ablation import threshold_sweep
-
-        sweep = threshold_sweep(evaluator, result.sae, n_points=spec.sweep_points)
-
-    def write_artifacts(folder: Path) -> None:
-        result.sae.save(folder / SAE_DIR, metadata={"model_name": spec.model,
-                                                    "hook_name": spec.hook},
-                        raysae={"train_config": cfg.to_dict(), "status": result.status,
-                                "final_lambda": result.lam})
-        feature_stats.save_feature_statistics(folder, *stats)
-        if sweep is not None:
-            sweep.to_parquet(folder / SWEEP_FILE, index=False)
-
-    return row, write_artifacts
-
-
-__all__ = ["TrialSpec", "run_trial", "objective", "train_config", "BAD_OBJECTIVE",
-           "STATE_FILE", "SAE_DIR", "SWEEP_FILE"]
+            "label": cfg.penalty.label, "lambda_mode": spec.lambda_mode, "seed": cfg.seed}

@@ -1,26 +1,20 @@
-"""Ray Tune + Optuna: the experiments of one search, resume, and the results table.
+"""Ray Tune + Optuna: one search as Tune experiments (the plan, the searcher, the tuner).
 
-Per target L0 (the objective depends on the target) two Tune experiments: the reference
-penalties as a fixed grid (``<name>_l0_<t>_refs``), then Optuna's proposals
-(``<name>_l0_<t>``); with the pareto objective one pair in all; a sweep is one grid
-experiment. Results are always rebuilt from Tune's ResultGrid, never from the Optuna study
-(after a restore the study can hold duplicated or orphaned trials).
+The stages that run them (references, search, confirmation) are in raysae.search.stages;
+the results table is built from Tune's ResultGrid in raysae.search.results, never from the
+Optuna study (after a restore the study can hold duplicated or orphaned trials).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from raysae.analysis import contract
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
-from raysae.search.trainable import BAD_OBJECTIVE, TrialSpec, run_trial
+from raysae.search.spec import TrialSpec
+from raysae.search.trainable import run_trial
 
 
 @dataclass(frozen=True)
@@ -43,6 +37,10 @@ class SearchPlan:
         for t in self.search.targets:
             if not 0 < t <= d_sae:
                 raise ValueError(f"target L0 {t:g} is invalid: allowed (0, d_sae={d_sae}]")
+        if self.spec.lambda_mode == "control" and tuple(self.spec.targets) != tuple(
+                self.search.targets):
+            object.__setattr__(self, "spec", replace(self.spec,
+                                                     targets=tuple(self.search.targets)))
 
     @property
     def kind(self) -> str:
@@ -87,21 +85,6 @@ def live_concurrency(total_cpus: float, requested: int, cpus_per_trial: float = 
     actor needs ``cpus_per_actor`` more outside the trial's reservation, so more trials than
     this would leave their Ray Data actors waiting forever (a deadlock on 2 CPUs)."""
     return max(1, min(requested, int(total_cpus // (cpus_per_trial + cpus_per_actor))))
-
-
-def experiment_runs(plan: SearchPlan) -> list[tuple[str, TrialSpec, tuple[dict, ...]]]:
-    """(experiment name, trial spec, grid) per Tune experiment; an empty grid: Optuna."""
-    if plan.grid:
-        return [(plan.name, plan.spec, plan.grid)]
-    refs = reference_grid(plan)
-    if plan.search.objective != "target":
-        return [(f"{plan.name}_refs", plan.spec, refs), (plan.name, plan.spec, ())]
-    runs = []
-    for t in plan.search.targets:
-        spec = replace(plan.spec, target_l0=float(t))
-        name = f"{plan.name}_l0_{_label(t)}"
-        runs += [(f"{name}_refs", spec, refs), (name, spec, ())]
-    return runs
 
 
 def _label(target: float) -> str:
@@ -159,83 +142,6 @@ def progress_table(plan: SearchPlan, grid: bool):
                "objective": "objective", "status": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics,
                        max_report_frequency=30, sort_by_metric=False)
-
-
-def results_frame(result_grid, experiment: str) -> pd.DataFrame:
-    """One row per trial: final metrics (which carry the penalty), status, paths."""
-    rows = []
-    for result in result_grid:
-        metrics = dict(result.metrics or {})
-        config = dict(result.config or {})
-        config.update(config.pop("point", {}))
-        row = {"experiment": experiment, **metrics}
-        if "lam" in config and "lam" not in row:
-            row["lam"] = config["lam"]
-        row.setdefault("penalty", config.get("penalty"))
-        row["trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
-        if result.error is not None:
-            row["status"] = "error"
-            row["status_reason"] = _error_reason(result.error)
-        row["trial_dir"] = result.path
-        row["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _error_reason(error: BaseException) -> str:
-    """The trial's own exception (Ray wraps it in RayTaskError / TuneError), in one line."""
-    cause = getattr(error, "cause", None) or error.__cause__ or error
-    text = f"{type(cause).__name__}: {cause}".strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else text)[:300]
-
-
-def _clean(df: pd.DataFrame) -> pd.DataFrame:
-    """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
-    for col in contract.TRIAL_COLUMNS:
-        if col not in df:
-            df[col] = math.nan
-    if "status" in df:
-        df["status"] = df["status"].fillna("error")
-    bad = df["status"].isin(["error", "diverged"]) | df["objective"].isna()
-    df.loc[bad, "objective"] = BAD_OBJECTIVE
-    drop = [c for c in df.columns if c.startswith(("config/", "time_", "timestamp", "pid",
-                                                   "hostname", "node_ip", "date", "done"))]
-    return df.drop(columns=drop).sort_values(["experiment", "trial_id"]).reset_index(drop=True)
-
-
-def collect_artifacts(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Each trial's threshold sweep and feature statistics, concatenated with trial_id."""
-    tables: dict[str, list[pd.DataFrame]] = {key: [] for key in contract.ARTIFACT_FILES}
-    for row in trials.itertuples():
-        folder = getattr(row, "checkpoint_path", "") or ""
-        if not folder or "://" in folder:
-            continue
-        for key, name in contract.ARTIFACT_FILES.items():
-            path = Path(folder) / name
-            if path.exists():
-                df = pd.read_parquet(path)
-                df.insert(0, "trial_id", row.trial_id)
-                tables[key].append(df)
-    return {k: pd.concat(v, ignore_index=True) for k, v in tables.items() if v}
-
-
-def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool = False,
-               settings: dict[str, Any] | None = None) -> Path:
-    """Run (or resume) every experiment of the search; write the tables and search.json
-    (``settings``: the job's whole config, for the report); return the folder."""
-    frames = []
-    for index, (name, spec, grid) in enumerate(experiment_runs(plan)):
-        tuner = make_tuner(plan, name, spec, grid, index, resume)
-        frames.append(results_frame(tuner.fit(), name))
-    trials = _clean(pd.concat(frames, ignore_index=True))
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    contract.write_trials(trials, out)
-    for key, df in collect_artifacts(trials).items():
-        contract.write_table(df, out, key)
-    contract.write_search_json(out, contract.search_record(plan, settings or {}))
-    return out
 
 
 def grid_points(exponents, lams) -> tuple[dict, ...]:

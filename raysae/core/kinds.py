@@ -1,0 +1,299 @@
+"""SAE kinds (a registry beside the penalty registry): how a batched ladder of K SAEs turns
+pre-activations into features, what it adds to the reconstruction loss, and how it is saved.
+
+``pre = W_enc (x - b_dec) + b_enc`` is ``[K, B, d_sae]`` (K members, B tokens); member k
+has target L0 ``t_k``. Every kind is one registered class (``KINDS``, ``get_kind``):
+
+- ``relu``: f = relu(pre); loss + lambda_k * penalty (the study's SAE); the controller
+  drives lambda_k to t_k. Saved as SAELens ``standard``.
+- ``topk``: keep the k_k = max(1, round(t_k)) largest relu(pre) per token; no penalty, no
+  controller, lambda 0. All K members in one ``topk(max k)`` whose sorted tail beyond k_k is
+  masked to 0 (no loop over members). Saved as SAELens ``topk`` with ``k``.
+- ``batchtopk``: keep the n_k = round(t_k * B) largest relu(pre) of the whole batch (so a
+  fractional t_k works). Inference threshold theta_k: the smallest kept positive value of
+  each training batch, averaged by an EMA (first value, then beta = 0.99 as SAELens's
+  ``topk_threshold_lr`` 0.01; dictionary_learning uses 0.999 from step 1000, too slow for
+  runs of a few thousand steps). Saved as SAELens ``jumprelu`` with theta_k for every feature
+  (as SAELens converts BatchTopK), so inference L0 is measured with the threshold.
+- ``jumprelu``: f = pre * (pre > theta) with a trained per-feature theta [K, d_sae] (init
+  0.001); straight-through gradients with a rectangle kernel of bandwidth 0.001 and the loss
+  ``coef * (L0 / t_k - 1)^2`` (dictionary_learning's JumpReluTrainer, coef 1, no sparsity
+  warm-up); theta is clamped at >= 0 after each step so SAELens's inference form
+  relu(pre) * (pre > theta) is the same function. No penalty, no controller.
+- ``panneal``: the power penalty with p annealed linearly from 1 to the penalty's p over the
+  first half of the controller's window (``control_frac / 2`` of training; half of training
+  when control_frac is 0), then held, so the controller has the other half to settle
+  lambda at the final p. Needs ``penalty.name == "power"``. Saved as ``standard``.
+
+AuxK (TopK and BatchTopK, on by default as in dictionary_learning and SAELens): the
+top ``k_aux = d_in // 2`` relu(pre) among dead features (the trainer's dead window)
+reconstruct the detached residual ``x - x_hat`` through W_dec (no bias); the loss
+``||e - e_aux||^2 / ||e - mean(e)||^2`` (OpenAI's normalisation) enters with ``AUXK_COEF``
+= 1/32; it is 0 for a member with no dead features. A subclass with ``auxk_coef = 0``
+registered under a new name turns it off.
+
+Nothing here syncs with the host: masks and thresholds stay device tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from raysae.core.config import TrainConfig
+
+AUXK_COEF = 1 / 32
+KINDS: dict[str, SAEKind] = {}
+
+
+def register_kind(cls: type[SAEKind]) -> type[SAEKind]:
+    """Class decorator: register one instance under ``cls.name``."""
+    KINDS[cls.name] = cls()
+    return cls
+
+
+def get_kind(name: str) -> SAEKind:
+    """Look a kind up by name; the error lists the registered ones."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown SAE kind {name!r}; registered kinds: {sorted(KINDS)}") from None
+
+
+class SAEKind:
+    """Base kind (``relu`` + penalty); subclasses override what differs."""
+
+    name = "relu"
+    label = "ReLU"
+    uses_penalty = True
+    uses_controller = True
+    saelens_architecture = "standard"
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        """A reason ``cfg`` cannot train this kind, or None."""
+        return None
+
+    def family(self, cfg: TrainConfig) -> str:
+        """The family name a report shows (relu: the penalty's, e.g. "L1", "sqrt")."""
+        return cfg.penalty.family if self.name == "relu" else self.label
+
+    def setup(self, model: nn.Module, targets: list[float]) -> None:
+        """Add this kind's state (thresholds, masks) to a BatchedSAE."""
+
+    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+        """Features f [K, B, d_sae] from pre-activations (may modify ``pre`` in place)."""
+        return pre.relu_()
+
+    def penalty_params(self, trainer: Any) -> dict[str, float]:
+        return trainer.cfg.penalty.params
+
+    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        """(term added to each member's reconstruction loss [K], the logged penalty [K])."""
+        pen = trainer.penalty(f, self.penalty_params(trainer)).mean(dim=-1)
+        return trainer.lam.float() * pen, pen
+
+    def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
+        """After the optimiser step; ``trained`` [K] marks members that trained this step."""
+
+    def export(self, model: nn.Module, k: int) -> dict[str, Any]:
+        """Member k's inference architecture: SAE keyword arguments."""
+        return {"architecture": self.saelens_architecture}
+
+    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
+        """Extra per-member log fields (host side; runs on logging steps only)."""
+        return [{} for _ in range(trainer.k)]
+
+
+@register_kind
+class ReLUKind(SAEKind):
+    """relu(pre) + lambda * penalty, lambda driven by the L0 controller."""
+
+
+@register_kind
+class PAnneal(SAEKind):
+    """The power penalty with p annealed from 1 to the penalty's p (see module doc)."""
+
+    name, label = "panneal", "p-anneal"
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        if cfg.penalty.name != "power":
+            return f"needs the power penalty (it anneals p), not {cfg.penalty.name!r}"
+        return None
+
+    @staticmethod
+    def p_at(cfg: TrainConfig, step: int) -> float:
+        """The exponent used at (0-based) step ``step``."""
+        frac = cfg.control_frac if cfg.control_frac > 0 else 1.0
+        span = int(cfg.total_steps * frac / 2)
+        p_end = float(cfg.penalty.params["p"])
+        return p_end if span <= 0 else 1.0 + (p_end - 1.0) * min(1.0, step / span)
+
+    def penalty_params(self, trainer: Any) -> dict[str, float]:
+        return {**trainer.cfg.penalty.params, "p": self.p_at(trainer.cfg, trainer.step_count)}
+
+    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
+        return [{"p": self.p_at(trainer.cfg, trainer.step_count - 1)} for _ in range(trainer.k)]
+
+
+def _keep_sorted_head(values: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor,
+                      shape: torch.Size) -> torch.Tensor:
+    """Scatter ``values`` (sorted descending along -1) into zeros, the tail beyond ``keep``
+    masked to 0 (``keep`` is a bool mask broadcast to ``values``)."""
+    kept = values * keep
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).scatter(-1, idx, kept)
+
+
+class _Sparse(SAEKind):
+    uses_penalty = uses_controller = False
+    auxk_coef = AUXK_COEF
+
+    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        aux = self.auxk(trainer, x, x_hat, pre) if self.auxk_coef else x_hat.new_zeros(trainer.k)
+        return aux, aux
+
+    def auxk(self, trainer: Any, x, x_hat, acts) -> torch.Tensor:
+        """AuxK loss [K] (module doc); ``acts`` are relu(pre) [K, B, d_sae]."""
+        dead = trainer.dead_mask()  # [K, d_sae] bool
+        k_aux = min(trainer.cfg.sae.d_in // 2, acts.shape[-1])
+        cand = torch.where(dead.unsqueeze(1), acts, float("-inf"))
+        vals, idx = cand.topk(k_aux, dim=-1)
+        vals = torch.where(torch.isfinite(vals), vals, 0.0)
+        aux_f = torch.zeros_like(acts).scatter(-1, idx, vals)
+        e = (x - x_hat).detach()
+        l2 = (e - torch.bmm(aux_f, trainer.model.W_dec)).pow(2).sum(-1).mean(-1)
+        denom = (e - e.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
+        return self.auxk_coef * (l2 / denom).nan_to_num(0.0) * dead.any(dim=-1)
+
+
+@register_kind
+class TopK(_Sparse):
+    """Top k_k = max(1, round(t_k)) relu(pre) per token."""
+
+    name, label, saelens_architecture = "topk", "TopK", "topk"
+
+    def setup(self, model: nn.Module, targets: list[float]) -> None:
+        ks = [max(1, round(t)) for t in targets]
+        model.topk_ks, model.topk_max = ks, max(ks)
+        keep = torch.arange(max(ks)).unsqueeze(0) < torch.tensor(ks).unsqueeze(1)
+        model.register_buffer("topk_keep", keep.unsqueeze(1), persistent=False)  # [K, 1, kmax]
+
+    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre.relu_().topk(model.topk_max, dim=-1)
+        return _keep_sorted_head(vals, idx, model.topk_keep, pre.shape)
+
+    def export(self, model: nn.Module, k: int) -> dict[str, Any]:
+        return {"architecture": "topk", "k": model.topk_ks[k]}
+
+
+@register_kind
+class BatchTopK(_Sparse):
+    """The round(t_k * B) largest relu(pre) of the batch; an EMA inference threshold."""
+
+    name, label, saelens_architecture = "batchtopk", "BatchTopK", "jumprelu"
+    beta = 0.9
+
+    def setup(self, model: nn.Module, targets: list[float]) -> None:
+        model.batchtopk_targets, model.batchtopk_keep = list(targets), {}
+        k = len(targets)  # theta in float64 (as SAELens); -1: not estimated yet
+        model.register_buffer("threshold", torch.full((k,), -1.0, dtype=torch.float64))
+        model.register_buffer("batch_min", torch.zeros(k, dtype=torch.float64),
+                              persistent=False)
+
+    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+        n_tok = pre.shape[1]
+        if n_tok not in model.batchtopk_keep:  # host ints per batch size; cached
+            ns = [max(1, round(t * n_tok)) for t in model.batchtopk_targets]
+            keep = torch.arange(max(ns)).unsqueeze(0) < torch.tensor(ns).unsqueeze(1)
+            model.batchtopk_keep[n_tok] = (max(ns), keep.to(pre.device))
+        n_max, keep = model.batchtopk_keep[n_tok]
+        flat = pre.relu_().flatten(1)
+        vals, idx = flat.topk(n_max, dim=-1)
+        with torch.no_grad():
+            kept = torch.where(keep & (vals > 0), vals, float("inf")).amin(dim=-1)
+            model.batch_min.copy_(kept)
+        return _keep_sorted_head(vals, idx, keep, flat.shape).view_as(pre)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
+        seen, theta = torch.isfinite(model.batch_min) & trained, model.threshold
+        ema = torch.where(theta < 0, model.batch_min,
+                          self.beta * theta + (1 - self.beta) * model.batch_min)
+        theta.copy_(torch.where(seen, ema, theta))
+
+    def export(self, model: nn.Module, k: int) -> dict[str, Any]:
+        theta = model.threshold[k].clamp_min(0.0).float().cpu()
+        return {"architecture": "jumprelu",
+                "threshold": theta.expand(model.cfg.d_sae).clone()}
+
+    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
+        return [{"threshold": v} for v in trainer.model.threshold.tolist()]
+
+
+def _rect(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """pre * (pre > theta); theta's straight-through gradient uses a rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_theta = (-(theta / bw) * _rect((pre - theta) / bw) * grad).sum(dim=1, keepdim=True)
+        return (pre > theta) * grad, g_theta, None
+
+
+class _StepFn(torch.autograd.Function):
+    """1[pre > theta]; gradient to theta only (rectangle kernel)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        bw = ctx.bandwidth
+        return None, (-(1.0 / bw) * _rect((pre - theta) / bw) * grad).sum(1, keepdim=True), None
+
+
+@register_kind
+class JumpReLU(SAEKind):
+    """Per-feature trained thresholds and an L0 target (dictionary_learning's form)."""
+
+    name, label, saelens_architecture = "jumprelu", "JumpReLU", "jumprelu"
+    uses_penalty = uses_controller = False
+    bandwidth, init_threshold, l0_coef = 0.001, 0.001, 1.0
+
+    def setup(self, model: nn.Module, targets: list[float]) -> None:
+        shape = (len(targets), model.cfg.d_sae)
+        model.threshold = nn.Parameter(torch.full(shape, self.init_threshold))
+
+    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+        return _JumpReLUFn.apply(pre, model.threshold.unsqueeze(1), self.bandwidth)
+
+    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        step = _StepFn.apply(pre, trainer.model.threshold.unsqueeze(1), self.bandwidth)
+        l0 = step.sum(dim=-1).mean(dim=-1)
+        loss = self.l0_coef * (l0 / trainer.target_t.float() - 1).pow(2)
+        return loss, loss
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
+        model.threshold.clamp_(min=0.0)
+
+    def export(self, model: nn.Module, k: int) -> dict[str, Any]:
+        return {"architecture": "jumprelu",
+                "threshold": model.threshold[k].detach().float().cpu().clone()}

@@ -1,0 +1,96 @@
+"""Evaluate a trial's trained SAEs (its ladder members) on the same held-out blocks, the
+pre-hook forward done once for all of them, and write their artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raysae.core.config import TrainConfig
+from raysae.core.train import DIVERGED, FINISHED
+from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, member_objective
+
+SAE_DIR = "sae"
+SWEEP_FILE = "threshold_sweep.parquet"
+FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
+
+
+def _feature_source(spec: TrialSpec, evaluator):
+    """Activations for feature statistics: ``feature_tokens`` rows of the cache (the held-out
+    set is too small to see a 1e-5 frequency), or the held-out set when streaming live."""
+    if not isinstance(spec.activations, str) or not os.path.isdir(spec.activations):
+        return evaluator
+    from raysae.activations.batches import iter_activation_batches
+    from raysae.activations.cache import load_manifest
+
+    n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
+    return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens,
+                                   seed=spec.train.seed)
+
+
+def _base(k: int, target: float | None, result) -> dict[str, Any]:
+    return {**result.final_metrics, "member": k,
+            "target_l0": float("nan") if target is None else float(target),
+            "status": result.status, "lam": result.lam, "steps": result.steps,
+            "tokens_seen": result.tokens, "status_reason": result.reason or ""}
+
+
+def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
+    """(one metrics row per member, a function writing every member's artifacts)."""
+    from raysae.evaluation import feature_stats
+    from raysae.evaluation.spliced_ce import heldout_evaluator
+    from raysae.lm.models import load_model
+
+    rows = [_base(k, t, r) for k, (t, r) in enumerate(zip(spec.ladder, results))]
+    live = [k for k, r in enumerate(results) if r.status != DIVERGED]
+    for k in set(range(len(results))) - set(live):
+        rows[k].update(objective=BAD_OBJECTIVE, ce_sae=BAD_OBJECTIVE,
+                       l0=float(cfg.sae.d_sae))
+    stats, sweeps = {}, {}
+    if live:
+        evaluator = heldout_evaluator(load_model(spec.model, device=cfg.device), spec.hook,
+                                      n_blocks=spec.eval_blocks,
+                                      context_length=spec.context_length, source=spec.corpus)
+    for k in live:
+        sae, row = results[k].sae.to(cfg.device), rows[k]
+        row.update(evaluator.evaluate(sae))
+        stats[k] = feature_stats.feature_statistics(_feature_source(spec, evaluator), sae,
+                                                    spec.feature_tokens)
+        summary = feature_stats.summarize(*stats[k])
+        row.update({c: summary[c] for c in FEATURE_COLUMNS})
+        target = None if row["target_l0"] != row["target_l0"] else row["target_l0"]
+        row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.beta,
+                                            spec.tol)
+        if spec.threshold_sweep and results[k].status == FINISHED:
+            from raysae.evaluation.ablation import threshold_sweep
+
+            sweeps[k] = threshold_sweep(evaluator, sae, n_points=spec.sweep_points)
+
+    def write_artifacts(folder: Path) -> None:
+        for k in live:
+            results[k].sae.save(folder / SAE_DIR / str(k),
+                                metadata={"model_name": spec.model, "hook_name": spec.hook},
+                                raysae={"train_config": cfg.to_dict(), "member": k,
+                                        "target_l0": rows[k]["target_l0"],
+                                        "status": results[k].status,
+                                        "final_lambda": results[k].lam})
+        _write_member_tables(folder, stats, sweeps)
+
+    return rows, write_artifacts
+
+
+def _write_member_tables(folder: Path, stats: dict, sweeps: dict) -> None:
+    """feature_stats / activation_samples / threshold sweeps with a ``member`` column."""
+    from raysae import io
+
+    if stats:
+        per_feature = pd.concat([s[0].assign(member=k) for k, s in stats.items()])
+        samples = pd.concat([s[1].assign(member=k) for k, s in stats.items()])
+        io.write_parquet(per_feature, folder / "feature_stats.parquet")
+        io.write_parquet(samples, folder / "activation_samples.parquet")
+    if sweeps:
+        io.write_parquet(pd.concat([s.assign(member=k) for k, s in sweeps.items()]),
+                         folder / SWEEP_FILE)

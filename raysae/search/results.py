@@ -1,0 +1,89 @@
+"""The results table: one row per trained SAE, rebuilt from Tune's ResultGrid.
+
+A trial's final report carries ``members`` (one metrics row per ladder member, JSON); each
+becomes a row with the trial's penalty columns, ``tune_trial_id`` (the Tune trial) and
+``trial_id`` = ``<tune trial>-m<member>`` (unique per SAE, the key of every artifact table).
+A trial that failed before its final report keeps one row with status ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from raysae.analysis import contract
+from raysae.search.spec import BAD_OBJECTIVE
+
+PER_TRIAL = ("members", "members_l0", "objective")
+
+
+def results_frame(result_grid, experiment: str) -> pd.DataFrame:
+    """One row per SAE (per member of every trial): metrics, penalty, status, paths."""
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        config.update(config.pop("point", {}))
+        trial = {"experiment": experiment,
+                 **{k: v for k, v in metrics.items() if k not in PER_TRIAL},
+                 "trial_objective": metrics.get("objective", math.nan)}
+        trial.setdefault("penalty", config.get("penalty"))
+        trial["tune_trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
+        trial["trial_dir"] = result.path
+        trial["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
+        members = json.loads(metrics["members"]) if "members" in metrics else [{}]
+        for member in members:
+            row = {**trial, **member}
+            row["trial_id"] = f"{trial['tune_trial_id']}-m{member.get('member', 0)}"
+            if result.error is not None:
+                row["status"] = "error"
+                row["status_reason"] = _error_reason(result.error)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _error_reason(error: BaseException) -> str:
+    """The trial's own exception (Ray wraps it in RayTaskError / TuneError), in one line."""
+    cause = getattr(error, "cause", None) or error.__cause__ or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else text)[:300]
+
+
+def _clean(df: pd.DataFrame) -> pd.DataFrame:
+    """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
+    for col in contract.TRIAL_COLUMNS:
+        if col not in df:
+            df[col] = math.nan
+    if "status" in df:
+        df["status"] = df["status"].fillna("error")
+    bad = df["status"].isin(["error", "diverged"]) | df["objective"].isna()
+    df.loc[bad, "objective"] = BAD_OBJECTIVE
+    drop = [c for c in df.columns if c.startswith(("config/", "time_", "timestamp", "pid",
+                                                   "hostname", "node_ip", "date", "done"))]
+    return df.drop(columns=drop).sort_values(["experiment", "trial_id"]).reset_index(drop=True)
+
+
+def collect_artifacts(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each trial's threshold sweep and feature statistics, concatenated with trial_id."""
+    tables: dict[str, list[pd.DataFrame]] = {key: [] for key in contract.ARTIFACT_FILES}
+    trials = trials.drop_duplicates("tune_trial_id")
+    for row in trials.itertuples():
+        folder = getattr(row, "checkpoint_path", "") or ""
+        if not isinstance(folder, str) or not folder or "://" in folder:
+            continue
+        for key, name in contract.ARTIFACT_FILES.items():
+            path = Path(folder) / name
+            if path.exists():
+                df = pd.read_parquet(path)
+                member = df.pop("member") if "member" in df else 0
+                df.insert(0, "trial_id", row.tune_trial_id + "-m" + pd.Series(
+                    member, index=df.index).astype(int).astype(str))
+                tables[key].append(df)
+    return {k: pd.concat(v, ignore_index=True) for k, v in tables.items() if v}
+
+

@@ -1,0 +1,147 @@
+"""What one trial is: the TrialSpec every trial of a search shares, the trial's TrainConfig
+(the spec's template plus the proposed penalty, kind, lambda and seed) and the objective.
+
+A trial is one penalty configuration and one seed. In control mode it trains one SAE per
+target on the L0 ladder (``targets``), each member's lambda driven to its target by its own
+controller, all on the same activation batches (raysae.core.ensemble). In search and fixed
+modes it trains one SAE with the proposed (or grid) lambda.
+
+The objective Optuna minimises (one number per trial, the whole frontier):
+
+    score = mean over the ladder of [ce_sae_k + beta * max(0, |ln(l0_k / t_k)| - ln(1 + tol))]
+            - mean over the ladder of ce_sae of the L1 reference at the same targets
+
+(the second term only when the L1 reference has been trained, which every search does
+first; it is one constant per search, so it changes no ranking: it makes the score read as
+"nats better (< 0) or worse than L1, averaged over the ladder"). A diverged member counts
+as ``BAD_OBJECTIVE`` nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from raysae.core.config import PenaltyConfig, TrainConfig
+from raysae.search.space import penalty_of
+
+BAD_OBJECTIVE = 1e3
+LAMBDA_MODES = ("search", "control", "fixed")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of one search shares; the searcher varies only the penalty (family
+    and parameters), the SAE kind, the seed and, in search mode, lambda."""
+
+    activations: str | dict
+    """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
+    model: str
+    """LM hub name or local checkpoint folder (for the held-out CE)."""
+    hook: str
+    """Hook name whose activations the SAE reconstructs."""
+    train: TrainConfig
+    """The training template (shape set); a trial fills in penalty, lambda, seed."""
+    activation_source: dict | None = None
+    """The ActivationSource the cache was built from: a node that lacks the cache folder
+    (a fresh cluster worker) builds it from this, once per node (file-locked)."""
+    context_length: int = 128
+    """Tokens per held-out block."""
+    corpus: str = "stdlib"
+    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
+    lambda_mode: str = "control"
+    """control: each member's controller drives its L0 to its target; search: Optuna
+    proposes lambda; fixed: lambda comes from the trial config (grid sweeps)."""
+    targets: tuple[float, ...] = ()
+    """The L0 ladder (control mode): one SAE per target."""
+    reference_ce: tuple[float, ...] | None = None
+    """The L1 reference's ce_sae per target, once known (subtracted in the score)."""
+    beta: float = 1.0
+    """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
+    tol: float = 0.15
+    """Relative L0 miss that costs nothing in the objective."""
+    checkpoint_every: int = 4
+    """Checkpoint every this many reports (and always at the end)."""
+    eval_blocks: int = 64
+    feature_tokens: int = 100_000
+    threshold_sweep: bool = False
+    sweep_points: int = 10
+    torch_threads: int = 1
+    inject_failure_at_step: int | None = None
+    """Fault injection for reliability tests: fail once at this step (first attempt only)."""
+    inject_failure_kind: str = "raise"
+    """raise: a Python exception; sigkill: the trial's worker process SIGKILLs itself."""
+
+    def __post_init__(self) -> None:
+        if self.train.sae is None:
+            raise ValueError("TrialSpec.train.sae is None: set the SAE shape before the search")
+        if self.lambda_mode not in LAMBDA_MODES:
+            raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
+                             f"{LAMBDA_MODES}")
+        if self.lambda_mode == "control" and not self.targets:
+            raise ValueError("lambda_mode 'control' needs targets: give the L0 ladder")
+        d_sae = self.train.sae.d_sae
+        for t in self.targets:
+            if not 0 < t <= d_sae:
+                raise ValueError(f"target L0 {t:g} is invalid: allowed (0, d_sae={d_sae}]")
+
+    @property
+    def ladder(self) -> tuple[float | None, ...]:
+        """The members' targets: the ladder in control mode, one untargeted SAE otherwise."""
+        return tuple(self.targets) if self.lambda_mode == "control" else (None,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def member_objective(ce_sae: float, l0: float, target_l0: float | None, beta: float,
+                     tol: float) -> float:
+    """ce_sae + beta * max(0, |ln(l0 / target)| - ln(1 + tol)); just ce_sae without a target."""
+    if not (math.isfinite(ce_sae) and math.isfinite(l0)):
+        return BAD_OBJECTIVE
+    if target_l0 is None or not math.isfinite(target_l0):
+        return ce_sae
+    miss = abs(math.log(max(l0, 1e-3) / target_l0)) - math.log(1 + tol)
+    return ce_sae + beta * max(0.0, miss)
+
+
+objective = member_objective  # the per-SAE objective (search and fixed modes)
+
+
+def frontier_score(rows: list[dict[str, Any]], spec: TrialSpec) -> float:
+    """The trial's score over its members (module doc)."""
+    values = [min(member_objective(r.get("ce_sae", math.nan), r.get("l0", math.nan),
+                                   r.get("target_l0"), spec.beta, spec.tol), BAD_OBJECTIVE)
+              for r in rows]
+    score = sum(values) / len(values)
+    if spec.reference_ce and len(spec.reference_ce) == len(values) and score < BAD_OBJECTIVE:
+        score -= sum(spec.reference_ce) / len(spec.reference_ce)
+    return score
+
+
+def train_config(spec: TrialSpec, config: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of one trial: the spec's template plus the proposed penalty, kind,
+    seed and lambda. In control mode each member's lambda starts at lam / rho(1) (so the
+    penalty's own scale does not set the controller's start); otherwise lambda is the
+    proposed one, fixed (control_frac 0)."""
+    config = flatten_config(config)
+    name, params = penalty_of(config)
+    penalty = PenaltyConfig(name, params)
+    lam = float(config.get("lam", spec.train.lam))
+    kind = {"kind": config["kind"]} if "kind" in config else {}
+    cfg = replace(spec.train, penalty=penalty, lam=lam, seed=int(config.get("seed", 0))
+                  + spec.train.seed, device=trial_device(), **kind)
+    return cfg if spec.lambda_mode == "control" else replace(cfg, control_frac=0.0)
+
+
+def trial_device() -> str:
+    """CUDA when the trial was given a GPU (Tune sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Grid searches nest a trial's values under "point"; searchers give them flat."""
+    return {**config.get("point", {}), **{k: v for k, v in config.items() if k != "point"}}
