@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _args(tiny_model_dir, tmp_path, n_trials):
     return ["--model", str(tiny_model_dir), "--hook", "blocks.0.hook_resid_post",
             "--context-length", "32", "--targets", "8", "--num-trials", str(n_trials),
+            "--seeds", "0",
             "--max-concurrent", "1", "--total-tokens", "30720", "--cache-tokens", "16384",
             "--storage", str(tmp_path / "tune"), "--results", str(tmp_path / "results"),
             "--no-report"]
