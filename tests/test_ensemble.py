@@ -8,6 +8,7 @@ import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.ensemble import BatchedSAE, EnsembleTrainer, train_ensemble
+from raysae.core.kinds import KINDS
 from raysae.core.sae import SAE
 from raysae.core.train import DIVERGED, FINISHED, CheckpointError, Trainer
 
@@ -140,8 +141,9 @@ def test_checkpoint_resume_equals_uninterrupted_run():
         EnsembleTrainer.from_bytes(blob, targets=[2.0, 7.0])
 
 
-def test_no_host_sync_between_logging_steps(monkeypatch):
-    cfg = _cfg(total_tokens=256 * 200, log_every=50)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_no_host_sync_between_logging_steps(monkeypatch, kind):
+    cfg = _cfg(total_tokens=256 * 200, log_every=50, kind=kind)
     ens = EnsembleTrainer(cfg, [2.0, 4.0, 8.0])
     batches = list(_planted(steps=101))
     ens.step(batches[0])  # the first batch estimates the activation scale (one sync)

@@ -87,3 +87,23 @@ def test_public_api():
     for name in ("TrainConfig", "SAEConfig", "PenaltyConfig", "SAE", "train_sae",
                  "register_penalty", "job_config", "run_job"):
         assert hasattr(raysae, name), name
+
+
+def test_every_setting_is_a_flag_with_its_docstring_as_help():
+    """A new setting is one documented field: the flag and its help follow from it."""
+    import dataclasses
+
+    from raysae.cli import build_parser
+    from raysae.search.config import SECTIONS, TRAIN_INTERNAL
+    from raysae.settings import field_docs
+
+    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    by_dest = {a.dest: a for a in search._actions}
+    for name, cls in SECTIONS.items():
+        if name == "sweep":
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name in TRAIN_INTERNAL or f.name == "ranges":
+                continue
+            assert f.name in by_dest, f"{cls.__name__}.{f.name} has no flag"
+            assert field_docs(cls)[f.name].split(".")[0] in (by_dest[f.name].help or "")

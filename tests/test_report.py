@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from test_pareto import SPACE, TARGETS, make_results, make_trials
 
@@ -43,7 +45,7 @@ def test_page_states_the_answer_from_pareto(results):
     n_img = len(re.findall(r'<img [^>]*src="data:image/png;base64,', text))
     assert n_img == len(list((root / "figures").glob("*.png"))) == 10
     assert text.index("Frontier") < text.index('id="summary"') < text.index("Search history")
-    assert "lambda_mode" in text and "http" not in text  # settings shown; nothing external
+    assert "search.num_trials" in text and "http" not in text  # settings shown; nothing external
 
 
 def test_importances_need_enough_trials():
@@ -195,3 +197,40 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
     assert [float(t) for t in state["targets"]] == list(TARGETS)  # one row per target L0
     assert "beats L1" in state["headline"] and state["height"] > 3000
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 100_000
+
+
+def _ladder_results(root):
+    """A searched ladder with 3 paired seeds: sqrt beats L1 clearly at 16, not at 8."""
+    from raysae.analysis import confidence, contract
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        for target, gap in ((8.0, 0.0), (16.0, -0.06)):
+            for label, family, delta in (("L1", "L1", 0.0), ("sqrt", "sqrt", gap),
+                                         ("power(p=0.4, eps=0.1)", "power", gap / 2)):
+                base = 4.5 - 0.1 * np.log2(target) + rng.normal(0, 0.004)
+                blocks = (base + delta + rng.normal(0, 0.02, 16)).tolist()
+                rows.append({"trial_id": f"{label}-{seed}-{target}", "status": "finished",
+                             "family": family, "label": label, "penalty": "power",
+                             "seed": seed, "target_l0": target, "l0": target * 1.01,
+                             "ce_sae": float(np.mean(blocks)), "ce_sae_blocks": blocks,
+                             "experiment": "x_refs", "objective": float(np.mean(blocks))})
+    trials = pd.DataFrame(rows)
+    for col in contract.TRIAL_COLUMNS:
+        trials[col] = trials.get(col, np.nan)
+    contract.write_trials(trials, root)
+    contract.write_comparisons(confidence.compare(trials), root)
+    return root
+
+
+def test_report_claims_carry_intervals(tmp_path):
+    text = report.write_report(_ladder_results(tmp_path)).read_text()
+    assert "sqrt vs L1</b> at each target" in text
+    head = text[text.index("class='headline'"):text.index("</div>", text.index("headline"))]
+    # L0 8: no true difference; L0 16: sqrt is better, and the sentence gives the interval.
+    assert "L0 8: no detectable difference to L1" in head
+    assert "L0 16: <b>beats L1</b> by -0.0" in head and "3 seeds" in head
+    for table_id in ("ladder", "winners", "comparisons", "per_seed"):
+        assert f'id="{table_id}"' in text
+    assert "No provenance recorded" in text

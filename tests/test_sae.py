@@ -108,3 +108,35 @@ def test_truncated_or_mismatched_config_is_refused(tmp_path):
         SAE.load(path)
     with pytest.raises(SAELoadError, match="no cfg.json"):
         SAE.load(tmp_path)
+
+
+def test_topk_and_jumprelu_round_trip_under_saelens_names(tmp_path):
+    topk = SAE(SAEConfig(d_in=6, d_sae=10), seed=1, architecture="topk", k=3)
+    x = torch.randn(16, 6)
+    assert ((topk.encode(x) > 0).sum(-1) <= 3).all()
+    cfg = json.loads((topk.save(tmp_path / "t") / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 3
+    assert torch.equal(SAE.load(tmp_path / "t").encode(x), topk.encode(x))
+    theta = torch.linspace(0.0, 0.5, 10)
+    jump = SAE(SAEConfig(d_in=6, d_sae=10), seed=1, architecture="jumprelu", threshold=theta)
+    jump.save(tmp_path / "j")
+    assert torch.equal(load_file(str(tmp_path / "j" / "sae_weights.safetensors"))["threshold"],
+                       theta)
+    loaded = SAE.load(tmp_path / "j")
+    assert loaded.architecture == "jumprelu" and torch.equal(loaded.encode(x), jump.encode(x))
+    pre = (x - jump.b_dec) @ jump.W_enc + jump.b_enc
+    assert torch.equal(jump.encode(x), torch.where(pre > theta, pre.clamp_min(0), 0.0))
+
+
+def test_bad_architecture_fields_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="integer k"):
+        SAE(SAEConfig(d_in=6, d_sae=10), architecture="topk", k=11)
+    path = SAE(SAEConfig(d_in=6, d_sae=10), architecture="topk", k=2).save(tmp_path / "t")
+    cfg = json.loads((path / "cfg.json").read_text())
+    for bad in ({"k": 0}, {"k": 11}, {"architecture": "gated"}):
+        (path / "cfg.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(SAELoadError):
+            SAE.load(path)
+    (path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
+    with pytest.raises(SAELoadError, match="threshold"):
+        SAE.load(path)  # a jumprelu config without its threshold tensor

@@ -33,10 +33,15 @@ TRIAL_COLUMNS = (*REQUIRED_TRIAL_COLUMNS, "experiment", "stage", "tune_trial_id"
                  "mse", "cos_sim", "l2_ratio", "dead_fraction", "low_freq_fraction",
                  "median_nonzero", "steps", "tokens_seen", "status_reason")
 REQUIRED_ABLATION_COLUMNS = ("trial_id", "method", "parameter", "l0", "ce_sae")
+COMPARISONS_FILE = "comparisons.parquet"
+COMPARISON_COLUMNS = ("family", "reference", "target_l0", "n_seeds", "delta_ce_mean", "ci_low",
+                      "ci_high", "significant")
+"""One row per (family/label, reference, target_l0); target_l0 NaN: the frontier score."""
 SEARCH_KEYS = ("name", "kind", "objective", "lambda_mode", "targets", "penalties", "space",
                "references", "settings")
 """kind: target | pareto | grid; space: the parameters Optuna proposed (name, family, low,
-high, log); references: (label, penalty, params); settings: the job's whole config."""
+high, log); references: (label, penalty, params); settings: the job's whole config. The
+search also writes ``provenance`` (versions, commit, hardware, wall time per stage)."""
 
 
 def search_record(plan, settings: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +97,20 @@ def read_trials(root: str | os.PathLike) -> pd.DataFrame:
     trials = pd.read_parquet(path)
     require_columns(trials, REQUIRED_TRIAL_COLUMNS, TRIALS_FILE)
     return trials
+
+
+def write_comparisons(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    require_columns(df, COMPARISON_COLUMNS, COMPARISONS_FILE)
+    return io.write_parquet(df, Path(out) / COMPARISONS_FILE)
+
+
+def read_comparisons(root: str | os.PathLike) -> pd.DataFrame | None:
+    path = Path(root) / COMPARISONS_FILE
+    if not path.is_file():
+        return None
+    df = pd.read_parquet(path)
+    require_columns(df, COMPARISON_COLUMNS, COMPARISONS_FILE)
+    return df
 
 
 def write_table(df: pd.DataFrame, out: str | os.PathLike, key: str) -> Path:

@@ -40,6 +40,7 @@ class Results:
     feature_stats: pd.DataFrame | None = None
     activation_samples: pd.DataFrame | None = None
     search: dict = field(default_factory=dict)
+    comparisons: pd.DataFrame | None = None
 
 
 def _require(df: pd.DataFrame, columns, name: str) -> None:
@@ -60,7 +61,7 @@ def load_results(results_dir) -> Results:
     return Results(contract.read_trials(root), contract.read_table(root, "ablations"),
                    contract.read_table(root, "feature_stats"),
                    contract.read_table(root, "activation_samples"),
-                   contract.read_search_json(root))
+                   contract.read_search_json(root), contract.read_comparisons(root))
 
 
 def families(points: pd.DataFrame) -> list[str]:

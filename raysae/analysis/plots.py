@@ -251,3 +251,23 @@ def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
     fig.suptitle(f"Four ways to remove low activations, SAE {trial_id}", x=0.01, ha="left")
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def delta_bands(comparisons: pd.DataFrame, path, reference: str = "L1") -> Path:
+    """Each label's paired CE difference to the reference per target L0, with its 95%
+    interval as a band (below 0: better than the reference)."""
+    c = comparisons[(comparisons["reference"] == reference) & comparisons["target_l0"].notna()]
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    ax.axhline(0, color=style(reference)["color"], lw=1.8, label=f"{reference} (reference)")
+    for label, g in c.sort_values("target_l0").groupby("label", sort=False):
+        st = style(str(g["family"].iloc[0]) if label not in STYLE else label)
+        ax.plot(g["target_l0"], g["delta_ce_mean"], color=st["color"], ls=st["ls"],
+                marker=st["marker"], lw=1.8, label=f"{label} (n={int(g['n_seeds'].max())})")
+        ok = np.isfinite(g["ci_low"])
+        ax.fill_between(g["target_l0"][ok], g["ci_low"][ok], g["ci_high"][ok],
+                        color=st["color"], alpha=0.15, lw=0)
+    _log_l0_axis(ax, "target L0")
+    ax.set_ylabel(f"CE minus {reference}'s CE (nats)")
+    ax.set_title(f"Paired CE difference to {reference} per target, 95% intervals", loc="left")
+    ax.legend(fontsize=8, frameon=False, ncol=2)
+    return save_png(fig, path)

@@ -8,9 +8,7 @@ data URIs, so report.html is one self-contained file; the PNGs also stay in figu
 
 from __future__ import annotations
 
-import base64
 import html
-import json
 import warnings
 from pathlib import Path
 
@@ -18,32 +16,11 @@ import numpy as np
 import pandas as pd
 
 from raysae import io
-from raysae.analysis import contract, pareto, plots
+from raysae.analysis import claims, contract, pareto, plots
+from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, table
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
-CSS = """
-body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#222;
- max-width:1020px;margin:2em auto;padding:0 1.2em;background:#fcfcfb}
-h1{font-size:1.6em;margin-bottom:.1em} h2{margin-top:2em;border-bottom:1px solid #ddd;
- padding-bottom:.2em;font-size:1.2em} .sub{color:#777;margin-top:0}
-.headline{background:#eef4fb;border-left:5px solid #1f5fa8;padding:.9em 1.2em;
- font-size:1.08em;border-radius:4px} .headline li{margin:.25em 0}
-figure{margin:1.2em 0} figure img{max-width:100%;border:1px solid #e4e4e4;background:#fff}
-figcaption{color:#555;font-size:.9em} table{border-collapse:collapse;margin:.6em 0;
- font-size:.88em} th,td{padding:.3em .7em;border-bottom:1px solid #e6e6e6;text-align:right}
-th{background:#f1f1ef;text-align:center} td.l,th.l{text-align:left}
-tr:nth-child(even) td{background:#f8f8f6} .good{color:#18794e;font-weight:600}
-.bad{color:#b3261e} .note{color:#666;font-size:.9em}
-"""
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}g}"
-    return html.escape(str(v))
 
 
 def representatives(trials: pd.DataFrame, table: pd.DataFrame | None) -> dict:
@@ -100,6 +77,10 @@ def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | 
     return out if out and sum(out.values()) > 0 else None
 
 
+def _has(df: pd.DataFrame, col: str) -> bool:
+    return col in df and bool(df[col].notna().any())
+
+
 def analyse(res: pareto.Results) -> dict:
     """Everything the page shows, computed once: fronts, curves, crossovers, tables."""
     pts = pareto.points_table(res.trials, res.ablations)
@@ -112,11 +93,11 @@ def analyse(res: pareto.Results) -> dict:
     targets = res.search.get("targets") or pareto.default_targets(res.trials, pts)
     direction = "minimize"
     return {"points": pts, "fronts": pareto.fronts(pts), "fronts_fvu": pareto.fronts(pts, "fvu")
-            if "fvu" in pts else None, "curves": curves, "switch": switch,
+            if _has(pts, "fvu") else None, "curves": curves, "switch": switch,
             "wins": pareto.win_ranges(curves, fams, TIE_TOL), "direction": direction,
             "summary": pareto.summary_table(res.trials, pts, [float(t) for t in targets]),
             "hv": pd.concat([pareto.hypervolumes(pts, y).assign(metric=y) for y in ("ce_sae", "fvu")
-                             if y in pts], ignore_index=True),
+                             if _has(pts, y)], ignore_index=True),
             "importance": param_importances(res.trials, res.search.get("space"))}
 
 
@@ -163,24 +144,6 @@ def headline(a: dict) -> str:
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
-def _table(df: pd.DataFrame, cols: dict, signed: tuple = (), table_id: str = "",
-           left: tuple = ()) -> str:
-    """An HTML table of df[cols] headed cols.values(); signed columns green > 0 > red."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in cols.values())
-    body = []
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r.get(c, None)
-            cls = "l" if c in left or not isinstance(v, (int, float, np.number)) else ""
-            if c in signed and isinstance(v, float) and np.isfinite(v) and v != 0:
-                cls = "good" if v > 0 else "bad"
-            cells.append(f'<td class="{cls}">{_fmt(v)}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    ident = f' id="{table_id}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def make_figures(res: pareto.Results, a: dict, out_dir: Path) -> list[tuple[str, str, Path]]:
     """Draw every figure the data allows; returns (title, caption, png) in page order."""
     t, d, figs = res.trials, out_dir, []
@@ -190,6 +153,11 @@ def make_figures(res: pareto.Results, a: dict, out_dir: Path) -> list[tuple[str,
                  "family's Pareto front; stars: best penalty found near each target L0."),
                  plots.frontier(a["points"], a["fronts"], d / "frontier.png", best=best,
                                 ce_clean=ce_clean)))
+    if res.comparisons is not None and len(res.comparisons):
+        figs.append(("CE difference to L1 with intervals", (
+            "Paired by seed (same init and data order), per target L0; bands: 95% intervals "
+            "including the held-out set's sampling noise."),
+            plots.delta_bands(res.comparisons, d / "delta_bands.png")))
     if any(c.startswith("delta_") for c in a["curves"]):
         figs.append(("CE difference to L1", ("Each front minus L1's at the same L0, "
                      "interpolated in log(L0); dashed lines: where a family starts to win."),
@@ -227,20 +195,9 @@ def make_figures(res: pareto.Results, a: dict, out_dir: Path) -> list[tuple[str,
     return figs
 
 
-def _img(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
 def _refs(hv: pd.DataFrame) -> str:
     return "; ".join(f"{y}: log10 L0 = {g['ref_log10_l0'].iloc[0]:.3g}, {y} = "
                      f"{g['ref_' + y].iloc[0]:.4g}" for y, g in hv.groupby("metric", sort=False))
-
-
-def _settings(search: dict) -> pd.DataFrame:
-    flat = pd.json_normalize(search, sep=".").T if search else pd.DataFrame()
-    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in
-            (flat[0].items() if len(flat) else [])]
-    return pd.DataFrame(rows, columns=["setting", "value"])
 
 
 def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
@@ -248,7 +205,7 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
     counts = res.trials.groupby(["family", "status"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=sorted(set(counts.columns) | {"finished"}), fill_value=0)
     n_bad = int(counts.drop(columns="finished").to_numpy().sum())
-    fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{_img(p)}">'
+    fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{img(p)}">'
                 f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
                 for i, (ti, cap, p) in enumerate(figs)]
     y = "ce_sae"
@@ -260,35 +217,76 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
         (f"<h1>Which sparsity penalty wins?</h1><p class='sub'>{html.escape(str(results_dir))}"
          f" · {int(counts['finished'].sum())} finished SAEs, {n_bad} diverged or errored "
          "(left out of every front)</p>"),
-        f"<div class='headline'>{headline(a)}</div>", fig_html[0],
+        f"<div class='headline'>{_claims_or_headline(res, a)}</div>", fig_html[0],
+        *_interval_sections(res),
         "<h2>Best penalty per target L0</h2>",
-        _table(a["summary"], summ, ("saved_vs_L1", "saved_vs_sqrt"), "summary"),
+        table(a["summary"], summ, ("saved_vs_L1", "saved_vs_sqrt"), "summary"),
         ("<p class='note'>Best = lowest CE among finished SAEs whose L0 is within 25% of the "
          "target; savings compare with a family's front at that SAE's own L0 (positive = "
          "better). Fronts include threshold sweeps of each family's SAEs.</p>"),
         *fig_html[1:2], "<h2>Who wins where</h2>",
         "<p class='note'>L0 ranges where each family's front has the lowest CE.</p>",
-        _table(a["wins"], {"family": "family", "l0_from": "from L0", "l0_to": "to L0",
+        table(a["wins"], {"family": "family", "l0_from": "from L0", "l0_to": "to L0",
                            "max_margin": "max CE margin"}, table_id="wins"),
         ("<p class='note'>Each family against L1: the L0 beyond which it is better at every "
         "matched L0 (its last or first crossing), and its largest CE gain.</p>"),
-        _table(a["switch"], {"family": "family", "side": "beats L1", "l0": "L0",
+        table(a["switch"], {"family": "family", "side": "beats L1", "l0": "L0",
                              "max_gain": "max CE gain", "max_gain_l0": "at L0",
                              "n_crossings": "crossings", "l0_min": "compared from L0",
                              "l0_max": "to L0"}, table_id="switch"),
-        "<h2>Hypervolume</h2>", _table(a["hv"], {"metric": "metric", "family": "family",
+        "<h2>Hypervolume</h2>", table(a["hv"], {"metric": "metric", "family": "family",
                "n_points": "points", "n_front": "on front", "hypervolume": "hypervolume"}),
         ("<p class='note'>Area dominated in (log10 L0, metric) space, bounded by a reference "
          "point shared by all families: the maximum of each axis over all finished points plus "
          f"10% of its range ({_refs(a['hv'])}). Larger is better.</p>"),
-        "<h2>Trials</h2>", _table(counts.reset_index(), {c: c for c in
+        "<h2>Trials</h2>", table(counts.reset_index(), {c: c for c in
                                                          ["family", *counts.columns]}),
-        "<h2>Search settings</h2>", _table(_settings(res.search), {"setting": "setting",
+        "<h2>Search settings</h2>", table(settings_table(res.search), {"setting": "setting",
                                                                    "value": "value"},
                                            table_id="settings", left=("value",)),
+        "<h2>Provenance</h2>", provenance_block(res.search),
         "<h2>More figures</h2>", *fig_html[2:]]
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>raysae report"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _claims_or_headline(res: pareto.Results, a: dict) -> str:
+    """Interval-backed claims when comparisons exist; else the frontier's description,
+    marked as single SAEs without intervals (a sweep)."""
+    items = claims.headline(res.comparisons)
+    if items:
+        return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    return ("<p class='note'>Single SAEs without seed replicates: descriptive only, no "
+            "intervals (run a search with --seeds to get claims).</p>" + headline(a))
+
+
+def _interval_sections(res: pareto.Results) -> list[str]:
+    """The ladder table, per-target winners, every comparison and the per-seed table."""
+    from raysae.analysis.confidence import per_seed_table
+
+    if res.comparisons is None or not len(res.comparisons):
+        return []
+    ladder = claims.ladder_table(res.trials)
+    winners = claims.target_winners(res.comparisons)
+    comp = res.comparisons.sort_values(["reference", "target_l0", "delta_ce_mean"])
+    seeds = per_seed_table(res.trials[res.trials["target_l0"].notna()])
+    return [
+        "<h2>Every family at every target L0</h2>",
+        table(ladder, {c: c for c in ladder.columns}, table_id="ladder", left=("label",)),
+        ("<p class='note'>Mean CE over seeds (its mean L0, number of SAEs). Each SAE was "
+         "trained for its target (lambda driven to it by the controller).</p>"),
+        "<h2>Winner per target L0 (paired differences, 95% intervals)</h2>",
+        table(winners, {c: c for c in winners.columns}, table_id="winners",
+              left=("label", "family", "vs_L1", "vs_sqrt")),
+        "<h2>All comparisons</h2>",
+        table(comp, {"label": "penalty", "family": "family", "reference": "vs",
+                     "target_l0": "target L0 (– = ladder mean)", "n_seeds": "seeds",
+                     "delta_ce_mean": "ΔCE", "ci_low": "95% low", "ci_high": "95% high",
+                     "significant": "excludes 0", "interval": "noise covered"},
+              table_id="comparisons"),
+        "<h2>Per seed</h2>",
+        table(seeds, {c: c for c in seeds.columns}, table_id="per_seed",
+              left=("label", "family"))]
 
 
 def write_report(results_dir, out: Path | None = None) -> Path:

@@ -95,7 +95,7 @@ class TrainConfig:
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     """Sparsity penalty."""
     kind: str = "relu"
-    """SAE kind (registry raysae.core.kinds): relu + penalty, topk, batchtopk, jumprelu,
+    """SAE kind (registry raysae.core.kinds): relu + penalty, topk, batchtopk,
     panneal (the power penalty with p annealed from 1 to the penalty's p)."""
     lam: float = 1.0
     """Penalty coefficient lambda: the controller's start value (scaled by 1 / rho(1) of the

@@ -1,25 +1,20 @@
 """An L0 ladder of K SAEs trained together: one batch read once, fed to K members.
 
-``BatchedSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``,
-``W_dec [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``, plus the kind's
-thresholds) and runs them with batched matmuls. ``EnsembleTrainer`` trains one member per
-target L0, all of ``cfg.kind`` (raysae.core.kinds: relu + penalty, topk, batchtopk,
-jumprelu, panneal); each member has its own lambda and L0 controller (penalty kinds), k or
-L0 target (the others), dead-feature tracking and divergence status. The loss is the sum
-over live members of ``mean_tokens ||x_hat_k - x||^2 + term_k`` (term: lambda_k * penalty,
-AuxK or the JumpReLU L0 loss): summing keeps each member's gradient what it would be
-alone, and Adam is elementwise, so one Adam over the stacked weights trains every member
-as it would be trained alone (``Trainer`` in train.py for relu).
+``BatchedSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``, ``W_dec
+[K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``, plus the kind's state) and
+runs them with batched matmuls. ``EnsembleTrainer`` trains one member per target L0, all of
+kind ``cfg.kind`` (raysae.core.kinds), each with its own lambda and controller (penalty
+kinds) or k (TopK, BatchTopK), dead-feature tracking and divergence status. The loss is the
+sum over live members of ``mean_tokens ||x_hat_k - x||^2 + term_k`` (lambda_k * penalty, or
+AuxK): each member's gradient is what it would be alone, and Adam is elementwise, so one
+Adam over the stacked weights trains every member as it would be trained alone.
 
-No host sync between logging steps: batch L0, the controller, lambdas, thresholds,
-finiteness and last-fired steps stay device tensors; ``.item()``/``.tolist()`` run only
-every ``cfg.log_every`` steps, at the end and in ``result()`` (plus once on the first batch
-when the activation scale is estimated). So a member whose loss goes NaN/inf has its
-gradients zeroed from that very step (on the device), but is *reported* diverged at the
-next logging step, which also zeroes its Adam state so its weights stay frozen after.
-Likewise a non-finite activation batch trains nobody (all gradients zeroed) and raises
-``NonFiniteActivationsError`` at the next logging step. CPU: see
-``raysae.core.memory.keep_freed_memory`` (re-exported here).
+No host sync between logging steps: L0, controller, lambdas, thresholds, finiteness and
+last-fired steps stay on the device; ``.item()``/``.tolist()`` run every ``cfg.log_every``
+steps, at the end, in ``result()`` and once on the first batch (the activation scale). A
+member whose loss goes NaN/inf gets zero gradients from that step on and is *reported*
+diverged (its Adam state zeroed) at the next logging step; a non-finite batch trains nobody
+and raises ``NonFiniteActivationsError`` there. CPU: ``keep_freed_memory`` (re-exported).
 """
 
 from __future__ import annotations
@@ -35,8 +30,8 @@ from torch import nn
 from raysae.core import metrics
 from raysae.core.config import SAEConfig, TrainConfig
 from raysae.core.kinds import get_kind
-from raysae.core.memory import keep_freed_memory
-from raysae.core.penalties import penalty_per_token, penalty_scale_at_one
+from raysae.core.memory import keep_freed_memory as keep_freed_memory
+from raysae.core.penalties import penalty_scale_at_one
 from raysae.core.sae import SAE
 from raysae.core.train import (
     DATA_EXHAUSTED,
@@ -48,14 +43,11 @@ from raysae.core.train import (
 )
 
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
-__all__ = ["BatchedSAE", "EnsembleTrainer", "keep_freed_memory", "train_ensemble"]
 
 
 class BatchedSAE(nn.Module):
-    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``.
-
-    ``targets`` (default 1.0 each) give the kind its per-member k or L0 target.
-    """
+    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``;
+    ``targets`` (default 1.0 each) give the kind its per-member k."""
 
     def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
                  targets: Sequence[float] | None = None):
@@ -68,13 +60,10 @@ class BatchedSAE(nn.Module):
         self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae].
-
-        ``x - b_dec`` enters the encoder detached, and b_dec's encoder gradient,
-        ``-(sum_tokens dL/dpre) W_enc^T``, comes from ``t = y - y.detach()`` with
-        ``y = b_dec W_enc.detach()`` (t is exactly 0): backward then skips the
-        [K, B, d_sae] x [K, d_sae, d_in] product for the gradient of ``x - b_dec``.
-        """
+        """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae]. ``x - b_dec`` enters
+        detached; b_dec's encoder gradient comes from ``y - y.detach()`` (exactly 0), with
+        ``y = b_dec W_enc.detach()``, so backward skips a [K, B, d_sae] x [K, d_sae, d_in]
+        product."""
         y = torch.bmm(self.b_dec.unsqueeze(1), self.W_enc.detach())
         bias = self.b_enc.unsqueeze(1) - (y - y.detach())
         centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
@@ -103,31 +92,26 @@ class BatchedSAE(nn.Module):
     def member(self, k: int) -> SAE:
         """Member k as an SAE with its inference architecture (a CPU copy)."""
         sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
-        for n in _PARAMS:
-            getattr(sae, n).copy_(getattr(self, n)[k].detach().float().cpu())
+        sae.load_state_dict({n: getattr(self, n)[k].float().cpu() for n in _PARAMS}, strict=False)
         return sae
 
     @torch.no_grad()
     def finite_members(self) -> torch.Tensor:
         """[K] bool: every weight of member k is finite (device tensor, no sync)."""
-        oks = [torch.isfinite(p).flatten(1).all(dim=1) for p in self.parameters()]
-        return torch.stack(oks).all(dim=0)
+        return torch.stack([p.isfinite().flatten(1).all(1) for p in self.parameters()]).all(0)
 
 
 class EnsembleTrainer:
     """One SAE per target L0, trained together on the same batches (see module doc).
-
-    ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)`` for every member);
-    with ``cfg.control_frac = 0`` they stay fixed (search-mode lambda). Kinds without a
-    penalty keep lambda at 0.
-    """
+    ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)``; fixed when
+    ``cfg.control_frac = 0``); kinds without a penalty keep lambda at 0."""
 
     def __init__(self, cfg: TrainConfig, targets: Sequence[float], *,
                  lams: Sequence[float] | None = None):
         if cfg.sae is None:
             raise ValueError("TrainConfig.sae is None: give the SAE's shape (SAEConfig)")
         self.cfg, self.targets = cfg, [float(t) for t in targets]
-        self.k = len(self.targets)
+        self.k, self.kind = len(self.targets), get_kind(cfg.kind)
         if self.k == 0 or not all(0 < t <= cfg.sae.d_sae for t in self.targets):
             raise ValueError(f"targets = {list(targets)!r} is invalid: allowed a non-empty "
                              f"list of numbers in (0, d_sae={cfg.sae.d_sae}]")
@@ -135,8 +119,7 @@ class EnsembleTrainer:
         start = [cfg.lam / rho1] * self.k if lams is None else [float(v) for v in lams]
         if len(start) != self.k:
             raise ValueError(f"lams has {len(start)} values for {self.k} targets")
-        self.kind = get_kind(cfg.kind)
-        start = start if self.kind.uses_penalty else [0.0] * self.k
+        start = [v * self.kind.uses_penalty for v in start]  # 0 for kinds without a penalty
         dev = self.device = torch.device(cfg.device)
         self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
                                 targets=self.targets).to(dev)
@@ -148,8 +131,7 @@ class EnsembleTrainer:
         self.live = torch.ones(self.k, dtype=torch.bool, device=dev)
         self.died_at = torch.full((self.k,), -1, dtype=torch.int64, device=dev)
         self.bad_input = torch.zeros((), dtype=torch.bool, device=dev)
-        self.last_fired = torch.full((self.k, cfg.sae.d_sae), -1.0, dtype=torch.float64,
-                                     device=dev)
+        self.last_fired = torch.full((self.k, cfg.sae.d_sae), -1.0, dtype=torch.float64, device=dev)
         self.step_count = self.tokens = 0
         self.scale: float | None = cfg.activation_scale if cfg.normalize_activations else 1.0
         self.status: list[str | None] = [None] * self.k
@@ -157,11 +139,9 @@ class EnsembleTrainer:
         self.stopped: list[list[int] | None] = [None] * self.k  # [steps, tokens] at divergence
         self.history: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
 
-    # -- schedule -------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return (self.step_count >= self.cfg.total_steps
-                or all(s is not None for s in self.status))
+        return self.step_count >= self.cfg.total_steps or None not in self.status
 
     def current_lr(self) -> float:
         total, decay = self.cfg.total_steps, int(self.cfg.total_steps * self.cfg.lr_decay_frac)
@@ -169,9 +149,9 @@ class EnsembleTrainer:
         return self.cfg.lr if decay == 0 or left > decay else self.cfg.lr * left / decay
 
     def controlling(self) -> bool:
-        return self.step_count < int(self.cfg.total_steps * self.cfg.control_frac)
+        return (self.kind.uses_controller
+                and self.step_count < int(self.cfg.total_steps * self.cfg.control_frac))
 
-    # -- one step -------------------------------------------------------------------------
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
         """Train every live member on one batch; per-member rows on logging steps, else None."""
         if self.done:
@@ -202,21 +182,11 @@ class EnsembleTrainer:
         self.live &= ~newly
         fires = (f.detach() > 0).sum(dim=1, dtype=torch.int32)  # [K, d_sae] over tokens
         self.last_fired.masked_fill_(fires > 0, float(self.tokens))
-        if self.controlling() and self.kind.uses_controller:
+        if self.controlling():
             self._control(fires.sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
             return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen.detach())
         return None
-
-    def penalty(self, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
-        """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's
-        elementwise passes and their backward run in cache (sqrt: ~8% off the step)."""
-        name, floor = self.cfg.penalty.name, self.cfg.penalty.grad_floor
-        if f.device.type != "cpu":
-            return penalty_per_token(name, f, params, floor)
-        chunk = max(1, (1 << 19) // (f.shape[0] * f.shape[2]))
-        return torch.cat([penalty_per_token(name, part, params, floor)
-                          for part in f.split(chunk, dim=1)], dim=1)
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, torch.float32)
@@ -239,15 +209,12 @@ class EnsembleTrainer:
         self.lam = torch.where(self.live, new, self.lam)
 
     def dead_mask(self) -> torch.Tensor:
-        """[K, d_sae] bool: no fire in the last ``dead_window_tokens`` (or ever, if fewer)."""
+        """[K, d_sae]: no fire in the last ``dead_window_tokens`` (or ever, if fewer)."""
         return self.last_fired < max(self.tokens - self.cfg.dead_window_tokens, 0)
 
     def dead_fractions(self) -> torch.Tensor:
-        if not self.tokens:
-            return torch.zeros(self.k, device=self.device)
-        return self.dead_mask().float().mean(dim=1)
+        return self.dead_mask().float().mean(dim=1) * bool(self.tokens)
 
-    # -- host side: logging steps, divergence ---------------------------------------------
     def check_members(self) -> None:
         """Sync: raise on a bad batch seen since the last check; mark non-finite members."""
         if self.bad_input.item():
@@ -263,10 +230,9 @@ class EnsembleTrainer:
                     else f"weights became non-finite by step {self.step_count}")
             self.status[k], self.reason[k] = DIVERGED, when
             self.stopped[k] = [self.step_count, self.tokens]
-            for p in self.model.parameters():  # zero Adam's moments: no further updates
+            for state in self.opt.state.values():  # zero Adam's moments: no further updates
                 for moment in ("exp_avg", "exp_avg_sq"):
-                    if moment in self.opt.state.get(p, {}):
-                        self.opt.state[p][moment][k].zero_()
+                    state[moment][k].zero_()
 
     def _log(self, x, x_hat, f, per, recon, pen) -> list[dict[str, float]]:
         self.check_members()
@@ -285,7 +251,6 @@ class EnsembleTrainer:
             rows.append(row)
         return rows
 
-    # -- end and checkpoints --------------------------------------------------------------
     def result(self) -> list[TrainResult]:
         """Per member: its SAE (scale folded in unless diverged) and how it ended."""
         self.check_members()
@@ -327,8 +292,7 @@ class EnsembleTrainer:
             setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(self.state_dict(), buf := io.BytesIO())
         return buf.getvalue()
 
     @classmethod
@@ -348,14 +312,10 @@ class EnsembleTrainer:
         return trainer
 
 
-def train_ensemble(
-    cfg: TrainConfig,
-    targets: Sequence[float],
-    batches: Iterable[torch.Tensor],
-    *,
-    trainer: EnsembleTrainer | None = None,
-    on_log: Callable[[list[dict[str, float]], EnsembleTrainer], None] | None = None,
-) -> list[TrainResult]:
+def train_ensemble(cfg: TrainConfig, targets: Sequence[float], batches: Iterable[torch.Tensor],
+                   *, trainer: EnsembleTrainer | None = None,
+                   on_log: Callable[[list[dict[str, float]], EnsembleTrainer], None] | None = None
+                   ) -> list[TrainResult]:
     """Train the ladder until ``cfg.total_tokens`` or every member diverged."""
     trainer = trainer or EnsembleTrainer(cfg, targets)
     for x in batches:

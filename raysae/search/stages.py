@@ -16,21 +16,28 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from raysae.analysis import contract
+from raysae.analysis import contract, provenance
 from raysae.search.results import _clean, collect_artifacts, results_frame
 from raysae.search.space import penalty_of
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
 
+STAGE_SECONDS: dict[str, float] = {}
+"""Wall time of each stage run by this process (for search.json's provenance)."""
+
 
 def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool) -> pd.DataFrame:
+    stage = name.rsplit("_", 1)[-1] if not plan.grid else "grid"
+    start = time.perf_counter()
     frame = results_frame(make_tuner(plan, name, spec, grid, index, resume).fit(), name)
-    return frame.assign(stage=name.rsplit("_", 1)[-1] if not plan.grid else "grid")
+    STAGE_SECONDS[stage] = time.perf_counter() - start
+    return frame.assign(stage=stage)
 
 
 def reference_ce(refs: pd.DataFrame, targets) -> tuple[float, ...] | None:
@@ -92,8 +99,24 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     contract.write_trials(trials, out)
     for key, df in collect_artifacts(trials).items():
         contract.write_table(df, out, key)
-    contract.write_search_json(out, contract.search_record(plan, settings or {}))
+    comparisons = compare_trials(trials)
+    if comparisons is not None:
+        contract.write_comparisons(comparisons, out)
+    record = contract.search_record(plan, settings or {})
+    record["provenance"] = provenance.collect(dict(STAGE_SECONDS))
+    contract.write_search_json(out, record)
     return out
+
+
+def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:
+    """comparisons.parquet: every label against L1 and sqrt, per target and over the ladder
+    (None for a sweep, whose SAEs have no targets)."""
+    from raysae.analysis.confidence import compare
+
+    laddered = trials[trials["target_l0"].notna()]
+    if not len(laddered):
+        return None
+    return compare(laddered)
 
 
 __all__ = ["run_search", "confirmation_grid", "reference_ce", "penalty_of"]
