@@ -52,7 +52,8 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
         items.append("The study's question, <b>sqrt vs L1</b> at each target: "
                      + "; ".join(parts) + ".")
     score = c[c["target_l0"].isna()]
-    searched = score[~score["label"].isin(REFERENCE_LABELS) & (score["reference"] == "sqrt")]
+    searched = score[~score["label"].isin((*REFERENCE_LABELS, "TopK", "BatchTopK"))
+                     & (score["reference"] == "sqrt")]
     if len(searched):
         wins = searched[searched["significant"] & (searched["delta_ce_mean"] < 0)]
         if len(wins):
@@ -63,16 +64,32 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
             r = searched.loc[searched["delta_ce_mean"].idxmin()]
             items.append("No searched penalty beats sqrt detectably over the ladder; the "
                          f"closest, <b>{_name(r)}</b>: {verdict(r, 'sqrt')}.")
+    best = _best_searched(score)
+    for baseline in ("TopK", "BatchTopK"):
+        r = score[(score["label"] == best) & (score["reference"] == baseline)]
+        if best is not None and len(r):
+            items.append(f"<b>{html.escape(best)}</b> against <b>{baseline}</b> over the "
+                         f"ladder: {verdict(r.iloc[0], baseline)}.")
     others = score[(score["reference"] == "L1") & (score["label"] != "sqrt")]
     for _, r in others.iterrows():
         items.append(f"<b>{_name(r)}</b> over the ladder: {verdict(r, 'L1')}.")
     return items
 
 
+def _best_searched(score: pd.DataFrame) -> str | None:
+    """The searched label with the lowest ladder-mean difference to sqrt (or to L1)."""
+    searched = score[~score["label"].isin((*REFERENCE_LABELS, "TopK", "BatchTopK"))]
+    for reference in ("sqrt", "L1"):
+        s = searched[searched["reference"] == reference]
+        if len(s):
+            return str(s.loc[s["delta_ce_mean"].idxmin(), "label"])
+    return None
+
+
 def target_winners(comparisons: pd.DataFrame | None) -> pd.DataFrame:
     """Per target: the label with the lowest CE difference to L1 and whether it is
     significant against L1 and against sqrt (the study found the winner changes with L0)."""
-    cols = ["target_l0", "label", "family", "vs_L1", "vs_sqrt"]
+    cols = ["target_l0", "label", "family", "vs_L1", "vs_sqrt", "vs_TopK", "vs_BatchTopK"]
     if comparisons is None or not len(comparisons):
         return pd.DataFrame(columns=cols)
     c = comparisons[comparisons["target_l0"].notna()]
@@ -82,12 +99,13 @@ def target_winners(comparisons: pd.DataFrame | None) -> pd.DataFrame:
         if not len(l1):
             continue
         best = l1.loc[l1["delta_ce_mean"].idxmin()]
-        sq = g[(g["reference"] == "sqrt") & (g["label"] == best["label"])]
-        rows.append({"target_l0": t, "label": best["label"], "family": best["family"],
-                     "vs_L1": interval_text(best) + ("" if best["significant"] else " (n.s.)"),
-                     "vs_sqrt": (interval_text(sq.iloc[0]) + ("" if sq.iloc[0]["significant"]
-                                                              else " (n.s.)"))
-                     if len(sq) else "– (is sqrt)" if best["label"] == "sqrt" else "–"})
+        row = {"target_l0": t, "label": best["label"], "family": best["family"]}
+        for ref in ("L1", "sqrt", "TopK", "BatchTopK"):
+            r = g[(g["reference"] == ref) & (g["label"] == best["label"])]
+            row[f"vs_{ref}"] = (interval_text(r.iloc[0]) + ("" if r.iloc[0]["significant"]
+                                                            else " (n.s.)")) if len(r) else (
+                "– (itself)" if best["label"] == ref else "–")
+        rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -26,6 +26,9 @@ STYLE = {
     "power": {"color": "#7b3fa0", "ls": "--", "marker": "D"},
     "tanh": {"color": "#b8860b", "ls": "--", "marker": "P"},
     "log": {"color": "#c71585", "ls": "--", "marker": "X"},
+    "TopK": {"color": "#222222", "ls": "-", "marker": "s"},
+    "BatchTopK": {"color": "#8c8c8c", "ls": "-", "marker": "p"},
+    "p-anneal": {"color": "#0e8a8a", "ls": "--", "marker": "h"},
 }
 OTHER = {"color": "#666666", "ls": (0, (5, 2, 1, 2)), "marker": "v"}
 METRIC_LABEL = {"ce_sae": "CE with SAE spliced in (nats)",

@@ -47,8 +47,14 @@ def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | 
 
     if not space or "experiment" not in trials:
         return None
-    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])
-                & ~trials["experiment"].astype(str).str.endswith("_refs")]
+    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
+    if "stage" in ok and ok["stage"].notna().any():  # Optuna's own proposals only
+        ok = ok[ok["stage"] == "search"]
+    else:
+        ok = ok[~ok["experiment"].astype(str).str.endswith("_refs")]
+    if "tune_trial_id" in ok and ok["tune_trial_id"].notna().all():  # one score per trial
+        ok = ok.drop_duplicates("tune_trial_id").assign(objective=lambda d: d[
+            "trial_objective"].where(d["trial_objective"].notna(), d["objective"]))
     out: dict[str, float] = {}
     for family in {s["family"] for s in space if s["family"]}:
         items = [s for s in space if s["family"] in (family, None)]
@@ -277,7 +283,7 @@ def _interval_sections(res: pareto.Results) -> list[str]:
          "trained for its target (lambda driven to it by the controller).</p>"),
         "<h2>Winner per target L0 (paired differences, 95% intervals)</h2>",
         table(winners, {c: c for c in winners.columns}, table_id="winners",
-              left=("label", "family", "vs_L1", "vs_sqrt")),
+              left=("label", "family", "vs_L1", "vs_sqrt", "vs_TopK", "vs_BatchTopK")),
         "<h2>All comparisons</h2>",
         table(comp, {"label": "penalty", "family": "family", "reference": "vs",
                      "target_l0": "target L0 (– = ladder mean)", "n_seeds": "seeds",

@@ -60,6 +60,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.sae is None:
             raise ValueError("TrainConfig.sae is None: give the SAE's shape (SAEConfig)")
+        if cfg.kind != "relu":
+            raise ValueError(f"Trainer trains relu SAEs only, not kind {cfg.kind!r}; use "
+                             "raysae.core.ensemble.EnsembleTrainer (every kind)")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.sae = SAE(cfg.sae, seed=cfg.seed).to(self.device)

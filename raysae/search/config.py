@@ -100,6 +100,11 @@ class SearchConfig:
     penalty: tuple[str, ...] = ("power",)
     """Penalty families to search (registry names); several: Optuna chooses the family too.
     The study's references (L1, sqrt, sqrt(sqrt)) are trained in every search."""
+    kind: str = "relu"
+    """SAE kind of Optuna's proposals: relu (+ the penalty) or panneal (the power family
+    with p annealed from 1 to the proposed p; raysae.core.kinds)."""
+    baselines: tuple[str, ...] = ("topk", "batchtopk")
+    """SAE kinds trained as reference frontiers on the same ladder and seeds (none: [])."""
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Searched range per penalty parameter (flags --PARAM-range LOW HIGH); default: the
     registry's."""
@@ -136,6 +141,15 @@ class SearchConfig:
         for name in self.penalty:
             require(name in PENALTIES, "penalty", name, f"registered penalties: "
                     f"{sorted(PENALTIES)}", "pass {penalty} with registered names")
+        from raysae.core.kinds import KINDS
+
+        require(self.kind in ("relu", "panneal"), "kind", self.kind,
+                "Optuna proposes penalties for relu or panneal SAEs", "pass one of them")
+        for name in self.baselines:
+            require(name in KINDS and not KINDS[name].uses_penalty, "baselines", name,
+                    f"baselines are penalty-free SAE kinds: "
+                    f"{sorted(k for k, v in KINDS.items() if not v.uses_penalty)}",
+                    "pass {baselines} with some of them")
         require(self.objective in OBJECTIVES, "objective", self.objective,
                 f"allowed {list(OBJECTIVES)}", "pass one of them")
         require(self.lambda_mode in LAMBDA_MODES, "lambda_mode", self.lambda_mode,
@@ -260,8 +274,8 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-TRAIN_INTERNAL = ("sae", "penalty", "adam_betas", "normalize_activations", "activation_scale",
-                  "l0_target", "device")
+TRAIN_INTERNAL = ("sae", "penalty", "kind", "adam_betas", "normalize_activations",
+                  "activation_scale", "l0_target", "device")
 """TrainConfig fields each trial sets itself: not job settings (and not flags)."""
 SECTIONS = {"model": ModelSettings, "activations": ActivationSettings, "train": TrainConfig,
             "search": SearchConfig, "sweep": SweepSettings, "run": RunSettings}

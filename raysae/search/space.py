@@ -31,6 +31,7 @@ class SearchSpace:
                        for fam in self.families}
         self.lam_range = tuple(search.lam_range)
         self.search_lambda = search.lambda_mode == "search"
+        self.kind = search.kind
 
     def __call__(self, trial) -> dict[str, Any]:
         family = self.families[0]
@@ -40,7 +41,7 @@ class SearchSpace:
             trial.suggest_float(param_key(family, name), low, high, log=log)
         if self.search_lambda:
             trial.suggest_float("lam", *self.lam_range, log=True)
-        return {"penalty": family}
+        return {"penalty": family, **({"kind": self.kind} if self.kind != "relu" else {})}
 
     def describe(self) -> list[dict[str, Any]]:
         """The proposed parameters (for search.json and the report's importances)."""
@@ -52,10 +53,12 @@ class SearchSpace:
         return out
 
 
-def reference_configs() -> list[dict[str, Any]]:
-    """The reference penalties as trial configs, in registry order (L1 first)."""
-    return [{"penalty": name, **{param_key(name, k): float(v) for k, v in params.items()}}
+def reference_configs(baselines: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The reference penalties (registry order, L1 first), then the baseline SAE kinds
+    (TopK, BatchTopK: no penalty), as trial configs."""
+    refs = [{"penalty": name, **{param_key(name, k): float(v) for k, v in params.items()}}
             for _label, name, params in reference_points()]
+    return refs + [{"kind": kind, **refs[0]} for kind in baselines]
 
 
 def penalty_of(config: dict[str, Any]) -> tuple[str, dict[str, float]]:

@@ -62,6 +62,9 @@ def confirmation_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, .
             name = row["penalty"]
             params = {k: float(row[k]) for k in _param_names(name) if k in row}
             config = {"penalty": name, **{f"{name}.{k}": v for k, v in params.items()}}
+            if row.get("kind", "relu") not in ("relu", None) and row.get("kind") == row.get(
+                    "kind"):
+                config["kind"] = row["kind"]
             if plan.spec.lambda_mode == "search":
                 config["lam"] = float(row["lam"])
             best.append(config)
@@ -116,7 +119,9 @@ def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:
     laddered = trials[trials["target_l0"].notna()]
     if not len(laddered):
         return None
-    return compare(laddered)
+    present = set(laddered["label"])
+    refs = [r for r in ("L1", "sqrt", "TopK", "BatchTopK") if r in present]
+    return compare(laddered, references=refs)
 
 
 __all__ = ["run_search", "confirmation_grid", "reference_ce", "penalty_of"]

@@ -170,6 +170,15 @@ def _node_id() -> str:
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
-    """The penalty's columns (name, family, label, each parameter) and the seed."""
-    return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": cfg.penalty.family,
-            "label": cfg.penalty.label, "lambda_mode": spec.lambda_mode, "seed": cfg.seed}
+    """The penalty's columns (name, family, label, each parameter), the kind and the seed.
+    A baseline kind (TopK, BatchTopK) is its own family and label; p-anneal labels its
+    final penalty."""
+    from raysae.core.kinds import get_kind
+
+    kind = get_kind(cfg.kind)
+    family = kind.family(cfg)
+    label = cfg.penalty.label if kind.name == "relu" else (
+        f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
+    return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
+            "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
+            "seed": cfg.seed}

@@ -70,7 +70,8 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0):
 
 def reference_grid(plan: SearchPlan) -> tuple[dict, ...]:
     """The references as grid points; with lambda searched, each on a lambda grid."""
-    refs = reference_configs()
+    refs = reference_configs(tuple(plan.search.baselines)
+                             if plan.spec.lambda_mode == "control" else ())
     if plan.spec.lambda_mode != "search":
         return tuple(refs)
     import numpy as np
