@@ -100,7 +100,7 @@ class TrainConfig:
     lam: float = 1.0
     """Penalty coefficient lambda: the controller's start value (scaled by 1 / rho(1) of the
     penalty) when l0_target is set, else the fixed coefficient."""
-    total_tokens: int = 1_000_000
+    total_tokens: int = 500_000
     """Training tokens (activation vectors) per SAE."""
     batch_size: int = 512
     """Activations per optimiser step."""

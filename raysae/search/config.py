@@ -80,7 +80,7 @@ class ActivationSettings:
     """Stream activations from the Ray Data pipeline into each trial (no cache)."""
     eval_blocks: int = 64
     """Held-out token blocks for the spliced CE of every SAE."""
-    feature_tokens: int = 100_000
+    feature_tokens: int = 25_000
     """Activation rows read for each SAE's feature statistics."""
 
     def __post_init__(self) -> None:
@@ -285,7 +285,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia-70m": {
         "model": "EleutherAI/pythia-70m-deduped", "hook": "blocks.3.hook_resid_post",
         "corpus": "monology/pile-uncopyrighted", "cache_tokens": 50_000_000,
-        "cache_dtype": "float16", "eval_blocks": 256, "total_tokens": 400_000_000,
+        "cache_dtype": "float16", "eval_blocks": 256, "feature_tokens": 1_000_000,
+        "total_tokens": 400_000_000,
         "batch_size": 4096, "targets": (8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
         "num_trials": 16,
         "n_lambdas": 15},
