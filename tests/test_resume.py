@@ -54,7 +54,9 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tiny_model_dir,
 
     assert cli.main(["search", *([*args, "--resume"])]) == 0
     trials = pd.read_parquet(tmp_path / "results" / "trials.parquet")
-    assert len(trials) == 3 + 1 and trials["trial_id"].is_unique
+    assert len(trials) == 5 + 1 and trials["trial_id"].is_unique
     assert set(trials["status"]) == {"finished"}
-    # The references ran once each, and Optuna's one trial once, not again after the restore.
-    assert sorted(trials["family"]) == ["L1", "power", "sqrt", "sqrt(sqrt)"]
+    # The references and baselines ran once each, and Optuna's one trial once, not again
+    # after the restore.
+    assert sorted(trials["family"]) == ["BatchTopK", "L1", "TopK", "power", "sqrt",
+                                        "sqrt(sqrt)"]

@@ -104,7 +104,7 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
         targets=(4.0, 8.0, 16.0),
     )
     plan = make_plan("t3", str(tmp_path / "tune"), spec, targets=(4.0, 8.0, 16.0),
-                     num_trials=1, seeds=0)
+                     num_trials=1, seeds=0, baselines=())
     out = run_search(plan, tmp_path / "results")
     trials = pd.read_parquet(out / "trials.parquet")
     assert trials["trial_id"].is_unique  # one row per SAE: (trial, target)

@@ -316,4 +316,4 @@ def penalty_label(name: str, params: Mapping[str, float]) -> str:
         return family
     spec = PENALTIES.get(name)
     values = _filled(spec, params) if spec is not None else dict(params)
-    return f"{name}({', '.join(f'{k}={v:g}' for k, v in values.items())})"
+    return f"{name}({', '.join(f'{k}={v:.4g}' for k, v in values.items())})"
