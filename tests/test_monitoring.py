@@ -51,7 +51,8 @@ def _scrape(port: int) -> dict:
         for s in family.samples:
             if s.name.startswith("ray_raysae_"):
                 ours = {k: v for k, v in s.labels.items()
-                        if k in ("trial_id", "family", "status", "model", "hook", "le")}
+                        if k in ("trial_id", "family", "status", "model", "hook", "le",
+                                 "member", "target")}
                 found[(s.name, frozenset(ours.items()))] = s.value
     return found
 
@@ -65,9 +66,10 @@ def test_metrics_reach_prometheus_endpoint(ray_local):
     @ray.remote(num_cpus=0)
     class Recorder:
         def run(self):
-            trial = TrialMetrics("trial_a", "power", start_tokens=0)
+            trial = TrialMetrics("trial_a", "power", start_tokens=0, targets=(8, 32))
             trial.record({"l0": 40.0, "mse": 0.5, "tokens_seen": 1000})
-            trial.record({"l0": 12.5, "mse": 0.25, "tokens_seen": 3000})
+            trial.record({"l0": 12.5, "mse": 0.25, "tokens_seen": 3000,
+                          "members_l0": "[9.5, 30.25]"})
             trial.finished("completed")
             HarvestMetrics("tiny", "blocks.1.hook_resid_post").record(4096, 0.5)
             return sorted(monitoring._created), sorted(monitoring._failed)
@@ -80,6 +82,8 @@ def test_metrics_reach_prometheus_endpoint(ray_local):
     want = {
         ("ray_raysae_trial_l0", trial): 12.5,
         ("ray_raysae_trial_mse", trial): 0.25,
+        ("ray_raysae_member_l0", trial | {("member", "0"), ("target", "8")}): 9.5,
+        ("ray_raysae_member_l0", trial | {("member", "1"), ("target", "32")}): 30.25,
         ("ray_raysae_tokens_trained_total", trial): 3000.0,
         ("ray_raysae_trials_finished_total",
          frozenset({("family", "power"), ("status", "completed")})): 1.0,

@@ -9,6 +9,7 @@ way: one line ``raysae <command>: error: <what and the fix>`` on stderr, exit st
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -61,6 +62,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConnectionError) as err:  # ConnectionError: --address unreachable
         print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (raysae.search.interrupt)
+        signum = getattr(err, "signum", 2)
+        resume = "" if args.command not in ("search", "sweep") else (
+            "; Tune saved the experiments and every trial's last checkpoint: resume with "
+            + shlex.join(["raysae", *_argv(argv), *([] if "--resume" in _argv(argv)
+                                                    else ["--resume"])]))
+        print(f"raysae {args.command}: interrupted ({_signal_name(signum)}); no tables or "
+              f"report written{resume}", file=sys.stderr, flush=True)
+        return 128 + signum
+    except RuntimeError as err:
+        from raysae.search.job import JobFailed
+
+        if not isinstance(err, JobFailed):
+            raise
+        print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
+        return 1
+
+
+def _argv(argv: list[str] | None) -> list[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 if __name__ == "__main__":

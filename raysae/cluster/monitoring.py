@@ -13,6 +13,7 @@ is a no-op. A failing metric never fails a trial: the error is logged once and d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,11 +23,14 @@ logger = logging.getLogger(__name__)
 
 TRIAL_TAGS = ("trial_id", "family")
 HARVEST_TAGS = ("model", "hook")
+MEMBER_TAGS = ("trial_id", "family", "member", "target")
 
 # name -> (kind, description, tag keys); one table so docs, code and tests agree.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "raysae_trial_l0": ("gauge", "Latest training L0 (mean active features per token).",
                         TRIAL_TAGS),
+    "raysae_member_l0": ("gauge", "Latest training L0 of one member of the trial's L0 ladder.",
+                         MEMBER_TAGS),
     "raysae_trial_mse": ("gauge", "Latest training reconstruction MSE.", TRIAL_TAGS),
     "raysae_trial_tokens_per_second": ("gauge", "SAE training throughput of the trial.",
                                        TRIAL_TAGS),
@@ -105,17 +109,22 @@ class TrialMetrics:
 
     ``start_tokens`` is the trainer's token count when this process took the trial over
     (non-zero after a restore), so restored trials do not count their old tokens twice.
+    ``targets``: the ladder's L0 targets in member order, for the ``target`` tag of
+    ``raysae_member_l0`` (empty when not given).
     """
 
-    def __init__(self, trial_id: str, family: str, *, start_tokens: int = 0):
+    def __init__(self, trial_id: str, family: str, *, start_tokens: int = 0,
+                 targets: tuple[float, ...] | list[float] = ()):
         if not trial_id or not family:
             raise ValueError("TrialMetrics needs a non-empty trial_id and family")
         self.tags = {"trial_id": str(trial_id), "family": str(family)}
+        self.targets = [f"{float(t):g}" for t in targets]
         self._tokens = int(start_tokens)
         self._time = time.monotonic()
 
     def record(self, row: dict) -> None:
-        """Publish one training metrics row (keys ``l0``, ``mse``, ``tokens_seen``).
+        """Publish one training metrics row (keys ``l0``, ``mse``, ``tokens_seen``, and
+        ``members_l0``: the ladder members' L0s, a list or its JSON).
 
         Tokens/s comes from ``row["tokens_per_second"]`` when present, else from the change in
         ``tokens_seen`` since the previous call.
@@ -123,6 +132,7 @@ class TrialMetrics:
         now = time.monotonic()
         _emit("raysae_trial_l0", row.get("l0"), self.tags)
         _emit("raysae_trial_mse", row.get("mse"), self.tags)
+        self._members(row.get("members_l0"))
         seen = row.get("tokens_seen")
         rate = row.get("tokens_per_second")
         if seen is not None:
@@ -133,6 +143,17 @@ class TrialMetrics:
             self._tokens = int(seen)
         _emit("raysae_trial_tokens_per_second", rate, self.tags)
         self._time = now
+
+    def _members(self, values) -> None:
+        if values is None:
+            return
+        try:
+            values = json.loads(values) if isinstance(values, str) else list(values)
+        except (TypeError, ValueError):
+            return
+        for i, value in enumerate(values):
+            target = self.targets[i] if i < len(self.targets) else ""
+            _emit("raysae_member_l0", value, {**self.tags, "member": str(i), "target": target})
 
     def finished(self, status: str) -> None:
         """Count this trial as finished with ``status`` (e.g. completed, diverged, error)."""

@@ -174,6 +174,13 @@ class SAE(nn.Module):
 def read_sae_config(path: str | os.PathLike) -> dict[str, Any]:
     """The cfg.json of an SAE directory, checked for the fields raysae needs."""
     cfg_path = Path(path) / CONFIG_FILE
+    if not Path(path).exists():
+        raise SAELoadError(f"{path}: no such folder; pass the directory of a trained SAE "
+                           f"(cfg.json and sae_weights.safetensors, written by raysae or "
+                           f"SAELens)")
+    if not Path(path).is_dir():
+        raise SAELoadError(f"{path} is a file, not an SAE directory; pass the directory "
+                           f"holding its {CONFIG_FILE}")
     if not cfg_path.is_file():
         raise SAELoadError(f"{path} is not an SAE directory: no {CONFIG_FILE}; "
                            f"pass the directory written by raysae (or SAELens)")

@@ -18,13 +18,13 @@ validates the whole tree on the driver, before Ray starts; what a config cannot 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from raysae.activations.source import DTYPES
 from raysae.core.config import TrainConfig
 from raysae.core.penalties import PENALTIES, get_penalty
+from raysae.search.run_settings import NAME_PATTERN, RunSettings, SweepSettings  # noqa: F401
 from raysae.settings import (
     SettingError,
     is_int,
@@ -206,50 +206,6 @@ def check_log_range(field_name: str, pair, what: str) -> None:
             f"pass {{{field_name}}} LOW HIGH with 0 < LOW <= HIGH")
     require(pair[0] <= pair[1], field_name, pair, "LOW is above HIGH",
             f"pass {{{field_name}}} LOW HIGH with LOW <= HIGH")
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """The lambda grid of `raysae sweep` (the study's baseline)."""
-
-    lambdas: tuple[float, ...] | None = None
-    """Lambda grid (default: n_lambdas values log-spaced over lam_range)."""
-    n_lambdas: int = 5
-    """Grid points when lambdas is not given."""
-    exponents: tuple[float, ...] = (1.0, 0.5, 0.25)
-    """Exponents p of the pure power penalty, one family each (1 = L1, 0.5 = sqrt)."""
-
-    def __post_init__(self) -> None:
-        positive_int(self, "n_lambdas")
-        for lam in self.lambdas or ():
-            require(is_number(lam) and lam >= 0, "lambdas", lam, "lambda must be a number "
-                    ">= 0", "pass non-negative penalty coefficients")
-        param = get_penalty("power").param("p")
-        for p in self.exponents:
-            require(param.contains(p), "exponents", p, f"the exponent p of penalty 'power' "
-                    f"must be in {param.range_text()}", "pass exponents such as 1 0.5 0.25")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Names, folders and where Ray runs."""
-
-    name: str | None = None
-    """Search name (default: exponent_search or l1_sweep)."""
-    storage: str = field(default_factory=lambda: os.environ.get("RAYSAE_STORAGE", "results"))
-    """Where Tune keeps experiments: a folder or s3://bucket/prefix (default
-    $RAYSAE_STORAGE or ./results)."""
-    results: str | None = None
-    """Folder for trials.parquet and report.html (default: STORAGE/NAME/analysis when
-    STORAGE is local, else ./results/NAME/analysis)."""
-    resume: bool = False
-    """Continue an interrupted search of the same name: finished trials are kept,
-    unfinished ones resume from their last checkpoint."""
-    address: str | None = None
-    """Ray cluster address (default: $RAY_ADDRESS, a running cluster, or an embedded
-    local Ray)."""
-    report: bool = True
-    """Write report.html at the end (--no-report skips it)."""
 
 
 @dataclass(frozen=True)

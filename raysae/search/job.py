@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from raysae.core.config import SAEConfig
-from raysae.search import preflight
+from raysae.search import capacity, interrupt, preflight, stored
 from raysae.search.config import JobConfig
 from raysae.search.spec import TrialSpec
 from raysae.search.stages import run_search
@@ -52,6 +52,7 @@ def check_inputs(cfg: JobConfig, results: Path, sweep: bool) -> tuple[str, int]:
     if manifest:
         preflight.check_cache_matches(acts.cache, manifest, model, m.hook, m.context_length,
                                       d_in)
+    preflight.check_context_length(m.context_length, model)
     return model, d_in
 
 
@@ -80,22 +81,72 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     name = job_name(cfg, sweep)
     results = results_dir(cfg, name)
     model, d_in = check_inputs(cfg, results, sweep)
+    changed = stored.check_resume(cfg, name, results, sweep)
+    if changed:
+        print(f"raysae: --resume-changed: continuing {name!r} with changed settings: "
+              f"{'; '.join(changed)}", flush=True)
     made = preflight.make_dirs(results)
     try:
-        return _run(cfg, sweep, name, results, model, d_in)
-    except ValueError:
-        preflight.remove_if_empty(made)  # a late failure leaves no empty results folder
+        with interrupt.stop_on_signals():
+            return _run(cfg, sweep, name, results, model, d_in)
+    except BaseException:  # any failure or interrupt leaves no empty results folder
+        preflight.remove_if_empty(made)
         raise
+
+
+class JobFailed(RuntimeError):
+    """The search ran but no trial finished (the CLI prints the cause, exit status 1)."""
+
+
+def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
+    """Before any work on Ray: can some node ever run one trial (CPU, GPU, memory)?"""
+    import ray
+
+    search = cfg.search
+    gpus = search.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if info.get("resources", {}).get("GPU", 0) else 0.0
+    members = 1 if sweep or search.lambda_mode != "control" else len(search.targets)
+    memory = capacity.trial_memory_bytes(d_in, d_in * cfg.model.expansion, members,
+                                          cfg.train.batch_size)
+    capacity.check_cluster(ray.nodes(), cpus=search.cpus_per_trial, gpus=gpus, memory=memory,
+                            address=info.get("address"))
+
+
+def check_finished(out: Path) -> None:
+    """Raise JobFailed naming the cause when no trial of the search finished."""
+    import pandas as pd
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    if trials["status"].isin(["finished", "partial"]).any():
+        return
+    reasons = trials.get("status_reason", pd.Series(dtype=object)).dropna()
+    reasons = reasons[reasons.astype(str).str.strip() != ""]
+    cause = (f"{reasons.iloc[0]}" if len(reasons) else
+             f"statuses {sorted(set(trials['status']))}")
+    raise JobFailed(f"no trial finished ({len(trials)} rows in {out / 'trials.parquet'}); "
+                    f"cause: {cause}")
 
 
 def _run(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
          d_in: int) -> Path:
+    """The search with, under --monitor, a local Prometheus around it (stopped also on error)."""
+    from raysae.cluster.prometheus import monitor
+
+    with monitor(cfg.run.monitor, cfg.run.address):
+        return _search(cfg, sweep, name, results, model, d_in)
+
+
+def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
+            d_in: int) -> Path:
     from raysae.cluster.ray_env import init_ray
 
     start = time.time()
     info = init_ray(cfg.run.address)
     print(f"raysae: Ray {info['mode']} at {info['address']}; dashboard: "
           f"{info.get('dashboard_url') or 'off'}", flush=True)
+    interrupt.reinstall()  # after ray.init, whose SIGTERM handler would kill the driver
+    check_cluster(cfg, sweep, info, d_in)
     activations, source = prepare_activations(cfg, model, on_cluster=info["mode"] == "cluster")
     plan = _plan(cfg, sweep, name, info.get("resources", {}), TrialSpec(
         activations=activations, activation_source=source, model=model, hook=cfg.model.hook,
@@ -106,8 +157,10 @@ def _run(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
         feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
         targets=() if sweep or cfg.search.lambda_mode != "control"
         else tuple(cfg.search.targets)))
+    stored.store(cfg, name, results, sweep)  # what a later --resume is checked against
     out = run_search(plan, results, resume=cfg.run.resume, settings=cfg.to_dict())
     print(f"raysae: trials table: {out / 'trials.parquet'}")
+    check_finished(out)
     if cfg.run.report:
         from raysae.analysis.report import write_report
 

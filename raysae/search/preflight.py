@@ -91,6 +91,10 @@ def _first_text(source: str, text_column: str, split: str) -> str | None:
 
     try:
         return next(corpus.iter_texts(source, text_column=text_column, split=split), None)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--corpus {source} is not a text file (not UTF-8: byte "
+                         f"0x{err.object[err.start]:02x} at offset {err.start}); give UTF-8 "
+                         "text, parquet or json files, or 'stdlib'") from None
     except ValueError as err:
         if "text_column" in str(err):
             found = re.search(r"columns (\[[^\]]*\])", str(err))
@@ -157,11 +161,66 @@ def resolve_model(name: str | None, hook: str) -> tuple[str, int]:
 
     model = name or str(default_model(progress=True))
     try:
-        lm = load_model(model, device="cpu")
+        with _no_progress_bars():  # a refused input's stderr is its one error line
+            lm = load_model(model, device="cpu")
     except (OSError, ValueError) as err:
         raise ValueError(f"--model {model}: {' '.join(str(err).split())}") from None
     check_hook(lm, hook, model)
     return model, int(lm.cfg.d_model)
+
+
+def model_max_positions(model: str) -> int | None:
+    """The model's maximum sequence length from its config (None when it names none)."""
+    from raysae.lm.models import resolve_model as resolve_name
+
+    name = os.path.expanduser(resolve_name(model))
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(context_length: int, model: str) -> None:
+    """--context-length within the model's positions (else the cache build dies late)."""
+    limit = model_max_positions(model)
+    if limit is not None and context_length > limit:
+        raise ValueError(f"--context-length {context_length} is larger than the model's "
+                         f"maximum of {limit} positions ({model}); pass --context-length "
+                         f"{limit} or less")
+
+
+class _no_progress_bars:
+    """Silence transformers' and huggingface_hub's progress bars (e.g. "Loading weights")."""
+
+    def __enter__(self):
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+        )
+        from transformers.utils import logging as hf_logging
+
+        self._hub = are_progress_bars_disabled()
+        self._tf = hf_logging.is_progress_bar_enabled()
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        if not self._hub:
+            enable_progress_bars()
+        if self._tf:
+            hf_logging.enable_progress_bar()
+        return False
 
 
 def preflight_writable(folder: Path, *, flag: str = "--results",

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from raysae.analysis import contract, provenance
+from raysae.search import interrupt
 from raysae.search.results import _clean, collect_artifacts, results_frame
 from raysae.search.space import penalty_of
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
@@ -35,13 +36,17 @@ STAGE_SECONDS: dict[str, float] = {}
 def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool) -> pd.DataFrame:
     stage = name.rsplit("_", 1)[-1] if not plan.grid else "grid"
     start = time.perf_counter()
-    frame = results_frame(make_tuner(plan, name, spec, grid, index, resume).fit(), name)
+    with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
+        result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
+    frame = results_frame(result_grid, name)
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)
 
 
 def reference_ce(refs: pd.DataFrame, targets) -> tuple[float, ...] | None:
     """L1's ce_sae per target (seed 0), or None when any is missing."""
+    if not {"family", "status", "target_l0", "ce_sae"} <= set(refs.columns):
+        return None  # e.g. every reference failed before its final report
     l1 = refs[(refs["family"] == "L1") & (refs["status"] == "finished")]
     by_target = dict(zip(l1["target_l0"], l1["ce_sae"]))
     values = tuple(by_target.get(float(t), math.nan) for t in targets)
@@ -98,6 +103,8 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
             frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume))
     trials = _clean(pd.concat(frames, ignore_index=True))
     out = Path(results_dir)
+    if resume:
+        trials = keep_earlier_rows(trials, out)
     out.mkdir(parents=True, exist_ok=True)
     contract.write_trials(trials, out)
     for key, df in collect_artifacts(trials).items():
@@ -109,6 +116,21 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     record["provenance"] = provenance.collect(dict(STAGE_SECONDS))
     contract.write_search_json(out, record)
     return out
+
+
+def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """A resumed search's table keeps every finished row of the earlier trials.parquet that
+    Tune's experiments no longer return (nothing finished ever drops out)."""
+    try:
+        earlier = contract.read_trials(out)
+    except (OSError, ValueError):
+        return trials
+    lost = earlier[~earlier["trial_id"].isin(trials["trial_id"])
+                   & earlier["status"].isin(["finished", "partial", "diverged"])]
+    if not len(lost):
+        return trials
+    return pd.concat([trials, lost], ignore_index=True).sort_values(
+        ["experiment", "trial_id"]).reset_index(drop=True)
 
 
 def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:

@@ -38,6 +38,27 @@ from raysae.search.spec import (  # noqa: F401  (re-exported: the trial's public
 )
 
 STATE_FILE = "trainer_state.pt"
+CKPT_PREFIX = ".raysae-ckpt-"
+"""Checkpoint folders are written in the trial's own folder (not the system temp folder),
+so one left by a killed worker is removed when the trial restarts, never accumulates."""
+
+
+def _scratch_dir() -> str | None:
+    from ray import tune
+
+    try:
+        folder = tune.get_context().get_trial_dir()
+    except Exception:  # outside a Tune trial
+        return None
+    return folder if folder and os.path.isdir(folder) else None
+
+
+def _remove_stale_checkpoint_folders() -> None:
+    import shutil
+
+    folder = _scratch_dir()
+    for path in Path(folder).glob(CKPT_PREFIX + "*") if folder else ():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
@@ -86,7 +107,7 @@ def _report(row: dict[str, Any], trainer: EnsembleTrainer | None = None, extra=N
     if trainer is None:
         tune.report(row)
         return
-    with tempfile.TemporaryDirectory(prefix="raysae-ckpt-") as folder:
+    with tempfile.TemporaryDirectory(prefix=CKPT_PREFIX, dir=_scratch_dir()) as folder:
         (Path(folder) / STATE_FILE).write_bytes(trainer.to_bytes())
         if extra is not None:
             extra(Path(folder))
@@ -115,9 +136,51 @@ def _mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def permanent_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry cannot heal: a corrupt/NaN cache shard, a bad setting, NaN
+    activations from the model, an unreadable checkpoint."""
+    from raysae.activations.cache import CacheError
+    from raysae.core.train import CheckpointError, NonFiniteActivationsError
+    from raysae.settings import SettingError
+
+    return (CacheError, SettingError, NonFiniteActivationsError, CheckpointError)
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The function trainable (bind ``spec`` with ``tune.with_parameters``)."""
+    """The function trainable (bind ``spec`` with ``tune.with_parameters``). An error no
+    retry can heal ends the trial once, without Tune's retries: a final report with
+    ``status = "error"`` and the error as ``status_reason`` (also in the trial's error.txt)."""
+    try:
+        _train_trial(config, spec)
+    except permanent_errors() as err:
+        _fail_once(config, spec, err)
+
+
+def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> None:
+    import traceback
+
+    from ray import tune
+
+    reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    try:
+        trial_dir = tune.get_context().get_trial_dir()
+        if trial_dir and os.path.isdir(trial_dir):
+            Path(trial_dir, "error.txt").write_text("".join(
+                traceback.format_exception(type(err), err, err.__traceback__)))
+    except OSError:
+        pass
+    try:
+        base = _base_row(spec, train_config(spec, config))
+    except Exception:  # the config itself may be what failed
+        base = {}
+    tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
+                 "status": "error", "status_reason": reason})
+
+
+def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """Train, evaluate and report one trial (``run_trial`` without its error handling)."""
     torch.set_num_threads(spec.torch_threads)
+    _remove_stale_checkpoint_folders()  # left by an attempt killed mid-report
     keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ensemble.py
     cfg = train_config(spec, config)
     trainer = _restore(spec, cfg)
@@ -159,7 +222,7 @@ def _trial_metrics(cfg: TrainConfig, trainer: EnsembleTrainer):
     from raysae.cluster.monitoring import TrialMetrics
 
     return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
-                        start_tokens=trainer.tokens)
+                        start_tokens=trainer.tokens, targets=trainer.targets)
 
 
 def _node_id() -> str:

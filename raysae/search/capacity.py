@@ -1,0 +1,81 @@
+"""Can the cluster ever run one trial? Its CPU/GPU request and a memory estimate against the
+Ray nodes (and the autoscaler's node types), checked after Ray starts and before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` leaves the cluster's autoscaler config on the head node (env
+RAYSAE_AUTOSCALER_CONFIG overrides): its node types are what the cluster could get."""
+
+
+def autoscaler_node_types() -> list[dict] | None:
+    """Resources of each node type the autoscaler may launch ([] without an autoscaler
+    config; None when a type leaves its CPU/GPU count to detection, i.e. unknown here)."""
+    path = Path(os.path.expanduser(os.environ.get("RAYSAE_AUTOSCALER_CONFIG",
+                                                  AUTOSCALER_CONFIG)))
+    if not path.is_file():
+        return []
+    try:
+        import yaml
+
+        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    except Exception:  # an unreadable config: what it allows is unknown
+        return None
+    out = []
+    for spec in types.values():
+        resources = dict((spec or {}).get("resources") or {})
+        if "CPU" not in resources:
+            return None
+        out.append(resources)
+    return out
+
+
+def trial_memory_bytes(d_in: int, d_sae: int, members: int, batch_size: int) -> int:
+    """Rough float32 memory of one trial: per ladder member the SAE's weights, gradients and
+    Adam's two moments (4 x the parameters), plus the step's [K, batch, d_sae] temporaries
+    (pre-activations, activations and their gradients: about 4 per member)."""
+    params = 2 * d_in * d_sae + d_sae + d_in
+    return members * 4 * (4 * params + 4 * batch_size * d_sae)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def check_cluster(nodes: list[dict], *, cpus: float, gpus: float, memory: int,
+                  address: str | None = None) -> None:
+    """Refuse a search no node can ever run: one trial's CPU/GPU share or memory estimate
+    above the largest node the cluster has (or, with an autoscaler config, could launch)."""
+    alive = [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", True)]
+    types = autoscaler_node_types()
+    if types is None:  # node types of unknown size: the cluster may grow to fit
+        return
+    pool = alive + types
+    where = f"the Ray cluster at {address}" if address else "the Ray cluster"
+    where += f" ({len(alive)} node{'s' if len(alive) != 1 else ''}"
+    where += f", {len(types)} autoscaler node types)" if types else ")"
+
+    def most(key: str) -> float:
+        return max((float(r.get(key, 0) or 0) for r in pool), default=0.0)
+
+    if cpus > most("CPU"):
+        raise ValueError(f"--cpus-per-trial {cpus:g} asks for {cpus:g} CPUs per trial, but the "
+                         f"largest node of {where} has {most('CPU'):g}; no trial could ever "
+                         f"start; pass --cpus-per-trial {most('CPU'):g} or less, or add "
+                         "bigger nodes")
+    if gpus > most("GPU"):
+        have = (f"the largest node of {where} has {most('GPU'):g}" if most("GPU")
+                else f"no node of {where} has a GPU")
+        raise ValueError(f"--gpus-per-trial {gpus:g} asks for {gpus:g} GPUs per trial, but "
+                         f"{have}; no trial could ever start; pass --gpus-per-trial "
+                         f"{most('GPU'):g}{' or less' if most('GPU') else ''}, or add GPU nodes")
+    room = max((float(r.get("memory", 0) or 0) + float(r.get("object_store_memory", 0) or 0)
+                for r in pool), default=0.0)
+    if room and memory > room:
+        raise ValueError(f"one trial needs about {_gib(memory)} of memory (its ladder's SAEs, "
+                         f"gradients and Adam state, and the [members, batch, d_sae] step "
+                         f"temporaries), but the largest node of {where} has {_gib(room)}; "
+                         "lower --expansion, --batch-size or the number of --targets")

@@ -1,0 +1,75 @@
+"""The job's sweep and run settings (part of the config tree in raysae.search.config):
+the lambda grid of `raysae sweep`, and names, folders, resume and Ray address."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from raysae.core.penalties import get_penalty
+from raysae.settings import is_number, positive_int, require
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A search name (--name): one path component, so every write stays under --storage."""
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The lambda grid of `raysae sweep` (the study's baseline)."""
+
+    lambdas: tuple[float, ...] | None = None
+    """Lambda grid (default: n_lambdas values log-spaced over lam_range)."""
+    n_lambdas: int = 5
+    """Grid points when lambdas is not given."""
+    exponents: tuple[float, ...] = (1.0, 0.5, 0.25)
+    """Exponents p of the pure power penalty, one family each (1 = L1, 0.5 = sqrt)."""
+
+    def __post_init__(self) -> None:
+        positive_int(self, "n_lambdas")
+        for lam in self.lambdas or ():
+            require(is_number(lam) and lam >= 0, "lambdas", lam, "lambda must be a number "
+                    ">= 0", "pass non-negative penalty coefficients")
+        param = get_penalty("power").param("p")
+        for p in self.exponents:
+            require(param.contains(p), "exponents", p, f"the exponent p of penalty 'power' "
+                    f"must be in {param.range_text()}", "pass exponents such as 1 0.5 0.25")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Names, folders and where Ray runs."""
+
+    name: str | None = None
+    """Search name (default: exponent_search or l1_sweep)."""
+    storage: str = field(default_factory=lambda: os.environ.get("RAYSAE_STORAGE", "results"))
+    """Where Tune keeps experiments: a folder or s3://bucket/prefix (default
+    $RAYSAE_STORAGE or ./results)."""
+    results: str | None = None
+    """Folder for trials.parquet and report.html (default: STORAGE/NAME/analysis when
+    STORAGE is local, else ./results/NAME/analysis)."""
+    resume: bool = False
+    """Continue an interrupted search of the same name: finished trials are kept,
+    unfinished ones resume from their last checkpoint. Settings that change results must
+    equal the stored ones (STORAGE/NAME/job_settings.json), else it is refused."""
+    resume_changed: bool = False
+    """With --resume, accept changed result-affecting settings (the differences are
+    printed): Tune continues each experiment as it stored it (its trial count and search
+    space; finished trials are kept as they are and stay in trials.parquet) and the new
+    settings reach only trials that start or restart now."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            require(bool(NAME_PATTERN.fullmatch(self.name)), "name", repr(self.name),
+                    "a search name is one folder name: letters, digits, '.', '_' and '-', "
+                    "starting with a letter or digit, at most 100 characters",
+                    "pass e.g. {name} my_search")
+
+    address: str | None = None
+    """Ray cluster address (default: $RAY_ADDRESS, a running cluster, or an embedded
+    local Ray)."""
+    report: bool = True
+    """Write report.html at the end (--no-report skips it)."""
+    monitor: bool = False
+    """Start Prometheus on 127.0.0.1 (a free port) scraping this job's Ray, print its URL,
+    stop it when the job ends (needs a `prometheus` binary: apt-get install prometheus)."""
