@@ -307,7 +307,7 @@ def test_twenty_concurrent_trials_on_two_cpus(tiny_model_dir, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "RAYSAE_RAY_ADDRESS": "", "RAY_AUTH_TOKEN": marker,
            "AWS_SECRET_ACCESS_KEY": marker, "HF_TOKEN": marker}
     args = ["--model", str(tiny_model_dir), "--hook", HOOK, "--context-length", "32",
-            "--targets", "8", "--num-trials", "20", "--max-concurrent", "20",
+            "--targets", "8", "--num-trials", "20", "--seeds", "0", "--max-concurrent", "20",
             "--cpus-per-trial", "0.1", "--total-tokens", "5120", "--cache-tokens", "4096",
             "--batch-size", "256", "--storage", str(tmp_path / "tune"),
             "--results", str(tmp_path / "results")]
@@ -319,7 +319,9 @@ def test_twenty_concurrent_trials_on_two_cpus(tiny_model_dir, tmp_path):
     print(f"load test: {load}")
     assert load["rc"] == 0, out.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "results" / "trials.parquet")
-    assert len(trials) == 20 and trials["trial_id"].is_unique
+    # 20 Optuna trials plus the 5 references and baselines, each once.
+    assert len(trials) == 25 and trials["trial_id"].is_unique
+    assert (trials["stage"] == "search").sum() == 20
     assert set(trials["status"]) == {"finished"}, trials["status"].value_counts()
     assert trials["ce_sae"].notna().all() and (tmp_path / "results" / "report.html").exists()
     assert load["max_alive_trials"] >= 10  # they really ran side by side
