@@ -15,29 +15,13 @@ ensemble / (K single steps) (target: <= 0.8).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory
 from raysae.core.train import Trainer
-
-
-def _median_times(fns: dict, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved (three warm-up calls each first)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for fn in fns.values():
-        fn(), fn(), fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def build(args: argparse.Namespace, penalty: PenaltyConfig) -> dict:
@@ -77,7 +61,7 @@ def main() -> None:
     print(f"{'penalty':<22}{'what':<18}{'ms':>9}{'member-tokens/s':>18}")
     for label, penalty in [("L1 (p=1)", PenaltyConfig.power(1.0)),
                            ("sqrt (p=0.5)", PenaltyConfig.power(0.5))]:
-        times = _median_times(build(args, penalty), args.rounds, args.device)
+        times = median_times(build(args, penalty), args.rounds, args.device, warmup=3)
         for what, t in times.items():
             print(f"{label:<22}{what:<18}{t * 1e3:>9.2f}{args.k * args.batch / t:>18,.0f}")
         ens, single = times.values()

@@ -12,29 +12,12 @@ the bookkeeping cost on top of the linear algebra.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.train import Trainer
-
-
-def _median_times(fns: dict, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved round by round so that load from
-    other processes hits every series alike (two warm-up calls each first)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for fn in fns.values():
-        fn(), fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def matmul_floor(d_in: int, d_sae: int, batch: int, device: str):
@@ -81,7 +64,7 @@ def main() -> None:
                            ("step, tanh c=10", PenaltyConfig("tanh", {"c": 10.0})),
                            ("step, log eps=0.1", PenaltyConfig("log", {"eps": 0.1}))]:
         fns[label] = train_step(penalty, *dims, args.steps)
-    times = _median_times(fns, args.steps, args.device)
+    times = median_times(fns, args.steps, args.device)
     floor = times["matmul floor (5 products)"]
     print(f"device={args.device} threads={torch.get_num_threads()} d_in={args.d_in} "
           f"d_sae={args.d_sae} batch={args.batch} rounds={args.steps}")

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from planted import planted_batches
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.ensemble import BatchedSAE, EnsembleTrainer, train_ensemble
@@ -16,17 +17,7 @@ D_IN, D_SAE, N_TRUE, K_ACTIVE = 16, 64, 32, 4
 
 
 def _planted(batch_size=256, seed=1, steps=None):
-    """x = sum of K_ACTIVE of N_TRUE unit directions, magnitudes in [0.5, 1.5], + noise."""
-    d = torch.randn(N_TRUE, D_IN, generator=torch.Generator().manual_seed(0))
-    d /= d.norm(dim=1, keepdim=True)  # one planted dictionary; seed picks the samples
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    while steps is None or n < steps:
-        idx = torch.rand(batch_size, N_TRUE, generator=g).argsort(dim=1)[:, :K_ACTIVE]
-        mags = torch.rand(batch_size, K_ACTIVE, generator=g) + 0.5
-        x = (mags.unsqueeze(-1) * d[idx]).sum(dim=1)
-        yield x + 0.01 * torch.randn(batch_size, D_IN, generator=g)
-        n += 1
+    return planted_batches(D_IN, N_TRUE, K_ACTIVE, batch_size, seed, steps)
 
 
 def _cfg(**kw):

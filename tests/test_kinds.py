@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from planted import planted_batches
 from safetensors.torch import load_file
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
@@ -19,17 +20,7 @@ TARGETS = [4.0, 8.0]
 
 
 def _planted(batch_size=256, seed=1, steps=None):
-    """x = sum of K_ACTIVE of N_TRUE unit directions, magnitudes in [0.5, 1.5], + noise."""
-    d = torch.randn(N_TRUE, D_IN, generator=torch.Generator().manual_seed(0))
-    d /= d.norm(dim=1, keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    while steps is None or n < steps:
-        idx = torch.rand(batch_size, N_TRUE, generator=g).argsort(dim=1)[:, :K_ACTIVE]
-        mags = torch.rand(batch_size, K_ACTIVE, generator=g) + 0.5
-        x = (mags.unsqueeze(-1) * d[idx]).sum(dim=1)
-        yield x + 0.01 * torch.randn(batch_size, D_IN, generator=g)
-        n += 1
+    return planted_batches(D_IN, N_TRUE, K_ACTIVE, batch_size, seed, steps)
 
 
 def _cfg(kind, **kw):

@@ -40,6 +40,7 @@ from raysae.core.train import (
     CheckpointError,
     NonFiniteActivationsError,
     TrainResult,
+    drive,
 )
 
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
@@ -317,11 +318,4 @@ def train_ensemble(cfg: TrainConfig, targets: Sequence[float], batches: Iterable
                    on_log: Callable[[list[dict[str, float]], EnsembleTrainer], None] | None = None
                    ) -> list[TrainResult]:
     """Train the ladder until ``cfg.total_tokens`` or every member diverged."""
-    trainer = trainer or EnsembleTrainer(cfg, targets)
-    for x in batches:
-        if trainer.done:
-            break
-        rows = trainer.step(x)
-        if rows is not None and on_log is not None:
-            on_log(rows, trainer)
-    return trainer.result()
+    return drive(trainer or EnsembleTrainer(cfg, targets), batches, on_log)

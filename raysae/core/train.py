@@ -231,11 +231,16 @@ def train_sae(
     on_log: Callable[[dict[str, float], Trainer], None] | None = None,
 ) -> TrainResult:
     """Train until ``cfg.total_tokens`` or divergence; ``on_log`` sees every metrics row."""
-    trainer = trainer or Trainer(cfg)
+    return drive(trainer or Trainer(cfg), batches, on_log)
+
+
+def drive(trainer, batches: Iterable[torch.Tensor], on_log=None):
+    """The training loop of any trainer with ``done``, ``step`` and ``result`` (a single SAE
+    or a ladder ensemble): step until done, hand every logged row(s) to ``on_log``."""
     for x in batches:
         if trainer.done:
             break
-        row = trainer.step(x)
-        if row is not None and on_log is not None:
-            on_log(row, trainer)
+        logged = trainer.step(x)
+        if logged is not None and on_log is not None:
+            on_log(logged, trainer)
     return trainer.result()

@@ -9,12 +9,13 @@ from typing import Any
 
 import pandas as pd
 
+from raysae.analysis import contract
 from raysae.core.config import TrainConfig
 from raysae.core.train import DIVERGED, FINISHED
 from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, member_objective
 
 SAE_DIR = "sae"
-SWEEP_FILE = "threshold_sweep.parquet"
+SWEEP_FILE = contract.ARTIFACT_FILES["ablations"]
 FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
 
 
@@ -89,8 +90,8 @@ def _write_member_tables(folder: Path, stats: dict, sweeps: dict) -> None:
     if stats:
         per_feature = pd.concat([s[0].assign(member=k) for k, s in stats.items()])
         samples = pd.concat([s[1].assign(member=k) for k, s in stats.items()])
-        io.write_parquet(per_feature, folder / "feature_stats.parquet")
-        io.write_parquet(samples, folder / "activation_samples.parquet")
+        io.write_parquet(per_feature, folder / contract.ARTIFACT_FILES["feature_stats"])
+        io.write_parquet(samples, folder / contract.ARTIFACT_FILES["activation_samples"])
     if sweeps:
         io.write_parquet(pd.concat([s.assign(member=k) for k, s in sweeps.items()]),
                          folder / SWEEP_FILE)
