@@ -359,5 +359,8 @@ def test_registering_a_family_is_one_decorated_function():
             register_penalty("test_bad_ref", PenaltyParam("k", 0.0, 10.0, 1.0),
                              references={"bad": {"k": 20.0}})(scaled_log)
         assert "test_bad_ref" not in PENALTIES
+        with pytest.raises(ValueError, match=r"rho\(0\) != 0"):  # the sparse step skips zeros
+            register_penalty("test_nonzero_at_0")(lambda f, grad_floor: (f + 1).sum(-1))
+        assert "test_nonzero_at_0" not in PENALTIES
     finally:
         PENALTIES.pop(name, None)

@@ -84,11 +84,14 @@ def test_short_stream_is_reported_as_exhausted():
     assert result.status == DATA_EXHAUSTED and result.steps == 3 and "ran out" in result.reason
 
 
-def test_lambda_warmup_then_constant():
-    trainer = Trainer(_cfg(1.0, 2.0, lam_warmup_frac=0.1))  # 70 warm-up steps
-    assert trainer.current_lam() == pytest.approx(2.0 / 70)
-    trainer.step_count = 100
-    assert trainer.current_lam() == 2.0
+def test_fixed_lambda_warms_up_then_stays():
+    truth = _dictionary()
+    cfg = _cfg(1.0, 2.0, lam_warmup_frac=0.1, total_tokens=1024 * 40, log_every=2)
+    trainer = Trainer(cfg)  # 4 warm-up steps
+    assert trainer.current_lam() == pytest.approx(2.0 / 4)
+    result = train_sae(cfg, _sparse_batches(truth), trainer=trainer)
+    assert [row["lam"] for row in result.history[:3]] == pytest.approx([1.0, 2.0, 2.0])
+    assert {row["lam"] for row in result.history[2:]} == {2.0} and result.lam == 2.0
 
 
 def test_controller_reaches_target_l0_then_freezes():

@@ -134,6 +134,14 @@ class TrainConfig:
     """Seed of the SAE initialisation and the activation order (and of Optuna's sampler)."""
     device: str = "cpu"
     """Torch device for training."""
+    sparse_step: str = "auto"
+    """Train relu SAEs with the sparse step (raysae.core.sparse_step: after the encoder, only
+    the active features' decoder rows and gradients are touched): 'auto' on CPU once a
+    logging step's L0 is at most 1/16 of d_sae, 'on' always (on a GPU it syncs every step),
+    'off' never (dense batched matmuls)."""
+    autocast_bf16: bool = False
+    """Run the dense step's matmuls in bfloat16 autocast (for GPU trials); the penalty, the
+    loss and the weights stay fp32."""
 
     def __post_init__(self) -> None:
         require(self.sae is None or isinstance(self.sae, SAEConfig), "sae", self.sae,
@@ -162,6 +170,10 @@ class TrainConfig:
                 "l0_target", self.l0_target, f"must be None or in (0, d_sae={d_sae}]")
         require(is_number(self.control_gain) and self.control_gain > 0, "control_gain",
                 self.control_gain, "must be a number > 0")
+        require(self.sparse_step in ("auto", "on", "off"), "sparse_step", self.sparse_step,
+                "must be one of auto, on, off")
+        require(isinstance(self.autocast_bf16, bool), "autocast_bf16", self.autocast_bf16,
+                "must be true or false")
         require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                 "must be an integer >= 0", "pass e.g. {seed} 0")
 

@@ -25,15 +25,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from raysae.core import metrics
-from raysae.core.config import SAEConfig, TrainConfig
+from raysae.core.batched import BatchedSAE as BatchedSAE
+from raysae.core.config import TrainConfig
 from raysae.core.kinds import get_kind
 from raysae.core.memory import keep_freed_memory as keep_freed_memory
-from raysae.core.penalties import penalty_scale_at_one
-from raysae.core.sae import SAE
-from raysae.core.train import (
+from raysae.core.outcome import (
     DATA_EXHAUSTED,
     DIVERGED,
     FINISHED,
@@ -42,64 +40,13 @@ from raysae.core.train import (
     TrainResult,
     drive,
 )
+from raysae.core.penalties import penalty_scale_at_one
+from raysae.core.sparse_step import ActiveFeatures, active_forward
 
-_PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
-
-
-class BatchedSAE(nn.Module):
-    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``;
-    ``targets`` (default 1.0 each) give the kind its per-member k."""
-
-    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
-                 targets: Sequence[float] | None = None):
-        super().__init__()
-        self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)
-        members = [SAE(cfg, seed=s) for s in seeds]
-        for name in _PARAMS:
-            stacked = torch.stack([getattr(m, name).detach() for m in members])
-            setattr(self, name, nn.Parameter(stacked))
-        self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
-
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae]. ``x - b_dec`` enters
-        detached; b_dec's encoder gradient comes from ``y - y.detach()`` (exactly 0), with
-        ``y = b_dec W_enc.detach()``, so backward skips a [K, B, d_sae] x [K, d_sae, d_in]
-        product."""
-        y = torch.bmm(self.b_dec.unsqueeze(1), self.W_enc.detach())
-        bias = self.b_enc.unsqueeze(1) - (y - y.detach())
-        centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
-        return torch.baddbmm(bias, centred, self.W_enc)
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]) (training activation)."""
-        f = self.kind.activate(self, self.pre_acts(x))
-        return self.decode(f), f
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
-        if self.W_dec.grad is None:
-            return
-        rows = self.W_dec / self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=2, keepdim=True) * rows
-
-    @torch.no_grad()
-    def member(self, k: int) -> SAE:
-        """Member k as an SAE with its inference architecture (a CPU copy)."""
-        sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
-        sae.load_state_dict({n: getattr(self, n)[k].float().cpu() for n in _PARAMS}, strict=False)
-        return sae
-
-    @torch.no_grad()
-    def finite_members(self) -> torch.Tensor:
-        """[K] bool: every weight of member k is finite (device tensor, no sync)."""
-        return torch.stack([p.isfinite().flatten(1).all(1) for p in self.parameters()]).all(0)
+SPARSE_STEP_MAX_DENSITY = 1 / 16
+"""``sparse_step = "auto"`` uses the sparse step after a logging step whose largest member
+L0 is at most this fraction of d_sae (benchmarks/train_throughput.py: on 2 CPU cores the
+sparse step passes the dense one below about ... of d_sae)."""
 
 
 class EnsembleTrainer:
@@ -131,10 +78,12 @@ class EnsembleTrainer:
         self.target_t = torch.tensor(self.targets, dtype=torch.float64, device=dev)
         self.live = torch.ones(self.k, dtype=torch.bool, device=dev)
         self.died_at = torch.full((self.k,), -1, dtype=torch.int64, device=dev)
-        self.bad_input = torch.zeros((), dtype=torch.bool, device=dev)
+        self.bad_rows = torch.zeros((), dtype=torch.int64, device=dev)
         self.last_fired = torch.full((self.k, cfg.sae.d_sae), -1.0, dtype=torch.float64, device=dev)
         self.step_count = self.tokens = 0
         self.scale: float | None = cfg.activation_scale if cfg.normalize_activations else 1.0
+        self.controlled = self.kind.uses_controller and cfg.control_frac > 0
+        self.sparse_auto = False  # set on logging steps from the members' L0
         self.status: list[str | None] = [None] * self.k
         self.reason: list[str | None] = [None] * self.k
         self.stopped: list[list[int] | None] = [None] * self.k  # [steps, tokens] at divergence
@@ -150,8 +99,37 @@ class EnsembleTrainer:
         return self.cfg.lr if decay == 0 or left > decay else self.cfg.lr * left / decay
 
     def controlling(self) -> bool:
-        return (self.kind.uses_controller
+        return (self.controlled
                 and self.step_count < int(self.cfg.total_steps * self.cfg.control_frac))
+
+    def current_lam(self, step: int | None = None) -> torch.Tensor:
+        """[K] lambdas of (0-based) ``step`` (default: the next): controlled ones as they
+        stand, fixed ones (control_frac 0) ramped from 0 over ``lam_warmup_frac``."""
+        warm = int(self.cfg.total_steps * self.cfg.lam_warmup_frac)
+        if self.controlled or warm == 0:
+            return self.lam
+        step = self.step_count if step is None else step
+        return self.lam * min(1.0, (step + 1) / warm)
+
+    def sparse_now(self) -> bool:
+        """Whether this step uses the sparse step (``TrainConfig.sparse_step``)."""
+        mode = self.cfg.sparse_step
+        if mode == "off" or not self.kind.sparse_step:
+            return False
+        return mode == "on" or (self.device.type == "cpu" and self.sparse_auto)
+
+    def _forward(self, x: torch.Tensor):
+        """(x_hat, f or ActiveFeatures, term [K], logged penalty [K], fires [K, d_sae])."""
+        if self.sparse_now():
+            x_hat, active = active_forward(self.model, x)
+            term, pen = self.kind.active_loss_terms(self, active)
+            return x_hat, active, term, pen, active.fires()
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            pre = self.model.pre_acts(x)
+            f = self.kind.activate(self.model, pre)
+            x_hat = self.model.decode(f)
+            term, pen = self.kind.loss_terms(self, x, x_hat, f, pre)
+        return x_hat.float(), f, term, pen, (f.detach() > 0).sum(dim=1, dtype=torch.int32)
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
         """Train every live member on one batch; per-member rows on logging steps, else None."""
@@ -160,12 +138,9 @@ class EnsembleTrainer:
         x, x_ok = self._prepare(x)
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr()
-        pre = self.model.pre_acts(x)
-        f = self.kind.activate(self.model, pre)
-        x_hat = self.model.decode(f)
+        x_hat, f, term, pen, fires = self._forward(x)
         recon = (x_hat - x).pow(2).sum(dim=-1).mean(dim=-1)
-        term, pen = self.kind.loss_terms(self, x, x_hat, f, pre)
-        per = recon + term
+        per = recon + term.float()
         finite = torch.isfinite(per)
         train = self.live & finite & x_ok
         self.opt.zero_grad(set_to_none=True)
@@ -181,12 +156,12 @@ class EnsembleTrainer:
         newly = self.live & ~finite & x_ok
         self.died_at.masked_fill_(newly, self.step_count - 1)
         self.live &= ~newly
-        fires = (f.detach() > 0).sum(dim=1, dtype=torch.int32)  # [K, d_sae] over tokens
         self.last_fired.masked_fill_(fires > 0, float(self.tokens))
         if self.controlling():
             self._control(fires.sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
-            return self._log(x, x_hat.detach(), f.detach(), per.detach(), recon, pen.detach())
+            f = f.dense() if isinstance(f, ActiveFeatures) else f.detach().float()
+            return self._log(x, x_hat.detach(), f, per.detach(), recon, pen.detach())
         return None
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,13 +169,15 @@ class EnsembleTrainer:
         if x.ndim != 2 or x.shape[1] != self.cfg.sae.d_in:
             raise ValueError(f"activation batch has shape {tuple(x.shape)}; expected "
                              f"[batch, d_in={self.cfg.sae.d_in}]")
-        x_ok = torch.isfinite(x).all()
+        bad = (~torch.isfinite(x).all(dim=1)).sum()
+        x_ok = bad == 0
         if self.scale is None:  # the one sync outside logging steps: the first batch
             if not x_ok:
-                raise NonFiniteActivationsError("the first activation batch has NaN/inf; "
-                                                "rebuild the activation cache or check the model")
+                raise NonFiniteActivationsError(
+                    f"the first activation batch has NaN/inf in {int(bad)} of {x.shape[0]} "
+                    "rows; rebuild the activation cache or check the model")
             self.scale = math.sqrt(self.cfg.sae.d_in / x.pow(2).sum(dim=-1).mean().item())
-        self.bad_input |= ~x_ok
+        self.bad_rows += bad
         return torch.where(x_ok, x, 0.0) * self.scale, x_ok
 
     def _control(self, batch_l0: torch.Tensor) -> None:
@@ -218,10 +195,10 @@ class EnsembleTrainer:
 
     def check_members(self) -> None:
         """Sync: raise on a bad batch seen since the last check; mark non-finite members."""
-        if self.bad_input.item():
+        if bad := int(self.bad_rows):
             raise NonFiniteActivationsError(
-                f"an activation batch before step {self.step_count} had NaN/inf (it trained "
-                f"nobody); rebuild the activation cache or check the model")
+                f"activation batches before step {self.step_count} had NaN/inf in {bad} rows "
+                f"(they trained nobody); rebuild the activation cache or check the model")
         self.live &= self.model.finite_members()
         died = self.died_at.tolist()
         for k, ok in enumerate(self.live.tolist()):
@@ -239,7 +216,7 @@ class EnsembleTrainer:
         self.check_members()
         raw_x = x / self.scale
         losses, recons, pens = per.tolist(), recon.tolist(), pen.tolist()
-        lams, dead = self.lam.tolist(), self.dead_fractions().tolist()
+        lams, dead = self.current_lam(self.step_count - 1).tolist(), self.dead_fractions().tolist()
         extra, rows = self.kind.log_fields(self), []
         for k in range(self.k):
             if self.status[k] is not None:
@@ -250,6 +227,8 @@ class EnsembleTrainer:
                        tokens_seen=self.tokens, member=k, target_l0=self.targets[k], **extra[k])
             self.history[k].append(row)
             rows.append(row)
+        dense_l0 = max((row["l0"] for row in rows), default=0.0)
+        self.sparse_auto = dense_l0 <= SPARSE_STEP_MAX_DENSITY * self.cfg.sae.d_sae
         return rows
 
     def result(self) -> list[TrainResult]:
@@ -271,8 +250,8 @@ class EnsembleTrainer:
                                    list(self.history[k]), reason))
         return out
 
-    _STATE = ("step_count", "tokens", "scale", "lam", "live", "died_at", "bad_input",
-              "last_fired", "status", "reason", "stopped", "history")
+    _STATE = ("step_count", "tokens", "scale", "lam", "live", "died_at", "bad_rows",
+              "last_fired", "status", "reason", "stopped", "history", "sparse_auto")
 
     def state_dict(self) -> dict[str, Any]:
         state = {name: getattr(self, name) for name in self._STATE}
@@ -288,8 +267,8 @@ class EnsembleTrainer:
                                   f"{mine}; start a fresh trial")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        for name in self._STATE:
-            value = state[name]
+        for name in self._STATE:  # sparse_auto: absent from older checkpoints
+            value = state.get(name, getattr(self, name))
             setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
 
     def to_bytes(self) -> bytes:

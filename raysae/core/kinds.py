@@ -87,6 +87,8 @@ class SAEKind:
     label = "ReLU"
     uses_penalty = True
     uses_controller = True
+    sparse_step = True
+    """Whether f is relu(pre), so the trainer may use raysae.core.sparse_step."""
     saelens_architecture = "standard"
 
     def check(self, cfg: TrainConfig) -> str | None:
@@ -110,7 +112,15 @@ class SAEKind:
     def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
         """(term added to each member's reconstruction loss [K], the logged penalty [K])."""
         pen = _penalty(trainer.cfg, f, self.penalty_params(trainer)).mean(dim=-1)
-        return trainer.lam.float() * pen, pen
+        return trainer.current_lam().float() * pen, pen
+
+    def active_loss_terms(self, trainer: Any, active: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_terms`` of the sparse step: rho over the active values only (rho(0) = 0)."""
+        cfg = trainer.cfg
+        rho = penalty_per_token(cfg.penalty.name, active.values.unsqueeze(-1),
+                                self.penalty_params(trainer), cfg.penalty.grad_floor)
+        pen = active.per_member(rho) / active.shape[1]
+        return trainer.current_lam().float() * pen, pen
 
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
         """After the optimiser step; ``trained`` [K] marks members that trained this step."""
@@ -164,7 +174,7 @@ def _keep_sorted_head(values: torch.Tensor, idx: torch.Tensor, keep: torch.Tenso
 
 
 class _Sparse(SAEKind):
-    uses_penalty = uses_controller = False
+    uses_penalty = uses_controller = sparse_step = False
     auxk_coef = AUXK_COEF
 
     def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:

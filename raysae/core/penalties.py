@@ -145,7 +145,7 @@ def register_penalty(
     """Decorator: register ``fn(f, *, grad_floor, **params) -> [...]`` under ``name``.
 
     ``fn`` gets fp32 ``f >= 0`` of any shape ``[..., d_sae]`` and returns
-    ``sum_i rho(f_i)`` over the last dimension. ``references`` are labelled parameter
+    ``sum_i rho(f_i)`` over the last dimension; ``rho(0)`` must be 0. ``references`` are labelled parameter
     points (validated here, defaults filled) that every search includes.
     """
 
@@ -155,6 +155,10 @@ def register_penalty(
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
         spec = PenaltySpec(name, fn, tuple(params), doc)
         refs = {label: spec.validate(point) for label, point in (references or {}).items()}
+        for point in [spec.validate({}), *refs.values()]:  # the sparse step skips zeros
+            if float(fn(torch.zeros(1, 1), grad_floor=DEFAULT_GRAD_FLOOR, **point)) != 0.0:
+                raise ValueError(f"penalty {name!r} has rho(0) != 0 at {point}; a penalty must "
+                                 "vanish at 0 (raysae.core.sparse_step never evaluates zeros)")
         PENALTIES[name] = PenaltySpec(name, fn, tuple(params), doc, refs)
         return fn
 

@@ -1,0 +1,71 @@
+"""K SAEs of one kind held as stacked weights and run with batched matmuls (the ladder's
+model; ``raysae.core.ensemble`` trains it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from raysae.core.config import SAEConfig
+from raysae.core.kinds import get_kind
+from raysae.core.sae import SAE
+
+_PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+class BatchedSAE(nn.Module):
+    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``;
+    ``targets`` (default 1.0 each) give the kind its per-member k."""
+
+    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
+                 targets: Sequence[float] | None = None):
+        super().__init__()
+        self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)
+        members = [SAE(cfg, seed=s) for s in seeds]
+        for name in _PARAMS:
+            stacked = torch.stack([getattr(m, name).detach() for m in members])
+            setattr(self, name, nn.Parameter(stacked))
+        self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae]. ``x - b_dec`` enters
+        detached; b_dec's encoder gradient comes from ``y - y.detach()`` (exactly 0), with
+        ``y = b_dec W_enc.detach()``, so backward skips a [K, B, d_sae] x [K, d_sae, d_in]
+        product."""
+        y = torch.bmm(self.b_dec.unsqueeze(1), self.W_enc.detach())
+        bias = self.b_enc.unsqueeze(1) - (y - y.detach())
+        centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
+        return torch.baddbmm(bias, centred, self.W_enc)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d_in] -> (x_hat [K, B, d_in], f [K, B, d_sae]) (training activation)."""
+        f = self.kind.activate(self, self.pre_acts(x))
+        return self.decode(f), f
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        if self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=2, keepdim=True) * rows
+
+    @torch.no_grad()
+    def member(self, k: int) -> SAE:
+        """Member k as an SAE with its inference architecture (a CPU copy)."""
+        sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
+        sae.load_state_dict({n: getattr(self, n)[k].float().cpu() for n in _PARAMS}, strict=False)
+        return sae
+
+    @torch.no_grad()
+    def finite_members(self) -> torch.Tensor:
+        """[K] bool: every weight of member k is finite (device tensor, no sync)."""
+        return torch.stack([p.isfinite().flatten(1).all(1) for p in self.parameters()]).all(0)
