@@ -359,3 +359,24 @@ def test_sigterm_stops_the_search_and_a_second_one_exits_at_once(tiny_model_dir,
     assert "raysae: SIGTERM received: stopping the search" in err
     assert err.strip().splitlines()[-1] == "raysae: SIGTERM again: exiting now"
     assert not (tmp_path / "results" / "trials.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_leaves_no_ray_process_behind(tiny_model_dir, tmp_path):
+    """Without raysae.cluster.reaper, Ray's dashboard and runtime-env agents outlive a
+    SIGKILLed driver by about 60 s (they report the raylet's death to the dead GCS)."""
+    import psutil
+
+    proc = _start(_search_args(tiny_model_dir, tmp_path), tmp_path)
+    try:
+        _wait_for_checkpoint(proc, tmp_path / "tune")
+        family = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.name() for p in family}
+        assert {"raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as an OOM killer would
+        proc.wait()
+        gone, alive = psutil.wait_procs(family, timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not alive, [(p.name(), p.cmdline()) for p in alive]

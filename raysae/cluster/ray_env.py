@@ -155,4 +155,8 @@ def init_ray(
         dashboard_host="127.0.0.1",
         object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES,
     )
+    from raysae.cluster.reaper import start_reaper
+
+    if (node := _node()) is not None:  # no Ray process outlives a SIGKILLed driver
+        start_reaper(node.get_session_dir_path())
     return ray_info()

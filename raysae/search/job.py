@@ -85,6 +85,12 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     if changed:
         print(f"raysae: --resume-changed: continuing {name!r} with changed settings: "
               f"{'; '.join(changed)}", flush=True)
+    acts, total = cfg.activations, cfg.train.total_tokens
+    if not (acts.live or acts.cache) and acts.cache_tokens < total:
+        print(f"raysae: note: each SAE trains on {total} tokens from a cache of "
+              f"{acts.cache_tokens} rows, so it sees rows {total / acts.cache_tokens:.1f} "
+              "times and its held-out L0 will overshoot its target; --cache-tokens "
+              f"{total} avoids it", flush=True)
     made = preflight.make_dirs(results)
     try:
         with interrupt.stop_on_signals():
