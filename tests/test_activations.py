@@ -7,7 +7,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,12 +14,12 @@ from raysae.activations.batches import iter_activation_batches, shuffled_batches
 from raysae.activations.cache import (
     PROGRESS,
     CacheError,
-    _write_shard,
     build_cache,
     load_manifest,
     read_shard,
     verify_cache,
 )
+from raysae.activations.shards import file_sha256, read_meta, write_shard
 from raysae.activations.source import ActivationSource, from_storage, source_blocks, to_storage
 
 HOOK = "blocks.0.hook_resid_post"
@@ -37,8 +36,8 @@ def _rows(path):
     manifest = load_manifest(path)
     ids, acts = [], []
     for entry in manifest["shards"]:
-        table = pq.read_table(path / entry["file"], columns=["block_id", "pos"])
-        ids.append(np.stack([table["block_id"].to_numpy(), table["pos"].to_numpy()], 1))
+        meta = read_meta(path, entry)
+        ids.append(np.stack([meta["block_id"], meta["pos"]], 1))
         acts.append(read_shard(path, entry, manifest["dtype"]))
     ids, acts = np.concatenate(ids), np.concatenate(acts)
     order = np.lexsort((ids[:, 1], ids[:, 0]))
@@ -73,6 +72,8 @@ def test_manifest_records_settings_and_stats(fp32_cache):
     assert m["stats"]["mean_sq_norm"] == pytest.approx(float((acts**2).sum(1).mean()), rel=1e-5)
     np.testing.assert_allclose(m["stats"]["mean"], acts.mean(0), rtol=1e-4, atol=1e-5)
     assert len(m["shards"]) >= 2 and all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert m["format_version"] == 2 and all(len(s["meta_sha256"]) == 64 for s in m["shards"])
+    assert all((path / s["file"]).suffix == ".npy" for s in m["shards"])
     assert sum(s["rows"] for s in m["shards"]) == src.n_tokens
 
 
@@ -82,9 +83,12 @@ def test_shard_round_trip(tmp_path, dtype):
     stored = to_storage(x, dtype)
     batch = {"block_id": np.arange(300) // 10, "pos": np.arange(300) % 10,
              "token": np.arange(300, dtype=np.int32), "act": stored}
-    entry = _write_shard(tmp_path, 0, [batch], dtype)
+    entry = write_shard(tmp_path, 0, [batch], dtype)
     back = read_shard(tmp_path, entry, dtype)
     assert back.dtype == np.float32
+    order = read_meta(tmp_path, entry)["token"]  # rows are shuffled within the shard
+    assert not np.array_equal(order, np.arange(300))
+    back = back[np.argsort(order)]
     np.testing.assert_array_equal(back, from_storage(stored, dtype))  # storage is lossless
     if dtype == "float32":
         np.testing.assert_array_equal(back, x.numpy())
@@ -111,8 +115,8 @@ def test_corrupted_shard_is_detected(fp32_cache, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="checksum"):
         verify_cache(bad)
-    with pytest.raises(CacheError, match="checksum"):
-        list(iter_activation_batches(bad, 64, shuffle_buffer=64))
+    with pytest.raises(CacheError, match=f"shard {shard} fails its checksum"):
+        iter_activation_batches(bad, 64)  # when opened, before any batch
 
 
 def test_cache_with_other_settings_is_refused(fp32_cache, tmp_path):
@@ -130,17 +134,17 @@ def test_cache_with_other_settings_is_refused(fp32_cache, tmp_path):
 def test_reader_shuffles_loops_and_is_seeded(fp32_cache):
     src, path = fp32_cache
     _, acts = _rows(path)
-    one = list(iter_activation_batches(path, 100, shuffle_buffer=500, seed=0))
+    one = list(iter_activation_batches(path, 100, seed=0))
     rows = torch.cat(one).numpy()
     assert rows.shape == (src.n_tokens, 32) and rows.dtype == np.float32
     assert all(len(b) == 100 for b in one)
     np.testing.assert_array_equal(np.unique(rows, axis=0), np.unique(acts, axis=0))
     assert not np.array_equal(rows[:100], acts[:100])
-    looped = list(iter_activation_batches(path, 128, n_tokens=5000, shuffle_buffer=500, seed=3))
+    looped = list(iter_activation_batches(path, 128, n_tokens=5000, seed=3))
     assert sum(len(b) for b in looped) == 5000 and len(looped[-1]) == 5000 % 128
-    again = list(iter_activation_batches(path, 128, n_tokens=5000, shuffle_buffer=500, seed=3))
+    again = list(iter_activation_batches(path, 128, n_tokens=5000, seed=3))
     assert all(torch.equal(a, b) for a, b in zip(looped, again))
-    other = next(iter_activation_batches(path, 128, shuffle_buffer=500, seed=4))
+    other = next(iter_activation_batches(path, 128, seed=4))
     assert not torch.equal(other, looped[0])
 
 
@@ -159,7 +163,7 @@ def test_shuffled_batches_epochs_cover_every_row_evenly():
 def test_live_pipeline_matches_cache(fp32_cache):
     src, path = fp32_cache
     _, acts = _rows(path)
-    live = torch.cat(list(iter_activation_batches(src, 256, shuffle_buffer=512, seed=0)))
+    live = torch.cat(list(iter_activation_batches(src, 256, seed=0)))
     assert live.shape == (src.n_tokens, 32)
     np.testing.assert_allclose(np.sort(live.numpy(), 0), np.sort(acts, 0), rtol=1e-5, atol=1e-6)
 
@@ -176,8 +180,13 @@ def test_interrupted_build_resumes_without_duplicates(fp32_cache, tmp_path):
         kept.append({**entry, "sum": acts.sum(0).tolist()})
     (partial / PROGRESS).write_text(json.dumps({"tokens_sha256": manifest["tokens_sha256"],
                                                 "shards": kept}))
-    (partial / "shard-00009.parquet.tmp").write_bytes(b"half-written")
+    (partial / "shard-00009.npy.tmp").write_bytes(b"half-written")
+    kept_files = {name: file_sha256(partial / name)
+                  for e in kept for name in (e["file"], e["meta"])}
     resumed = build_cache(src, tmp_path, progress=False)
+    for name, digest in kept_files.items():  # the finished shards were kept, not rewritten
+        assert file_sha256(resumed / name) == digest
+    assert load_manifest(resumed)["shards"][:2] == manifest["shards"][:2]
     ids, acts = _rows(resumed)
     ref_ids, ref_acts = _rows(path)
     np.testing.assert_array_equal(ids, ref_ids)  # every row once, none twice

@@ -1,5 +1,6 @@
 """Faults: a cache build killed at a random point then rerun; a read-only, full or nearly full
-results disk; a cache shard holding NaN under a valid checksum; a model that gives NaN.
+results disk; a cache shard holding NaN under a valid checksum (found by verify_cache; a
+trial fed it fails once on the trainer's NaN check); a model that gives NaN.
 
 Disks are real: tiny tmpfs mounts (tests run as root here; without mount rights those cases
 skip and the free-space threshold is still tested through its parameter)."""
@@ -17,8 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from raysae import cli
@@ -31,6 +30,7 @@ from raysae.activations.cache import (
     load_manifest,
     verify_cache,
 )
+from raysae.activations.shards import file_sha256, read_meta
 from raysae.activations.source import ActivationSource, source_blocks
 from raysae.search.preflight import preflight_writable
 
@@ -100,12 +100,13 @@ def test_cache_build_killed_at_random_point_then_rerun_is_complete(tiny_model_di
     assert not (tmp_path / f"{src.cache_key()}.partial").exists()
     ids, tokens = [], []
     for entry in manifest["shards"]:
-        table = pq.read_table(path / entry["file"], columns=["block_id", "pos", "token"])
-        shard_tokens = table["token"].to_numpy()
+        meta = read_meta(path, entry)
+        shard_tokens = meta["token"]
         # the manifest's token-id checksum of each shard matches what the shard holds
         assert entry["token_sha256"] == hashlib.sha256(
             np.ascontiguousarray(shard_tokens).tobytes()).hexdigest()
-        ids.append(np.stack([table["block_id"].to_numpy(), table["pos"].to_numpy()], 1))
+        assert len(np.load(path / entry["file"], mmap_mode="r")) == len(shard_tokens)
+        ids.append(np.stack([meta["block_id"], meta["pos"]], 1))
         tokens.append(shard_tokens)
     ids, tokens = np.concatenate(ids), np.concatenate(tokens)
     order = np.lexsort((ids[:, 1], ids[:, 0]))
@@ -124,35 +125,40 @@ def _nan_copy(cache: Path, dest: Path, shard_index: int = 1) -> str:
     shutil.copytree(cache, dest)
     manifest = load_manifest(dest)
     entry = manifest["shards"][shard_index]
-    table = pq.read_table(dest / entry["file"])
-    act = np.stack(table["act"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    act = np.load(dest / entry["file"])
     act[[0, 7, 42]] = np.nan
-    col = pa.FixedSizeListArray.from_arrays(pa.array(act.reshape(-1)), act.shape[1])
-    pq.write_table(table.set_column(table.schema.get_field_index("act"), "act", col),
-                   dest / entry["file"])
-    entry["sha256"] = hashlib.sha256((dest / entry["file"]).read_bytes()).hexdigest()
+    np.save(dest / entry["file"], act)
+    entry["sha256"] = file_sha256(dest / entry["file"])
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return entry["file"]
 
 
 def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
+    from raysae.core.config import SAEConfig, TrainConfig
+    from raysae.core.ensemble import EnsembleTrainer
+    from raysae.core.train import NonFiniteActivationsError, drive
+
     bad = tmp_path / "nan_cache"
     name = _nan_copy(small_cache, bad)
     with pytest.raises(CacheError, match=rf"shard {bad / name} holds NaN/inf in 3 of \d+ rows"):
         verify_cache(bad)
-    with pytest.raises(CacheError, match=rf"{name} holds NaN/inf.*rebuild the activation cache"):
-        for _ in iter_activation_batches(bad, 256, shuffle_buffer=512):
-            pass
+    # The reader checks checksums only (NaN is refused when a cache is built); the trainer
+    # refuses the NaN rows when they reach it.
+    rows = np.concatenate([b.numpy() for b in iter_activation_batches(bad, 256)])
+    assert np.isnan(rows).any(axis=1).sum() == 3
+    cfg = TrainConfig(sae=SAEConfig(32, 64), batch_size=256, total_tokens=2048, log_every=4)
+    with pytest.raises(NonFiniteActivationsError, match="NaN/inf"):
+        drive(EnsembleTrainer(cfg, [8.0]), iter_activation_batches(bad, 256))
 
 
-def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_dir, tmp_path):
+def test_nan_shard_fails_the_trial_once(small_cache, tiny_model_dir, tmp_path):
     import pandas as pd
     from search_helpers import make_plan, make_spec
 
     from raysae.search.stages import run_search
 
     bad = tmp_path / "nan_cache"
-    name = _nan_copy(small_cache, bad)
+    _nan_copy(small_cache, bad)
     spec = make_spec(activations=str(bad), model=str(tiny_model_dir), hook=HOOK, d_in=32,
                      d_sae=64, context_length=32, total_tokens=4096, batch_size=256,
                      lambda_mode="fixed", eval_blocks=4, feature_tokens=512)
@@ -160,11 +166,11 @@ def test_nan_shard_fails_the_trial_with_the_shard_named(small_cache, tiny_model_
                          max_failures=0)
     row = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet").iloc[0]
     assert row["status"] == "error"
-    # The table's status_reason and Tune's error file both hold the reader's message.
-    assert row["status_reason"].startswith(f"CacheError: shard {bad / name} holds NaN/inf"), \
-        row["status_reason"]
+    # The table's status_reason and Tune's error file both hold the trainer's message.
+    assert row["status_reason"].startswith("NonFiniteActivationsError: "), row["status_reason"]
+    assert "rebuild the activation cache" in row["status_reason"]
     error = (Path(row["trial_dir"]) / "error.txt").read_text()
-    assert f"CacheError: shard {bad / name} holds NaN/inf in 3 of" in error, error[-2000:]
+    assert "NonFiniteActivationsError: " in error, error[-2000:]
 
 
 def _job_args(model, tmp_path, results=None, storage=None):

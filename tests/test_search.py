@@ -3,6 +3,9 @@ table, trial restart from checkpoint, divergence, and the main script."""
 
 import dataclasses
 import math
+import tempfile
+import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -149,6 +152,7 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     tiny_model_dir, tiny_cache, tmp_path, kind
 ):
     """An exception, or the trial's worker process killed by SIGKILL, mid-training."""
+    started = time.time()
     # Reports at steps 10, 20, 30, 40; checkpoints at 20 and 40; the failure comes at 30.
     spec = _spec(
         tiny_model_dir,
@@ -173,6 +177,14 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     # Every member resumed from the last checkpoint before the failure.
     assert set(trials["restored_from_step"]) == {20}
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
+    # Checkpoint scratch folders live in the trial's folder (a killed worker's is removed
+    # when the trial restarts), never in the system temp folder.
+    from raysae.search.trainable import CKPT_PREFIX
+
+    assert not list((tmp_path / "tune").rglob(CKPT_PREFIX + "*"))
+    temp = Path(tempfile.gettempdir())
+    stray = [*temp.glob(CKPT_PREFIX.lstrip(".") + "*"), *temp.glob(CKPT_PREFIX + "*")]
+    assert not [d for d in stray if d.stat().st_mtime >= started]
 
 
 def test_diverging_trial_is_reported_not_crashed(tiny_model_dir, tiny_cache, tmp_path):

@@ -1,6 +1,8 @@
-"""The shuffled batch reader: float32 torch batches [batch, d_in] from either an activation
-cache folder (see `raysae.activations.cache`) or straight from the live pipeline (an
-`ActivationSource`), with the same interface, so a trial can train without a cache.
+"""The shuffled batch reader: torch batches [batch, d_in] from either an activation cache
+folder (see `raysae.activations.cache`; memory-mapped, shuffled by shard and row block,
+prefetched by a thread, in the stored dtype: see `raysae.activations.reader`) or straight
+from the live pipeline (an `ActivationSource`; float32, mixed in a shuffle buffer), with the
+same interface, so a trial can train without a cache.
 """
 
 from __future__ import annotations
@@ -11,9 +13,23 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from raysae.activations.cache import iter_cache_chunks, open_cache
+from raysae.activations.cache import open_for_reading
 from raysae.activations.harvest import iter_harvest
+from raysae.activations.reader import (
+    BLOCK_ROWS,
+    PREFETCH,
+    WINDOW_SHARDS,
+    BatchBuffers,
+    BatchMaker,
+    advise_willneed,
+    batch_stream,
+    plan_segments,
+    prefetched,
+)
+from raysae.activations.shards import map_shard
 from raysae.activations.source import ActivationSource, from_storage
+
+LIVE_SHUFFLE_BUFFER = 32_768  # rows mixed at once when streaming from the live pipeline
 
 
 def shuffled_batches(chunks: Callable[[int], Iterator[np.ndarray]], batch_size: int,
@@ -54,26 +70,52 @@ def shuffled_batches(chunks: Callable[[int], Iterator[np.ndarray]], batch_size: 
                 yield torch.from_numpy(np.ascontiguousarray(batch))
 
 
+def _live_batches(source: ActivationSource, batch_size: int, n_tokens: int | None,
+                  seed: int) -> Iterator[torch.Tensor]:
+    def chunks(epoch: int) -> Iterator[np.ndarray]:
+        for batch in iter_harvest(source):
+            yield from_storage(np.asarray(batch["act"]), source.dtype)
+
+    return shuffled_batches(chunks, batch_size, n_tokens or source.n_tokens,
+                            LIVE_SHUFFLE_BUFFER, seed)
+
+
 def iter_activation_batches(source: ActivationSource | str | os.PathLike, batch_size: int, *,
-                            n_tokens: int | None = None, shuffle_buffer: int = 32_768,
-                            seed: int = 0, expect: ActivationSource | None = None,
+                            n_tokens: int | None = None, seed: int = 0,
+                            expect: ActivationSource | None = None,
+                            block_rows: int = BLOCK_ROWS, window: int = WINDOW_SHARDS,
+                            prefetch: int = PREFETCH, pin_memory: bool | None = None,
                             ) -> Iterator[torch.Tensor]:
-    """Shuffled float32 batches [batch_size, d_in] from a cache folder or a live source.
+    """Shuffled batches [batch_size, d_in] from a cache folder or a live source.
 
     `n_tokens` rows in all (default: one pass); more than the source holds loops over it
-    again (the live pipeline re-runs each epoch). `seed` fixes the order.
-    `expect` (cache only) refuses a cache built with other settings.
+    again (the live pipeline re-runs each epoch); every row comes once per epoch. `seed`
+    fixes the order. A cache's batches keep its stored dtype (float32, float16, bfloat16;
+    trainers convert on their device); the live pipeline's are float32.
+    Cache only: `expect` refuses a cache built with other settings; every shard's checksum is
+    checked here, before any batch; `block_rows` / `window` set the shuffle (see
+    `raysae.activations.reader`), `prefetch` how many batches a thread prepares ahead, and
+    `pin_memory` (default: when CUDA is available) pins the batch buffers.
     """
+    if min(batch_size, n_tokens or 1, block_rows, window, prefetch) < 1:
+        raise ValueError(f"batch_size={batch_size}, n_tokens={n_tokens}, block_rows="
+                         f"{block_rows}, window={window}, prefetch={prefetch} must be >= 1")
     if isinstance(source, ActivationSource):
-        total = source.n_tokens
+        return _live_batches(source, batch_size, n_tokens, seed)
+    manifest = open_for_reading(source, expect)
+    dtype, d_in, shards = manifest["dtype"], manifest["d_in"], manifest["shards"]
+    arrays = [map_shard(source, entry, dtype, d_in) for entry in shards]
+    total = n_tokens or manifest["n_tokens"]
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
-        def chunks(epoch: int) -> Iterator[np.ndarray]:
-            for batch in iter_harvest(source):
-                yield from_storage(np.asarray(batch["act"]), source.dtype)
-    else:
-        manifest = open_cache(source, expect)
-        total = manifest["n_tokens"]
+    def make() -> Iterator[torch.Tensor]:
+        def ahead(window_shards: list[int]) -> None:
+            for i in window_shards:
+                advise_willneed(arrays[i])
 
-        def chunks(epoch: int) -> Iterator[np.ndarray]:
-            yield from iter_cache_chunks(source, manifest, seed=seed + epoch)
-    return shuffled_batches(chunks, batch_size, n_tokens or total, shuffle_buffer, seed)
+        segments = plan_segments([s["rows"] for s in shards], seed, block_rows=block_rows,
+                                 window=window, on_window=ahead)
+        buffers = BatchBuffers(d_in, dtype, pin=pin)
+        return batch_stream(BatchMaker(arrays, segments, buffers), batch_size, total)
+
+    return prefetched(make, prefetch)

@@ -1,76 +1,50 @@
-"""The activation cache: Parquet shards + manifest.json, keyed by a hash of the settings.
+"""The activation cache: .npy shards + manifest.json, keyed by a hash of the settings and
+the format version.
 
-Layout: `<cache_root>/<key>/` holds `shard-00000.parquet`, ... and `manifest.json` (model,
-hook, dataset, context length, token count, dtype, d_in, per-shard sha256, token-id
-checksums, normalisation statistics). It is built in `<key>.partial/` and renamed when
-complete. An interrupted build resumes: shards recorded in `progress.json` are kept and
-their blocks are not harvested again; anything else there is deleted, so no row is written
-twice. Every shard's checksum is checked when it is read.
+Layout: `<cache_root>/<key>/` holds `shard-00000.npy` + `shard-00000.meta.parquet`, ... (see
+`raysae.activations.shards`) and `manifest.json` (format version, model, hook, dataset, context
+length, token count, dtype, d_in, per-file sha256, token-id checksums, normalisation
+statistics). It is built in `<key>.partial/` and renamed when complete. An interrupted build
+resumes: shards recorded in `progress.json` are kept and their blocks are not harvested
+again; anything else there is deleted, so no row is written twice. NaN/inf is refused when a
+shard is written. Every file's checksum is checked when the cache is opened for reading
+(`raysae.activations.batches`); `verify_cache` also checks finiteness and row counts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from raysae import io
 from raysae.activations.harvest import iter_harvest
-from raysae.activations.source import ActivationSource, from_storage, source_blocks
+from raysae.activations.shards import (
+    CacheError,
+    check_files,
+    map_shard,
+    nonfinite_rows,
+    read_meta,
+    read_shard,
+    sha256_bytes,
+    write_shard,
+)
+from raysae.activations.source import FORMAT_VERSION, ActivationSource, source_blocks
 
+__all__ = ["FORMAT_VERSION", "MANIFEST", "PROGRESS", "CacheError", "build_cache",
+           "load_manifest", "open_cache", "read_shard", "verify_cache", "write_arrays_cache"]
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
-FORMAT_VERSION = 1
-_ARROW_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
-
-
-class CacheError(ValueError):
-    """A cache that is corrupt or was built with other settings."""
 
 
 def default_cache_root() -> Path:
     from raysae.lm.local_model import cache_dir
 
     return cache_dir() / "activations"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_shard(folder: Path, index: int, batches: list[dict], dtype: str,
-                 origin: str = "the model") -> dict:
-    """Write one shard (temp name, then rename); return its manifest entry with partial sums.
-    Non-finite activations (a broken model) are refused, naming ``origin``, before writing."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
-    act = cols["act"]
-    x = from_storage(act, dtype)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        blocks = np.unique(cols["block_id"][~finite])
-        raise CacheError(f"{origin} gives NaN/inf activations in {int((~finite).sum())} of "
-                         f"{len(x)} rows (token blocks {blocks[:5].tolist()}...); check the "
-                         "model's weights; nothing of them was cached")
-    flat = pa.array(act.reshape(-1).view(_ARROW_DTYPE[dtype]))
-    table = pa.table({"block_id": cols["block_id"], "pos": cols["pos"], "token": cols["token"],
-                      "act": pa.FixedSizeListArray.from_arrays(flat, act.shape[1])})
-    name = f"shard-{index:05d}.parquet"
-    tmp = folder / (name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
-    x = x.astype(np.float64)
-    return {"file": name, "rows": len(act), "sha256": _sha256((folder / name).read_bytes()),
-            "token_sha256": _sha256(np.ascontiguousarray(cols["token"]).tobytes()),
-            "sum": x.sum(0).tolist(), "sum_sq_norm": float((x * x).sum())}
 
 
 def _resume(partial: Path, tokens_sha256: str) -> list[dict]:
@@ -80,8 +54,9 @@ def _resume(partial: Path, tokens_sha256: str) -> list[dict]:
     if progress.exists():
         state = json.loads(progress.read_text())
         if state.get("tokens_sha256") == tokens_sha256:
-            shards = [s for s in state["shards"] if (partial / s["file"]).exists()]
-    keep = {s["file"] for s in shards} | {PROGRESS}
+            shards = [s for s in state["shards"]
+                      if (partial / s["file"]).exists() and (partial / s["meta"]).exists()]
+    keep = {name for s in shards for name in (s["file"], s["meta"])} | {PROGRESS}
     for path in partial.iterdir():
         if path.name not in keep:
             path.unlink()
@@ -89,12 +64,9 @@ def _resume(partial: Path, tokens_sha256: str) -> list[dict]:
 
 
 def _done_blocks(partial: Path, shards: list[dict]) -> set[int]:
-    import pyarrow.parquet as pq
-
     done: set[int] = set()
     for s in shards:
-        done.update(pq.read_table(partial / s["file"], columns=["block_id"])["block_id"]
-                    .to_numpy().tolist())
+        done.update(np.unique(read_meta(partial, s, ("block_id",))["block_id"]).tolist())
     return done
 
 
@@ -127,8 +99,8 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
 
     def flush():
         nonlocal pending, rows
-        shards.append(_write_shard(partial, len(shards), pending, src.dtype,
-                                   f"model {src.model} at hook {src.hook}"))
+        shards.append(write_shard(partial, len(shards), pending, src.dtype,
+                                  f"model {src.model} at hook {src.hook}"))
         io.write_json(partial / PROGRESS, {"tokens_sha256": tokens_sha256, "shards": shards})
         pending, rows = [], 0
 
@@ -159,38 +131,90 @@ def build_cache(src: ActivationSource, cache_root: str | os.PathLike | None = No
             return final
         start = time.perf_counter()
         blocks = source_blocks(src)
-        tokens_sha256 = _sha256(blocks.tobytes())
+        tokens_sha256 = sha256_bytes(blocks.tobytes())
         partial.mkdir(exist_ok=True)
         shards = _harvest_into(src, partial, blocks, tokens_sha256, progress)
         rows = sum(s["rows"] for s in shards)
         if rows != src.n_tokens:
             raise CacheError(f"harvest gave {rows} rows, expected n_tokens={src.n_tokens}; "
                              f"delete {partial} and rebuild")
-        d_in = len(shards[0]["sum"])
-        manifest = {
-            "format_version": FORMAT_VERSION, "key": key, "settings": src.cache_settings(),
-            "model": src.model, "hook": src.hook, "dataset": src.dataset, "split": src.split,
+        _finish(partial, final, shards, {
+            "key": key, "settings": src.cache_settings(), "model": src.model,
+            "hook": src.hook, "dataset": src.dataset, "split": src.split,
             "context_length": src.context_length, "n_tokens": rows, "dtype": src.dtype,
-            "d_in": d_in, "drop_bos": src.drop_bos, "n_blocks": len(blocks),
-            "tokens_sha256": tokens_sha256, "stats": _stats(shards, d_in),
-            "shards": [{k: v for k, v in s.items() if k != "sum"} for s in shards],
-            "build_seconds": round(time.perf_counter() - start, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        io.write_json(partial / MANIFEST, manifest)
-        (partial / PROGRESS).unlink()
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+            "drop_bos": src.drop_bos, "n_blocks": len(blocks), "tokens_sha256": tokens_sha256,
+            "build_seconds": round(time.perf_counter() - start, 2)})
     return final
 
 
+
+
+def _finish(partial: Path, final: Path, shards: list[dict], fields: dict) -> None:
+    """Write the manifest into the finished `partial` folder and publish it as `final`."""
+    d_in = len(shards[0]["sum"])
+    manifest = {"format_version": FORMAT_VERSION, **fields, "d_in": d_in,
+                "stats": _stats(shards, d_in),
+                "shards": [{k: v for k, v in s.items() if k != "sum"} for s in shards],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    io.write_json(partial / MANIFEST, manifest)
+    (partial / PROGRESS).unlink(missing_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+
+
+def write_arrays_cache(folder: str | os.PathLike, acts: np.ndarray, dtype: str, *,
+                       shard_rows: int = 65_536, tokens_per_block: int = 128) -> Path:
+    """A cache of given activations ([rows, d_in], in the storage dtype of `dtype`) written
+    by the same shard writer as `build_cache` (for benchmarks and tests; the token ids are
+    synthetic: block_id = row // tokens_per_block, pos and token = row % tokens_per_block)."""
+    final = Path(folder)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    row = np.arange(len(acts))
+    step = -(-shard_rows // tokens_per_block) * tokens_per_block  # whole blocks per shard
+    shards = [write_shard(partial, i // step, [{
+        "block_id": row[i : i + step] // tokens_per_block,
+        "pos": (row[i : i + step] % tokens_per_block).astype(np.int16),
+        "token": (row[i : i + step] % tokens_per_block).astype(np.int32),
+        "act": acts[i : i + step]}], dtype) for i in range(0, len(acts), step)]
+    _finish(partial, final, shards, {
+        "key": final.name, "settings": {"model": "synthetic", "dtype": dtype},
+        "model": "synthetic", "hook": None, "context_length": tokens_per_block,
+        "n_tokens": len(acts), "dtype": dtype, "n_blocks": -(-len(acts) // tokens_per_block)})
+    return final
+
+
+def _rebuild_command(path: Path, manifest: dict) -> str:
+    """The `raysae cache` command that builds a current cache for an old manifest's data."""
+    args = [("--model", manifest.get("model")), ("--hook", manifest.get("hook")),
+            ("--dataset", manifest.get("dataset")), ("--split", manifest.get("split")),
+            ("--context-length", manifest.get("context_length")),
+            ("--n-tokens", manifest.get("n_tokens")), ("--dtype", manifest.get("dtype"))]
+    text_column = manifest.get("settings", {}).get("text_column", "text")
+    words = [f"{flag} {value}" for flag, value in args if value is not None]
+    words += [f"--text-column {text_column}"] * (text_column != "text")
+    words += ["--keep-bos"] * (manifest.get("drop_bos") is False)
+    return " ".join(["raysae cache", *words, f"--cache-root {path.parent}"])
+
+
 def load_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a cache folder (or of the manifest file itself)."""
+    """The manifest of a cache folder (or of the manifest file itself); a cache written in
+    another format is refused with the command that rebuilds it."""
     path = Path(path)
     file = path / MANIFEST if path.is_dir() else path
     if not file.exists():
         raise CacheError(f"{path} has no {MANIFEST}: not a finished activation cache; build it")
-    return json.loads(file.read_text())
+    manifest = json.loads(file.read_text())
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        folder = file.parent
+        age = "an older" if isinstance(version, int) and version < FORMAT_VERSION else "another"
+        raise CacheError(f"cache {folder} was built by {age} raysae (format {version}); "
+                         f"rebuild it with `{_rebuild_command(folder, manifest)}` (this raysae "
+                         f"reads format {FORMAT_VERSION}; the new cache gets its own folder, "
+                         "this one can be deleted)")
+    return manifest
 
 
 def open_cache(path: str | os.PathLike, expect: ActivationSource | None = None) -> dict:
@@ -204,37 +228,35 @@ def open_cache(path: str | os.PathLike, expect: ActivationSource | None = None) 
     return manifest
 
 
-def read_shard(path: str | os.PathLike, entry: dict, dtype: str) -> np.ndarray:
-    """One shard's activations as float32 [rows, d_in], after checking its sha256."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    file = Path(path) / entry["file"]
-    data = file.read_bytes()
-    if _sha256(data) != entry["sha256"]:
-        raise CacheError(f"shard {file} fails its checksum (corrupt or changed); rebuild the cache")
-    col = pq.read_table(pa.BufferReader(data), columns=["act"])["act"].combine_chunks()
-    flat = col.values.to_numpy(zero_copy_only=False)
-    out = from_storage(flat.reshape(len(col), -1), dtype)
-    if not np.isfinite(out).all():  # a shard re-written with a matching checksum, or bad RAM
-        bad = int((~np.isfinite(out)).any(axis=1).sum())
-        raise CacheError(f"shard {file} holds NaN/inf in {bad} of {len(out)} rows although its "
-                         "checksum matches; rebuild the activation cache (and check the model)")
-    return out
-
-
-def verify_cache(path: str | os.PathLike) -> dict:
-    """Check every shard's checksum and the row count; return the manifest."""
-    manifest = load_manifest(path)
-    rows = sum(len(read_shard(path, s, manifest["dtype"])) for s in manifest["shards"])
-    if rows != manifest["n_tokens"]:
-        raise CacheError(f"cache {path} holds {rows} rows, manifest says {manifest['n_tokens']}")
+def open_for_reading(path: str | os.PathLike, expect: ActivationSource | None = None) -> dict:
+    """`open_cache`, then every shard file's checksum (once per process and file version)."""
+    manifest = open_cache(path, expect)
+    check_files(path, manifest["shards"])
     return manifest
 
 
-def iter_cache_chunks(path: str | os.PathLike, manifest: dict, *,
-                      seed: int) -> Iterator[np.ndarray]:
-    """The cache's shards as float32 arrays, in an order shuffled by `seed`."""
-    order = np.random.default_rng(seed).permutation(len(manifest["shards"]))
-    for i in order:
-        yield read_shard(path, manifest["shards"][i], manifest["dtype"])
+def verify_cache(path: str | os.PathLike) -> dict:
+    """Re-check every file's checksum, each shard's shape, rows, token checksum and
+    finiteness, and the total row count; return the manifest."""
+    manifest = load_manifest(path)
+    check_files(path, manifest["shards"], memo=False)
+    rows = 0
+    for entry in manifest["shards"]:
+        file = Path(path) / entry["file"]
+        arr = map_shard(path, entry, manifest["dtype"], manifest["d_in"])
+        tokens = read_meta(path, entry, ("token",))["token"]
+        if len(tokens) != len(arr):
+            raise CacheError(f"shard {file} has {len(arr)} rows but its metadata "
+                             f"{entry['meta']} has {len(tokens)}; rebuild the cache")
+        if sha256_bytes(tokens.astype(np.int32).tobytes()) != entry["token_sha256"]:
+            raise CacheError(f"shard {file}: token ids do not match the manifest's "
+                             "token_sha256; rebuild the cache")
+        bad = nonfinite_rows(arr, manifest["dtype"])
+        if bad:
+            raise CacheError(f"shard {file} holds NaN/inf in {bad} of {len(arr)} rows although "
+                             "its checksum matches; rebuild the activation cache (and check the "
+                             "model)")
+        rows += len(arr)
+    if rows != manifest["n_tokens"]:
+        raise CacheError(f"cache {path} holds {rows} rows, manifest says {manifest['n_tokens']}")
+    return manifest

@@ -4,9 +4,10 @@ token blocks, and the storage dtypes. The data flow:
     token blocks -> map_batches(Harvester) on an actor pool (LM run only up to the hooked
     layer, one GPU per actor when there are GPUs) -> rows {block_id, pos, token, act}
 
-`iter_activation_batches` yields shuffled float32 torch batches [batch, d_in] from either an
-activation cache folder (see `raysae.activations.cache`) or straight from the live pipeline
-(an `ActivationSource`), with the same interface, so a trial can train without a cache.
+`iter_activation_batches` yields shuffled torch batches [batch, d_in] from either an
+activation cache folder (see `raysae.activations.cache`; batches in the stored dtype) or
+straight from the live pipeline (an `ActivationSource`; float32), with the same interface, so
+a trial can train without a cache.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from raysae.lm import corpus
 from raysae.lm.models import DEFAULT_HOOK
 
 DTYPES = ("float32", "float16", "bfloat16")
+# The activation cache's on-disk format; part of the cache key, so a format change rebuilds.
+FORMAT_VERSION = 2
 # Fields that decide the data itself; the others only change how fast it is made.
 CONTENT_FIELDS = ("hook", "dataset", "split", "text_column", "context_length", "n_tokens",
                   "dtype", "drop_bos", "prepend_bos")
@@ -47,7 +50,7 @@ class ActivationSource:
     batch_blocks: int = 32  # token blocks per LM forward
     num_actors: int | None = None  # actor pool size; None: one per GPU, else one per CPU
     cpus_per_actor: float = 1.0
-    shard_rows: int = 65_536  # rows per Parquet shard of the cache
+    shard_rows: int = 65_536  # rows per shard (.npy file) of the cache
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -79,7 +82,8 @@ class ActivationSource:
         return {"model": model_fingerprint(self.model), **out}
 
     def cache_key(self) -> str:
-        blob = json.dumps(self.cache_settings(), sort_keys=True)
+        blob = json.dumps({"format_version": FORMAT_VERSION, **self.cache_settings()},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

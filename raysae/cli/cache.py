@@ -41,7 +41,7 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     from raysae.activations.source import DTYPES
     from raysae.lm.models import DEFAULT_HOOK
 
-    p = subparsers.add_parser("cache", help="harvest activations into a Parquet cache",
+    p = subparsers.add_parser("cache", help="harvest activations into a cache (.npy shards)",
                               description=add_cache_parser.__doc__)
     p.add_argument("--model", default="local",
                    help="hub name, checkpoint folder, 'local' (default) or 'local-tiny'")
@@ -57,10 +57,13 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-blocks", type=int, default=32, help="token blocks per forward")
     p.add_argument("--num-actors", type=int, default=None,
                    help="actor pool size (default: one per GPU, else one per CPU)")
-    p.add_argument("--shard-rows", type=int, default=65_536)
+    p.add_argument("--shard-rows", type=int, default=65_536,
+                   help="rows per shard (.npy file, rows shuffled within it)")
     p.add_argument("--cache-root", default=None,
                    help="folder of caches (default: $RAYSAE_CACHE_DIR/activations)")
-    p.add_argument("--verify", action="store_true", help="re-check every shard's checksum")
+    p.add_argument("--verify", action="store_true",
+                   help="re-check every file's checksum, each shard's rows, token ids and "
+                   "finiteness")
     p.add_argument("--full", action="store_true", help="print the whole manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=build_cache_command)

@@ -136,9 +136,9 @@ class TrainConfig:
     """Torch device for training."""
     sparse_step: str = "auto"
     """Train relu SAEs with the sparse step (raysae.core.sparse_step: after the encoder, only
-    the active features' decoder rows and gradients are touched): 'auto' on CPU once a
-    logging step's L0 is at most 1/16 of d_sae, 'on' always (on a GPU it syncs every step),
-    'off' never (dense batched matmuls)."""
+    the active features' decoder rows and gradients are touched): 'auto' on CPU while the
+    last logging step's mean L0 is at most 1/10 of d_sae, 'on' always (on a GPU it syncs
+    every step), 'off' never (dense batched matmuls)."""
     autocast_bf16: bool = False
     """Run the dense step's matmuls in bfloat16 autocast (for GPU trials); the penalty, the
     loss and the weights stay fp32."""

@@ -43,10 +43,13 @@ from raysae.core.outcome import (
 from raysae.core.penalties import penalty_scale_at_one
 from raysae.core.sparse_step import ActiveFeatures, active_forward
 
-SPARSE_STEP_MAX_DENSITY = 1 / 16
-"""``sparse_step = "auto"`` uses the sparse step after a logging step whose largest member
-L0 is at most this fraction of d_sae (benchmarks/train_throughput.py: on 2 CPU cores the
-sparse step passes the dense one below about ... of d_sae)."""
+SPARSE_STEP_MAX_DENSITY = 1 / 10
+"""``sparse_step = "auto"`` uses the sparse step after a logging step whose members' mean L0
+is at most this fraction of d_sae (its cost follows the active entries of all members).
+Measured on 2 CPU cores (benchmarks/train_throughput.py, d_in 512, d_sae 2048, batch 4096):
+sparse / dense step time 0.27 at 2% density, 0.46 at 6%, 0.74 at 12.5%, 1.36 at 25%; at
+the local default (d_in 128, d_sae 512, batch 512, ladder 4..128, mean density 8%): 0.89
+(L1) and 0.65 (sqrt); twice as dense: 1.32 and 0.94."""
 
 
 class EnsembleTrainer:
@@ -227,8 +230,8 @@ class EnsembleTrainer:
                        tokens_seen=self.tokens, member=k, target_l0=self.targets[k], **extra[k])
             self.history[k].append(row)
             rows.append(row)
-        dense_l0 = max((row["l0"] for row in rows), default=0.0)
-        self.sparse_auto = dense_l0 <= SPARSE_STEP_MAX_DENSITY * self.cfg.sae.d_sae
+        mean_l0 = sum(row["l0"] for row in rows) / max(len(rows), 1)
+        self.sparse_auto = bool(rows) and mean_l0 <= SPARSE_STEP_MAX_DENSITY * self.cfg.sae.d_sae
         return rows
 
     def result(self) -> list[TrainResult]:

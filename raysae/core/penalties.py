@@ -145,8 +145,8 @@ def register_penalty(
     """Decorator: register ``fn(f, *, grad_floor, **params) -> [...]`` under ``name``.
 
     ``fn`` gets fp32 ``f >= 0`` of any shape ``[..., d_sae]`` and returns
-    ``sum_i rho(f_i)`` over the last dimension; ``rho(0)`` must be 0. ``references`` are labelled parameter
-    points (validated here, defaults filled) that every search includes.
+    ``sum_i rho(f_i)`` over the last dimension; ``rho(0)`` must be 0. ``references`` are
+    labelled parameter points (validated here, defaults filled) that every search includes.
     """
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
