@@ -293,6 +293,13 @@ def _start(args, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _kill_if_running(proc) -> None:
+    """SIGKILL a search's whole process group if it still runs (a failing test leaves none)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _wait_for_checkpoint(proc, storage: Path) -> None:
     deadline = time.time() + 300
     while _checkpoints(storage) < 1:
@@ -320,9 +327,7 @@ def test_ctrl_c_stops_the_whole_search_and_resume_completes_it(tiny_model_dir, r
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_if_running(proc)
     assert proc.returncode == 130, err[-3000:]
     # The job's own last line (Ray's workers may still print log lines after it).
     last = [ln for ln in err.strip().splitlines() if ln.startswith("raysae")][-1]
@@ -354,9 +359,7 @@ def test_sigterm_stops_the_search_and_a_second_one_exits_at_once(tiny_model_dir,
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_if_running(proc)
     assert proc.returncode == 143, err[-3000:]
     assert time.time() - start < 15
     assert "raysae: SIGTERM received: stopping the search" in err
@@ -380,6 +383,5 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny_model_dir, tmp_path)
         proc.wait()
         gone, alive = psutil.wait_procs(family, timeout=15)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_if_running(proc)
     assert not alive, [(p.name(), p.cmdline()) for p in alive]

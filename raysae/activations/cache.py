@@ -147,8 +147,6 @@ def build_cache(src: ActivationSource, cache_root: str | os.PathLike | None = No
     return final
 
 
-
-
 def _finish(partial: Path, final: Path, shards: list[dict], fields: dict) -> None:
     """Write the manifest into the finished `partial` folder and publish it as `final`."""
     d_in = len(shards[0]["sum"])

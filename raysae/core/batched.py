@@ -10,7 +10,7 @@ from torch import nn
 
 from raysae.core.config import SAEConfig
 from raysae.core.kinds import get_kind
-from raysae.core.sae import SAE
+from raysae.core.sae import SAE, remove_parallel_grad_, unit_rows_
 
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
@@ -47,16 +47,11 @@ class BatchedSAE(nn.Module):
         f = self.kind.activate(self, self.pre_acts(x))
         return self.decode(f), f
 
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        unit_rows_(self.W_dec)
 
-    @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
-        if self.W_dec.grad is None:
-            return
-        rows = self.W_dec / self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=2, keepdim=True) * rows
+        remove_parallel_grad_(self.W_dec)
 
     @torch.no_grad()
     def member(self, k: int) -> SAE:

@@ -95,19 +95,13 @@ class SAE(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Put every decoder row back at unit norm (called after each optimiser step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit_rows_(self.W_dec)
 
-    @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
         """Drop the gradient component along each decoder row (it would only change the norm)."""
-        if self.W_dec.grad is None:
-            return
-        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        along = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= along * rows
+        remove_parallel_grad_(self.W_dec)
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
@@ -169,6 +163,22 @@ class SAE(nn.Module):
                 raise SAELoadError(f"{path}: tensor {name} holds NaN/inf; the SAE diverged")
         sae.load_state_dict({k: tensors[k].float() for k in shapes})
         return sae.to(device)
+
+
+@torch.no_grad()
+def unit_rows_(w: torch.Tensor) -> None:
+    """Scale every row (last dimension) of ``w`` to unit norm, in place; ``w`` may be one
+    decoder [d_sae, d_in] or a stack of them [K, d_sae, d_in]."""
+    w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def remove_parallel_grad_(w: torch.Tensor) -> None:
+    """Drop from ``w.grad`` its component along each row of ``w`` (last dimension)."""
+    if w.grad is None:
+        return
+    rows = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w.grad -= (w.grad * rows).sum(dim=-1, keepdim=True) * rows
 
 
 def read_sae_config(path: str | os.PathLike) -> dict[str, Any]:
