@@ -11,6 +11,7 @@ import argparse
 
 from raysae.cli.flags import add_range_flags, add_section, given
 from raysae.core.config import TrainConfig
+from raysae.core.recipes import RECIPES
 from raysae.search.config import (
     LAMBDA_MODES,
     OBJECTIVES,
@@ -45,7 +46,8 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
                              "stdlib text) or 'pythia-70m' (the study's setting)")
     add_section(parser, ModelSettings, "model and data")
     add_section(parser, ActivationSettings, "activations")
-    add_section(parser, TrainConfig, "training", skip=TRAIN_INTERNAL)
+    add_section(parser, TrainConfig, "training", skip=TRAIN_INTERNAL,
+                choices={"recipe": tuple(RECIPES)})
     skip = ("ranges",) + (("penalty", "objective", "lambda_mode", "targets", "num_trials",
                            "beta", "tol") if sweep else ())
     add_section(parser, SearchConfig, "search", skip=skip,

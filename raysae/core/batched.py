@@ -10,22 +10,27 @@ from torch import nn
 
 from raysae.core.config import SAEConfig
 from raysae.core.kinds import get_kind
+from raysae.core.recipes import UNIT_NORM, Recipe, get_recipe
 from raysae.core.sae import SAE, remove_parallel_grad_, unit_rows_
 
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 class BatchedSAE(nn.Module):
-    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])``;
-    ``targets`` (default 1.0 each) give the kind its per-member k."""
+    """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])`` with its
+    decoder rows (and encoder columns) at the recipe's initial norm; ``targets`` (default 1.0
+    each) give the kind its per-member k."""
 
     def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
-                 targets: Sequence[float] | None = None):
+                 targets: Sequence[float] | None = None, recipe: Recipe | None = None):
         super().__init__()
         self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)
+        self.recipe = recipe or get_recipe(UNIT_NORM)
         members = [SAE(cfg, seed=s) for s in seeds]
         for name in _PARAMS:
             stacked = torch.stack([getattr(m, name).detach() for m in members])
+            if name in ("W_enc", "W_dec"):
+                stacked = stacked * self.recipe.decoder_init_norm
             setattr(self, name, nn.Parameter(stacked))
         self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
 
@@ -47,17 +52,25 @@ class BatchedSAE(nn.Module):
         f = self.kind.activate(self, self.pre_acts(x))
         return self.decode(f), f
 
+    def decoder_norms(self) -> torch.Tensor:
+        """[K, d_sae] norm of every decoder row (differentiable)."""
+        return self.W_dec.norm(dim=-1)
+
     def normalize_decoder_(self) -> None:
-        unit_rows_(self.W_dec)
+        if self.recipe.unit_norm_decoder:
+            unit_rows_(self.W_dec)
 
     def remove_parallel_grad_(self) -> None:
-        remove_parallel_grad_(self.W_dec)
+        if self.recipe.unit_norm_decoder:
+            remove_parallel_grad_(self.W_dec)
 
     @torch.no_grad()
     def member(self, k: int) -> SAE:
         """Member k as an SAE with its inference architecture (a CPU copy)."""
         sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
         sae.load_state_dict({n: getattr(self, n)[k].float().cpu() for n in _PARAMS}, strict=False)
+        if not self.recipe.unit_norm_decoder:
+            sae.fold_decoder_norms_()
         return sae
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from raysae.core.penalties import (
     penalty_family,
     penalty_label,
 )
+from raysae.core.recipes import RECIPES
 from raysae.settings import is_int, is_number, positive_int, require
 
 
@@ -134,6 +135,11 @@ class TrainConfig:
     """Seed of the SAE initialisation and the activation order (and of Optuna's sampler)."""
     device: str = "cpu"
     """Torch device for training."""
+    recipe: str = "free_norm"
+    """Training recipe of penalty SAEs (registry raysae.core.recipes): 'free_norm' (free
+    decoder norms, penalty on f_i ||d_i||, gradient clipping; SAELens's standard trainer)
+    or 'study' (unit-norm decoder rows, penalty on f: the study's SAE, exactly). Kinds
+    without a penalty (TopK, BatchTopK) always keep unit-norm rows."""
     sparse_step: str = "auto"
     """Train relu SAEs with the sparse step (raysae.core.sparse_step: after the encoder, only
     the active features' decoder rows and gradients are touched): 'auto' on CPU while the
@@ -170,6 +176,8 @@ class TrainConfig:
                 "l0_target", self.l0_target, f"must be None or in (0, d_sae={d_sae}]")
         require(is_number(self.control_gain) and self.control_gain > 0, "control_gain",
                 self.control_gain, "must be a number > 0")
+        require(self.recipe in RECIPES, "recipe", self.recipe,
+                f"must be one of {sorted(RECIPES)}")
         require(self.sparse_step in ("auto", "on", "off"), "sparse_step", self.sparse_step,
                 "must be one of auto, on, off")
         require(isinstance(self.autocast_bf16, bool), "autocast_bf16", self.autocast_bf16,

@@ -41,6 +41,7 @@ from raysae.core.outcome import (
     drive,
 )
 from raysae.core.penalties import penalty_scale_at_one
+from raysae.core.recipes import UNIT_NORM, get_recipe
 from raysae.core.sparse_step import ActiveFeatures, active_forward
 
 SPARSE_STEP_MAX_DENSITY = 1 / 10
@@ -72,8 +73,9 @@ class EnsembleTrainer:
             raise ValueError(f"lams has {len(start)} values for {self.k} targets")
         start = [v * self.kind.uses_penalty for v in start]  # 0 for kinds without a penalty
         dev = self.device = torch.device(cfg.device)
+        self.recipe = get_recipe(cfg.recipe if self.kind.uses_penalty else UNIT_NORM)
         self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
-                                targets=self.targets).to(dev)
+                                targets=self.targets, recipe=self.recipe).to(dev)
         fused = dev.type in ("cpu", "cuda") or None  # fused Adam: no .item() per step
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                     fused=fused)
@@ -151,6 +153,8 @@ class EnsembleTrainer:
         for p in self.model.parameters():  # NaN-safe: a dead member's grads become 0
             p.grad.masked_fill_(~train.view(-1, *[1] * (p.ndim - 1)), 0.0)
         self.model.remove_parallel_grad_()
+        if self.recipe.grad_clip is not None:
+            self._clip_grads(self.recipe.grad_clip)
         self.opt.step()
         self.model.normalize_decoder_()
         self.kind.after_step(self.model, train)
@@ -166,6 +170,16 @@ class EnsembleTrainer:
             f = f.dense() if isinstance(f, ActiveFeatures) else f.detach().float()
             return self._log(x, x_hat.detach(), f, per.detach(), recon, pen.detach())
         return None
+
+    @torch.no_grad()
+    def _clip_grads(self, max_norm: float) -> None:
+        """Clip each member's gradient norm over all its weights to ``max_norm`` (as
+        ``clip_grad_norm_`` on that SAE alone), on the device."""
+        params = list(self.model.parameters())
+        sq = sum(p.grad.flatten(1).pow(2).sum(1) for p in params)
+        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp_max(1.0)
+        for p in params:
+            p.grad.mul_(factor.view(-1, *[1] * (p.ndim - 1)))
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, torch.float32)

@@ -110,15 +110,33 @@ class SAEKind:
         return trainer.cfg.penalty.params
 
     def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
-        """(term added to each member's reconstruction loss [K], the logged penalty [K])."""
-        pen = _penalty(trainer.cfg, f, self.penalty_params(trainer)).mean(dim=-1)
+        """(term added to each member's reconstruction loss [K], the logged penalty [K]);
+        the recipe says how the penalty sees the decoder norms (raysae.core.recipes)."""
+        cfg, params = trainer.cfg, self.penalty_params(trainer)
+        weighting = trainer.recipe.penalty_weighting
+        if weighting == "none":
+            pen = _penalty(cfg, f, params)
+        elif weighting == "inside":
+            pen = _penalty(cfg, f * trainer.model.decoder_norms().unsqueeze(1), params)
+        else:  # outside: ||d_i|| rho(f_i)
+            rho = penalty_per_token(cfg.penalty.name, f.unsqueeze(-1), params,
+                                    cfg.penalty.grad_floor)
+            pen = (rho * trainer.model.decoder_norms().unsqueeze(1)).sum(dim=-1)
+        pen = pen.mean(dim=-1)
         return trainer.current_lam().float() * pen, pen
 
     def active_loss_terms(self, trainer: Any, active: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss_terms`` of the sparse step: rho over the active values only (rho(0) = 0)."""
-        cfg = trainer.cfg
-        rho = penalty_per_token(cfg.penalty.name, active.values.unsqueeze(-1),
+        cfg, weighting = trainer.cfg, trainer.recipe.penalty_weighting
+        values = active.values
+        norms = (trainer.model.decoder_norms()[active.member, active.feature]
+                 if weighting != "none" else None)
+        if weighting == "inside":
+            values = values * norms
+        rho = penalty_per_token(cfg.penalty.name, values.unsqueeze(-1),
                                 self.penalty_params(trainer), cfg.penalty.grad_floor)
+        if weighting == "outside":
+            rho = rho * norms
         pen = active.per_member(rho) / active.shape[1]
         return trainer.current_lam().float() * pen, pen
 

@@ -52,7 +52,7 @@ class SAELoadError(ValueError):
 
 
 class SAE(nn.Module):
-    """Untied SAE with a pre-encoder bias and unit-norm decoder rows (module doc).
+    """Untied SAE with a pre-encoder bias; decoder rows at unit norm when saved (module doc).
 
     ``architecture="topk"`` needs ``k`` (an int in [1, d_sae]); ``"jumprelu"`` holds a
     ``threshold`` buffer [d_sae] (zeros unless given).
@@ -102,6 +102,22 @@ class SAE(nn.Module):
     def remove_parallel_grad_(self) -> None:
         """Drop the gradient component along each decoder row (it would only change the norm)."""
         remove_parallel_grad_(self.W_dec)
+
+    @torch.no_grad()
+    def fold_decoder_norms_(self) -> None:
+        """Put decoder rows at unit norm without changing x_hat: feature i becomes
+        ``f_i ||d_i||`` (as SAELens's ``fold_W_dec_norm``), so L0 and x_hat are unchanged;
+        the jumprelu threshold scales with its feature. Not for topk, whose ranking would
+        change."""
+        if self.architecture == "topk":
+            raise ValueError("a topk SAE's decoder norms cannot be folded: its ranking of "
+                             "features would change; train it with unit-norm rows")
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec /= norms.unsqueeze(1)
+        self.W_enc *= norms
+        self.b_enc *= norms
+        if self.architecture == "jumprelu":
+            self.threshold *= norms
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
