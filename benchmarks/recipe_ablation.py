@@ -36,7 +36,7 @@ import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.ensemble import EnsembleTrainer, train_ensemble
-from raysae.core.recipes import RECIPES, Recipe, get_recipe, register_recipe
+from raysae.core.recipes import RECIPES, get_recipe, register_recipe
 
 L1, SQRT = PenaltyConfig.power(1.0), PenaltyConfig.power(0.5)
 
