@@ -31,6 +31,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -43,12 +44,12 @@ L1, SQRT = PenaltyConfig.power(1.0), PenaltyConfig.power(0.5)
 
 def _variant_recipes() -> None:
     """Register the one-factor recipes (in every worker process too)."""
-    study, free = get_recipe("study"), get_recipe("free_norm")
+    study, free, saelens = get_recipe("study"), get_recipe("free_norm"), get_recipe("saelens")
     for recipe in (
         dataclasses.replace(study, name="study+clip", grad_clip=1.0),
         dataclasses.replace(study, name="study+init0.1", decoder_init_norm=0.1),
+        dataclasses.replace(saelens, name="saelens-clip", grad_clip=None),
         dataclasses.replace(free, name="free_norm-clip", grad_clip=None),
-        dataclasses.replace(free, name="free_norm+init1", decoder_init_norm=1.0),
         dataclasses.replace(free, name="free_norm+outside", penalty_weighting="outside"),
     ):
         if recipe.name not in RECIPES:
@@ -61,15 +62,26 @@ VARIANTS: dict[str, tuple[str | None, PenaltyConfig, str, dict]] = {
     "study +clip": ("study", L1, "study+clip", {}),
     "study +init 0.1": ("study", L1, "study+init0.1", {}),
     "study +constant LR": ("study", L1, "study", {"lr_decay_frac": 0.0}),
-    "free_norm": ("study", L1, "free_norm", {}),
+    "study +clip +constant LR": ("study +clip", L1, "study+clip", {"lr_decay_frac": 0.0}),
+    "saelens": ("study", L1, "saelens", {}),
+    "saelens -clip": ("saelens", L1, "saelens-clip", {}),
+    "free_norm": ("study +clip", L1, "free_norm", {}),
+    "free_norm vs saelens": ("saelens", L1, "free_norm", {}),
     "free_norm -clip": ("free_norm", L1, "free_norm-clip", {}),
-    "free_norm init 1.0": ("free_norm", L1, "free_norm+init1", {}),
     "free_norm +constant LR": ("free_norm", L1, "free_norm", {"lr_decay_frac": 0.0}),
-    "free_norm fixed lambda": ("free_norm", L1, "free_norm", {"control_frac": 0.0}),
     "sqrt study": (None, SQRT, "study", {}),
-    "sqrt free_norm (inside)": ("sqrt study", SQRT, "free_norm", {}),
-    "sqrt free_norm (outside)": ("sqrt free_norm (inside)", SQRT, "free_norm+outside", {}),
+    "sqrt study +clip": ("sqrt study", SQRT, "study+clip", {}),
+    "sqrt free_norm": ("sqrt study +clip", SQRT, "free_norm", {}),
+    "sqrt free_norm, outside weighting": ("sqrt free_norm", SQRT, "free_norm+outside", {}),
+    # fixed lambda: each seed's lambdas are its baseline's controller's final ones, times
+    # FIXED_MULTIPLIERS, and CE is interpolated at the controller's own held-out L0
+    "free_norm fixed lambda": ("free_norm", L1, "free_norm", {"control_frac": 0.0}),
 }
+FIXED_MULTIPLIERS = (0.7, 1.0, 1.4)
+
+
+def _fixed(variant: str) -> bool:
+    return VARIANTS[variant][3].get("control_frac") == 0.0
 
 
 def default_inputs() -> tuple[str, str, str]:
@@ -99,8 +111,11 @@ def train_one(job: dict) -> list[dict]:
     batches = iter_activation_batches(job["cache"], cfg.batch_size, n_tokens=cfg.total_tokens,
                                       seed=job["seed"])
     results = train_ensemble(cfg, job["targets"], batches, trainer=trainer)
+    mults = FIXED_MULTIPLIERS * len(results) if lams else [1.0] * len(results)
     return [{"variant": job["variant"], "seed": job["seed"], "target_l0": t, "lam": r.lam,
-             "train_status": r.status, "sae": r.sae} for t, r in zip(job["targets"], results)]
+             "lam_multiplier": m,
+             "train_status": r.status, "sae": r.sae}
+            for t, m, r in zip(job["targets"], mults, results)]
 
 
 def evaluate(rows: list[dict], model: str, hook: str, blocks: int) -> pd.DataFrame:
@@ -119,16 +134,19 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     cache, model, hook = (args.cache, args.model, args.hook) if args.cache else default_inputs()
     base = {"cache": cache, "d_sae": args.d_sae, "tokens": args.tokens,
             "targets": list(args.targets)}
-    names = [v for v in VARIANTS if v != "free_norm fixed lambda" and v in args.variants]
+    names = [v for v in args.variants if not _fixed(v)]
     jobs = [{**base, "variant": v, "seed": s} for v in names for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         trained = [row for rows in pool.map(train_one, jobs) for row in rows]
-        if "free_norm fixed lambda" in args.variants:  # the controller's own final lambdas
-            lams = {s: [r["lam"] for r in trained if r["variant"] == "free_norm"
-                        and r["seed"] == s] for s in args.seeds}
-            fixed = [{**base, "variant": "free_norm fixed lambda", "seed": s, "lams": lams[s]}
-                     for s in args.seeds]
-            trained += [row for rows in pool.map(train_one, fixed) for row in rows]
+        fixed = []
+        for variant in (v for v in args.variants if _fixed(v)):  # needs its baseline's run
+            ref = VARIANTS[variant][0]
+            for s in args.seeds:
+                lams = [r["lam"] for r in trained if r["variant"] == ref and r["seed"] == s]
+                fixed.append({**base, "variant": variant, "seed": s,
+                              "targets": [t for t in args.targets for _ in FIXED_MULTIPLIERS],
+                              "lams": [lam * m for lam in lams for m in FIXED_MULTIPLIERS]})
+        trained += [row for rows in pool.map(train_one, fixed) for row in rows]
     return evaluate(trained, model, hook, args.blocks)
 
 
@@ -136,6 +154,8 @@ def paired_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, target): means, seed sds and the paired CE difference to the baseline."""
     rows = []
     for (variant, target), group in df.groupby(["variant", "target_l0"], sort=False):
+        if _fixed(variant):
+            continue
         baseline = VARIANTS[variant][0]
         row = {"variant": variant, "target": target, "l0": group.l0.mean(),
                "fvu": group.fvu.mean(), "fvu_sd": group.fvu.std(), "ce": group.ce_sae.mean(),
@@ -147,6 +167,27 @@ def paired_table(df: pd.DataFrame) -> pd.DataFrame:
             row.update(d_ce=diff.mean(), d_ce_sd=diff.std())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def controller_check(df: pd.DataFrame) -> pd.DataFrame:
+    """Controller minus fixed lambda at the controller's own held-out L0, per seed: the
+    fixed-lambda CE interpolated linearly in log L0 between its lambdas' SAEs."""
+    rows = []
+    for variant in (v for v in VARIANTS if _fixed(v) and v in set(df.variant)):
+        ctrl = df[df.variant == VARIANTS[variant][0]]
+        for (target, seed), fixed in df[df.variant == variant].groupby(["target_l0", "seed"]):
+            own = ctrl[(ctrl.target_l0 == target) & (ctrl.seed == seed)].iloc[0]
+            pts = fixed.sort_values("l0")
+            at = np.interp(np.log(own.l0), np.log(pts.l0), pts.ce_sae, left=np.nan,
+                           right=np.nan)
+            rows.append({"variant": variant, "target": target, "seed": seed,
+                         "controller_l0": own.l0, "fixed_l0_range":
+                         f"{pts.l0.min():.1f}-{pts.l0.max():.1f}",
+                         "d_ce": own.ce_sae - at})
+    out = pd.DataFrame(rows)
+    return out.groupby(["variant", "target"]).agg(
+        controller_l0=("controller_l0", "mean"), d_ce=("d_ce", "mean"),
+        d_ce_sd=("d_ce", "std"), n=("d_ce", "count")).reset_index() if rows else out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hook", default="blocks.1.hook_resid_post", help="(with --cache)")
     parser.add_argument("--out", default="results/recipe_ablation.parquet")
     args = parser.parse_args(argv)
+    missing = {VARIANTS[v][0] for v in args.variants if _fixed(v)} - set(args.variants)
+    if missing:
+        parser.error(f"fixed-lambda variants need their baseline too: add {sorted(missing)}")
     df = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(args.out)
     table = paired_table(df)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        check = controller_check(df)
+        if len(check):
+            print("\ncontroller minus fixed lambda at the controller's held-out L0 (nats):")
+            print(check.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

@@ -38,8 +38,8 @@ def _train(cfg, targets=(4.0, 8.0), steps=40):
     return trainer
 
 
-def test_registry_has_the_study_and_free_norm_recipes_and_the_default_is_free_norm():
-    assert {"study", "free_norm"} <= set(RECIPES)
+def test_registry_has_the_study_free_norm_and_saelens_recipes_default_free_norm():
+    assert {"study", "free_norm", "saelens"} <= set(RECIPES)
     assert TrainConfig().recipe == "free_norm"
     with pytest.raises(ValueError, match="recipe.*must be one of"):
         _cfg(recipe="nope")
@@ -58,13 +58,14 @@ def test_study_recipe_keeps_unit_rows_and_the_plain_penalty():
     torch.testing.assert_close(pen, penalty_per_token("power", f, SQRT.params).mean(-1))
 
 
-def test_free_norm_starts_at_norm_0_1_with_the_encoder_transposed_and_frees_the_rows():
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 0], recipe=get_recipe("free_norm"))
+@pytest.mark.parametrize(("recipe", "norm"), [("free_norm", 1.0), ("saelens", 0.1)])
+def test_free_norms_start_at_the_recipes_norm_with_the_encoder_transposed(recipe, norm):
+    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 0], recipe=get_recipe(recipe))
     norms = model.W_dec.norm(dim=-1)
-    torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
+    torch.testing.assert_close(norms, torch.full_like(norms, norm))
     torch.testing.assert_close(model.W_enc, model.W_dec.transpose(1, 2))
-    trainer = _train(_cfg(recipe="free_norm"))
-    assert (trainer.model.W_dec.norm(dim=-1) - 0.1).abs().max() > 1e-3
+    trainer = _train(_cfg(recipe=recipe))
+    assert (trainer.model.W_dec.norm(dim=-1) - norm).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("penalty", [PenaltyConfig.power(1.0), SQRT])

@@ -137,9 +137,10 @@ class TrainConfig:
     """Torch device for training."""
     recipe: str = "free_norm"
     """Training recipe of penalty SAEs (registry raysae.core.recipes): 'free_norm' (free
-    decoder norms, penalty on f_i ||d_i||, gradient clipping; SAELens's standard trainer)
-    or 'study' (unit-norm decoder rows, penalty on f: the study's SAE, exactly). Kinds
-    without a penalty (TopK, BatchTopK) always keep unit-norm rows."""
+    decoder norms, penalty on f_i ||d_i||, gradient norm clipped at 1), 'saelens' (the same,
+    decoder initialised at norm 0.1 as SAELens) or 'study' (unit-norm decoder rows, penalty
+    on f, no clipping: the study's SAE, exactly). TopK and BatchTopK always keep unit-norm
+    rows."""
     sparse_step: str = "auto"
     """Train relu SAEs with the sparse step (raysae.core.sparse_step: after the encoder, only
     the active features' decoder rows and gradients are touched): 'auto' on CPU while the

@@ -242,6 +242,8 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
     family = kind.family(cfg)
     label = cfg.penalty.label if kind.name == "relu" else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
+    from raysae.core.recipes import UNIT_NORM
+
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
             "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
-            "seed": cfg.seed}
+            "recipe": cfg.recipe if kind.uses_penalty else UNIT_NORM, "seed": cfg.seed}
