@@ -152,8 +152,13 @@ def test_finds_ray_start_cluster_with_token_auth():
         req = urllib.request.Request(url + "/api/version",
                                      headers={"Authorization": f"Bearer {token}"})
         assert urllib.request.urlopen(req, timeout=10).status == 200
-        # 2) Given explicitly, as on a laptop or another machine (RAY_AUTH_MODE as cluster.yaml).
-        named = _driver({**env, "RAYSAE_RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+        # 2) Given explicitly (`--address HOST:PORT`) with the token in ~/.ray/auth_token and
+        # no RAY_AUTH_MODE: init_ray turns token mode on (plain ray.init would fail).
+        home = Path(tmp) / "home"
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(token)
+        bare = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        named = _driver({**bare, "HOME": str(home), "RAYSAE_RAY_ADDRESS": address})
         assert named["mode"] == "cluster" and named["address"] == address
     finally:
         os.killpg(head.pid, signal.SIGKILL)

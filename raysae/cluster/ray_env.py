@@ -120,6 +120,19 @@ def ray_info() -> dict:
     }
 
 
+def _use_node_token() -> None:
+    """An explicit ``ray.init(address=...)`` sends this machine's Ray token only in token
+    mode; turn it on (Ray's own helper, which also refreshes its cached config) when a token
+    exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) and the user set no RAY_AUTH_MODE, so
+    ``--address HOST:PORT`` reaches a token-authenticated cluster as ``ray.init()`` on its
+    head does."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def init_ray(
     address: str | None = None,
     *,
@@ -145,6 +158,8 @@ def init_ray(
     if target is not None:
         # "auto" for the recorded cluster: Ray then also picks up a token the node holds
         # (~/.ray/auth_token) without RAY_AUTH_MODE, as `ray.init()` does on a head node.
+        if not recorded:
+            _use_node_token()
         ray.init(address="auto" if recorded else target)
         return ray_info()
     ray.init(
