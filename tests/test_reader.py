@@ -136,19 +136,42 @@ def test_corrupt_shard_is_refused_at_open(ids_cache, tmp_path, which):
         verify_cache(bad)
 
 
-def test_checksums_are_hashed_once_per_process(ids_cache, tmp_path, monkeypatch):
+def test_checksums_are_hashed_once_per_node(ids_cache, tmp_path, monkeypatch):
+    """The first open hashes every file and stamps the folder; later opens (this process, or
+    a new one: the in-process memo cleared) hash nothing; a changed file is hashed again."""
     path, _ = ids_cache
     fresh = tmp_path / "fresh"
     shutil.copytree(path, fresh)
+    (fresh / shards.VERIFIED_STAMP).unlink()  # as if built on another node and copied
+    n_files = 2 * len(load_manifest(fresh)["shards"])  # .npy and .meta.parquet
     calls = []
     real = shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda p: calls.append(p) or real(p))
     next(iter_activation_batches(fresh, 64))
-    assert len(calls) == 2 * len(load_manifest(fresh)["shards"])  # .npy and .meta.parquet
+    assert len(calls) == n_files
     next(iter_activation_batches(fresh, 64))
-    assert len(calls) == 2 * len(load_manifest(fresh)["shards"])  # remembered
+    assert len(calls) == n_files  # remembered in this process
+    monkeypatch.setattr(shards, "_DIGESTS", {})  # a new trial process on the same node
+    next(iter_activation_batches(fresh, 64))
+    assert len(calls) == n_files  # the node's stamp
+    entry = load_manifest(fresh)["shards"][2]
+    _flip_byte(fresh / entry["file"])
+    _flip_byte(fresh / entry["file"])  # same bytes again, but a new modification time
+    next(iter_activation_batches(fresh, 64))
+    assert calls[n_files:] == [fresh / entry["file"]]
     verify_cache(fresh)  # verify_cache always re-hashes
-    assert len(calls) == 4 * len(load_manifest(fresh)["shards"])
+    assert len(calls) == 2 * n_files + 1
+
+
+def test_a_stamp_never_hides_corruption(ids_cache, tmp_path):
+    path, _ = ids_cache
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    next(iter_activation_batches(bad, 64))  # verified and stamped
+    entry = load_manifest(bad)["shards"][0]
+    _flip_byte(bad / entry["file"])
+    with pytest.raises(CacheError, match="fails its checksum"):
+        iter_activation_batches(bad, 64)
 
 
 def test_nan_under_a_valid_checksum_is_found_by_verify_cache(ids_cache, tmp_path):

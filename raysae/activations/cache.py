@@ -32,6 +32,7 @@ from raysae.activations.shards import (
     read_shard,
     sha256_bytes,
     write_shard,
+    write_stamp,
 )
 from raysae.activations.source import FORMAT_VERSION, ActivationSource, source_blocks
 
@@ -158,6 +159,7 @@ def _finish(partial: Path, final: Path, shards: list[dict], fields: dict) -> Non
     (partial / PROGRESS).unlink(missing_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
+    write_stamp(final, manifest["shards"])  # hashed while written: verified on this node
 
 
 def write_arrays_cache(folder: str | os.PathLike, acts: np.ndarray, dtype: str, *,
