@@ -70,7 +70,7 @@ def _spec(model: str, cache: str):
     # 200 steps with a checkpoint every 20: the node goes away mid-training.
     return make_spec(activations=cache, model=model, hook=HOOK, d_in=32, d_sae=128,
                      context_length=CTX, total_tokens=256 * 200, batch_size=256,
-                     log_every=10, checkpoint_every=2, eval_blocks=8, feature_tokens=2000,
+                     log_every=10, checkpoint_seconds=0, eval_blocks=8, feature_tokens=2000,
                      lambda_mode="search")
 
 

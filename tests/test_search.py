@@ -42,7 +42,7 @@ def _spec(tiny_model_dir, tiny_cache, **kw):
         "total_tokens": 512 * 40,
         "batch_size": 512,
         "log_every": 10,
-        "checkpoint_every": 1,
+        "checkpoint_seconds": 0,
         "eval_blocks": 8,
         "feature_tokens": 2000,
         "lambda_mode": "search",
@@ -147,20 +147,22 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
     assert (out / "feature_stats.parquet").exists() and (out / "search.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["raise", "sigkill"])
+@pytest.mark.parametrize(("kind", "every", "restored"),
+                         [("raise", 0, 30), ("sigkill", 0, 30), ("raise", 3600, 0)])
 def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
-    tiny_model_dir, tiny_cache, tmp_path, kind
+    tiny_model_dir, tiny_cache, tmp_path, kind, every, restored
 ):
-    """An exception, or the trial's worker process killed by SIGKILL, mid-training."""
+    """An exception, or the trial's worker process killed by SIGKILL, mid-training.
+    Checkpoints by wall time: every report (0 s), or only the final one (an hour)."""
     started = time.time()
-    # Reports at steps 10, 20, 30, 40; checkpoints at 20 and 40; the failure comes at 30.
+    # Reports at steps 10, 20, 30, 40; the failure comes at 30 (after that report).
     spec = _spec(
         tiny_model_dir,
         tiny_cache,
         inject_failure_at_step=25,
         lambda_mode="control",
         targets=(4.0, 8.0),
-        checkpoint_every=2,
+        checkpoint_seconds=every,
         inject_failure_kind=kind,
     )
     settings = make_plan(
@@ -175,7 +177,8 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     assert len(trials) == 2  # one row per ladder member, not two per restart
     assert set(trials["status"]) == {"finished"} and set(trials["steps"]) == {40}
     # Every member resumed from the last checkpoint before the failure.
-    assert set(trials["restored_from_step"]) == {20}
+    assert set(trials["restored_from_step"]) == {restored}
+    assert (trials["checkpoint_bytes"] > 0).all()  # this attempt's, final checkpoint included
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
     # Checkpoint scratch folders live in the trial's folder (a killed worker's is removed
     # when the trial restarts), never in the system temp folder.

@@ -14,5 +14,5 @@ PY=${PYTHON:-python3}
 CONSTRAINTS="$VENV/constraints.txt"
 echo "$TORCH" > "$CONSTRAINTS"
 "$VENV/bin/python" -m pip install "$TORCH"
-"$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "$SPEC" pyarrow
+"$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "$SPEC"
 "$VENV/bin/python" -c "import sae_lens, torch; print('sae_lens', sae_lens.__version__, 'torch', torch.__version__)"

@@ -1,19 +1,24 @@
 """Train one SAELens SAE (StandardTrainingSAE with L1, or TopKTrainingSAE) on a raysae
 activation cache with SAELens's own SAETrainer, and save it in SAELens's inference layout.
 
-Runs in SAELens's own venv (see make_venv.sh); it does not import raysae. The cache is
-read with numpy: ``manifest.json`` plus raw ``.npy`` shards [rows, d_in] (float32, float16,
-or bfloat16 kept as uint16 bits), rows already shuffled within each shard. Batches come in
+Runs in SAELens's own venv (make_venv.sh); it does not import raysae. The cache is read
+with numpy: ``manifest.json`` plus raw ``.npy`` shards [rows, d_in] (float32, float16, or
+bfloat16 kept as uint16 bits), rows already shuffled within each shard. Batches come in
 raysae's reading order for the same seed (shards permuted per epoch, windows of 4 shards cut
 into 256-row blocks and permuted: raysae/activations/reader.py ``plan_segments``), so a
-SAELens run and a raysae run with one seed see the same batches.
+SAELens run and a raysae run with one seed see the same batches, one epoch at most.
 
-Inputs are scaled by one factor s with mean ||s x||^2 = d_in on the first batch (as
-raysae), handed to SAELens's ActivationScaler, which SAELens folds into the weights after
-``fit``; the decoder norms are then folded with SAELens's ``fold_W_dec_norm`` (for TopK after
-which ``rescale_acts_by_decoder_norm`` is a no-op and is turned off, as SAELens's own
-whitening fold does). The saved SAE reads raw cache activations. Everything else is
-SAELens's default except lr (1e-3 here, as raysae; SAELens's default is 3e-4) and the data.
+Inputs are scaled by one factor s with mean ||s x||^2 = d_in (``--scale manifest``: from the
+manifest's ``stats.mean_sq_norm``; ``first-batch``: from the first batch, raysae's own
+default), set on SAELens's ActivationScaler (``normalize_activations =
+"expected_average_only_in"``), which SAELens folds into the weights after ``fit`` (W_enc *= s,
+W_dec /= s, b_dec /= s). The decoder norms are then folded with SAELens's ``fold_W_dec_norm``
+(for TopK, after which ``rescale_acts_by_decoder_norm`` is a no-op and is turned off, as
+SAELens's own whitening fold does), so the saved SAE reads raw cache activations and has
+unit decoder rows. Everything else is SAELens's default (Adam, constant LR, gradient norm
+clipped at 1, decoder rows at norm 0.1 with W_enc = W_dec^T, no L1 warm-up, TopK AuxK with
+dead window 1000 steps, no wandb, no evaluator) except lr 1e-3 (SAELens's default is 3e-4;
+raysae's budget uses 1e-3) and the input scale (SAELens's default is no normalisation).
 
     python train_saelens.py --cache DIR --out DIR --arch standard --l1 2.7 --seed 0
     python train_saelens.py --cache DIR --out DIR --arch topk --k 16 --seed 0
@@ -126,8 +131,10 @@ def train(args: argparse.Namespace) -> dict:
     manifest, arrays = read_cache(Path(args.cache))
     d_in, steps = int(manifest["d_in"]), args.tokens // args.batch_size
     data = batches(arrays, manifest["dtype"], args.seed, args.batch_size)
-    first = next(data)  # raysae's scale: from the first batch, mean ||s x||^2 = d_in
-    scale = math.sqrt(d_in / first.pow(2).sum(dim=-1).mean().item())
+    first = next(data)
+    mean_sq = (manifest["stats"]["mean_sq_norm"] if args.scale == "manifest"
+               else first.pow(2).sum(dim=-1).mean().item())
+    scale = math.sqrt(d_in / mean_sq)  # mean ||s x||^2 = d_in
     data = batches(arrays, manifest["dtype"], args.seed, args.batch_size)  # from the start
     sae = make_sae(args, d_in, {"model_name": manifest.get("model"),
                                 "hook_name": manifest.get("hook"),
@@ -141,18 +148,22 @@ def train(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     sae = trainer.fit()
     seconds = time.perf_counter() - start
+    info = {"arch": args.arch, "l1": args.l1, "k": args.k, "seed": args.seed,
+            "steps": trainer.n_training_steps, "tokens": trainer.n_training_samples,
+            "batch_size": args.batch_size, "lr": args.lr, "activation_scale": scale,
+            "cache": str(args.cache), "cache_key": manifest.get("key"),
+            "train_l0_last_window": sae.cfg.metadata.l0,
+            "trained_rescale_acts_by_decoder_norm": getattr(
+                sae.cfg, "rescale_acts_by_decoder_norm", None), "sae_lens": __version__,
+            "torch": torch.__version__, "seconds": round(seconds, 1)}
     with torch.no_grad():
         out = sae(first)
         fold_decoder_norms(sae)
         check_same(out, sae(first), "fold_W_dec_norm")
+        sae.cfg.metadata.saelens_parity = info  # saved in cfg.json's metadata
         sae.save_inference_model(args.out)
-        loaded = SAE.load_from_disk(args.out)
-        check_same(out, loaded(first), "saving and loading")
-    return {"out": str(args.out), "arch": args.arch, "l1": args.l1, "k": args.k,
-            "seed": args.seed, "steps": trainer.n_training_steps,
-            "tokens": trainer.n_training_samples, "activation_scale": scale,
-            "train_l0_last_window": sae.cfg.metadata.l0, "lr": args.lr,
-            "sae_lens": __version__, "torch": torch.__version__, "seconds": round(seconds, 1)}
+        check_same(out, SAE.load_from_disk(args.out)(first), "saving and loading")
+    return {"out": str(args.out), **info}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -167,6 +178,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", choices=("manifest", "first-batch"), default="manifest",
+                   help="input scale from the manifest's mean ||x||^2 or the first batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)

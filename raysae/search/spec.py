@@ -63,8 +63,9 @@ class TrialSpec:
     """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
     tol: float = 0.15
     """Relative L0 miss that costs nothing in the objective."""
-    checkpoint_every: int = 4
-    """Checkpoint every this many reports (and always at the end)."""
+    checkpoint_seconds: float = 300.0
+    """Checkpoint at the first report this many seconds after the last checkpoint (and
+    always at the end); 0: at every report (RunSettings.checkpoint_seconds)."""
     eval_blocks: int = 64
     feature_tokens: int = 100_000
     threshold_sweep: bool = False

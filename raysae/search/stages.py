@@ -26,6 +26,7 @@ import pandas as pd
 from raysae.analysis import contract, provenance
 from raysae.search import interrupt
 from raysae.search.results import _clean, collect_artifacts, results_frame
+from raysae.search.trainable import remove_scratch_folders
 from raysae.search.space import penalty_of
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
 
@@ -39,6 +40,7 @@ def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool) -> p
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, name)
+    remove_scratch_folders(frame.get("trial_dir", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)
 

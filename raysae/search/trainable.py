@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,19 @@ def _scratch_dir() -> str | None:
 
 
 def _remove_stale_checkpoint_folders() -> None:
+    remove_scratch_folders([_scratch_dir()])
+
+
+def remove_scratch_folders(trial_dirs) -> None:
+    """Delete checkpoint scratch folders left in local trial folders: a report blocks until
+    the driver takes it, and a trial stopped there (its last report, or a killed worker)
+    never reaches its own cleanup. Each report's checkpoint is persisted before it blocks."""
     import shutil
 
-    folder = _scratch_dir()
-    for path in Path(folder).glob(CKPT_PREFIX + "*") if folder else ():
-        shutil.rmtree(path, ignore_errors=True)
+    for folder in trial_dirs:
+        if isinstance(folder, str) and folder and "://" not in folder:
+            for path in Path(folder).glob(CKPT_PREFIX + "*"):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
@@ -100,18 +109,23 @@ def _restore(spec: TrialSpec, cfg: TrainConfig) -> EnsembleTrainer:
         return make_trainer(spec, cfg, (Path(folder) / STATE_FILE).read_bytes())
 
 
-def _report(row: dict[str, Any], trainer: EnsembleTrainer | None = None, extra=None) -> None:
-    """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``)."""
+def _report(row: dict[str, Any], trainer: EnsembleTrainer | None = None, extra=None) -> int:
+    """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``);
+    returns the checkpoint's size in bytes (0 without one)."""
     from ray import tune
 
     if trainer is None:
         tune.report(row)
-        return
+        return 0
+    _remove_stale_checkpoint_folders()  # earlier reports' (persisted before they returned)
     with tempfile.TemporaryDirectory(prefix=CKPT_PREFIX, dir=_scratch_dir()) as folder:
         (Path(folder) / STATE_FILE).write_bytes(trainer.to_bytes())
         if extra is not None:
             extra(Path(folder))
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+        size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+        tune.report({**row, "checkpoint_bytes": row.get("checkpoint_bytes", 0) + size},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
+    return size
 
 
 def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
@@ -184,22 +198,23 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ensemble.py
     cfg = train_config(spec, config)
     trainer = _restore(spec, cfg)
-    reports = 0
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
-            "node_id": _node_id()}
+            "node_id": _node_id(), "gpu_ids": _gpu_ids()}
+    written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
 
     def on_log(rows: list[dict[str, float]], live: EnsembleTrainer) -> None:
-        nonlocal reports
-        reports += 1
         if not rows:
             return
         row = _mean_row(rows)
         dashboard.record(row)
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
-               "status": "running"}
-        due = reports % spec.checkpoint_every == 0 and not live.done
-        _report(out, live if due else None)
+               "status": "running", "checkpoint_bytes": written["bytes"]}
+        due = (time.monotonic() - written["at"] >= spec.checkpoint_seconds
+               and not live.done)
+        written["bytes"] += _report(out, live if due else None)
+        if due:
+            written["at"] = time.monotonic()
         _maybe_inject_failure(spec, live.step_count)
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
@@ -210,7 +225,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         if len({m["status"] for m in members}) == 1 else "partial")
     final = {**base, **_mean_row([m for m in members if "l0" in m] or members),
              "objective": frontier_score(members, spec), "status": status,
-             "members": json.dumps(members)}
+             "members": json.dumps(members), "checkpoint_bytes": written["bytes"]}
     _report(final, trainer, write_artifacts)
     dashboard.finished(status)
 
@@ -223,6 +238,14 @@ def _trial_metrics(cfg: TrainConfig, trainer: EnsembleTrainer):
 
     return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
                         start_tokens=trainer.tokens, targets=trainer.targets)
+
+
+def _gpu_ids() -> str:
+    """The GPUs Ray assigned to this trial ("0,3"; "" without any): Ray sets
+    CUDA_VISIBLE_DEVICES to them, so the trial's "cuda" device is exactly these."""
+    import ray
+
+    return ",".join(str(i) for i in ray.get_gpu_ids())
 
 
 def _node_id() -> str:
