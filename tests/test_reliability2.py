@@ -176,6 +176,23 @@ def test_autoscaler_node_types_count(tmp_path, monkeypatch):
     check_cluster(nodes, cpus=1000, gpus=4, memory=10**6)  # sizes unknown: not refused
 
 
+def test_gpu_share_comes_from_the_node_types_the_autoscaler_can_launch(tmp_path, monkeypatch):
+    """On the documented cluster no GPU node is alive when the driver starts; trials must
+    still ask for a GPU share (issue 23)."""
+    from raysae.search.capacity import GPU_SHARE, default_gpus_per_trial
+
+    monkeypatch.setenv("RAYSAE_AUTOSCALER_CONFIG", str(tmp_path / "none.yaml"))
+    assert default_gpus_per_trial({"CPU": 0.0}) == 0.0
+    assert default_gpus_per_trial({"CPU": 4.0, "GPU": 1.0}) == GPU_SHARE
+    config = tmp_path / "cluster.yaml"
+    config.write_text("available_node_types:\n  head: {resources: {CPU: 0}}\n"
+                      "  gpu: {resources: {CPU: 1, GPU: 1}, min_workers: 0}\n")
+    monkeypatch.setenv("RAYSAE_AUTOSCALER_CONFIG", str(config))
+    assert default_gpus_per_trial({"CPU": 0.0}) == GPU_SHARE
+    config.write_text("available_node_types:\n  cpu: {resources: {CPU: 8}}\n")
+    assert default_gpus_per_trial({"CPU": 0.0}) == 0.0
+
+
 # --- resume with changed settings ---------------------------------------------------------
 
 def test_resume_with_changed_settings_is_refused(tiny_model_dir, tmp_path, capsys):

@@ -33,6 +33,19 @@ def autoscaler_node_types() -> list[dict] | None:
     return out
 
 
+GPU_SHARE = 0.25
+"""Default GPU share of a trial where the cluster has (or can launch) GPUs: a ladder at the
+pythia-70m preset's shape leaves most of a GPU idle, so four trials share one."""
+
+
+def default_gpus_per_trial(alive: dict) -> float:
+    """``GPU_SHARE`` when a live node has GPUs or the autoscaler can launch a node type with
+    GPUs (on the documented cluster none exists when the driver starts), else 0."""
+    types = autoscaler_node_types() or []
+    can_launch = any(float(t.get("GPU", 0) or 0) > 0 for t in types)
+    return GPU_SHARE if float(alive.get("GPU", 0) or 0) > 0 or can_launch else 0.0
+
+
 def trial_memory_bytes(d_in: int, d_sae: int, members: int, batch_size: int) -> int:
     """Rough float32 memory of one trial: per ladder member the SAE's weights, gradients and
     Adam's two moments (4 x the parameters), plus the step's [K, batch, d_sae] temporaries

@@ -136,7 +136,8 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     """CPU share per trial; fractions (e.g. 0.25) let more trials share a core."""
     gpus_per_trial: float | None = None
-    """GPU share per trial (default: 0.25 when the cluster has GPUs, else 0)."""
+    """GPU share per trial (default: 0.25 when the cluster has GPUs or its autoscaler can
+    launch GPU nodes, else 0)."""
     max_failures: int = 2
     """Retries of a failed trial, from its last checkpoint."""
 

@@ -111,7 +111,7 @@ def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
     search = cfg.search
     gpus = search.gpus_per_trial
     if gpus is None:
-        gpus = 0.25 if info.get("resources", {}).get("GPU", 0) else 0.0
+        gpus = capacity.default_gpus_per_trial(info.get("resources", {}))
     members = 1 if sweep or search.lambda_mode != "control" else len(search.targets)
     memory = capacity.trial_memory_bytes(d_in, d_in * cfg.model.expansion, members,
                                           cfg.train.batch_size)
@@ -183,7 +183,7 @@ def _plan(cfg: JobConfig, sweep: bool, name: str, resources: dict,
     search = cfg.search
     gpus = search.gpus_per_trial
     if gpus is None:
-        gpus = 0.25 if resources.get("GPU", 0) else 0.0
+        gpus = capacity.default_gpus_per_trial(resources)
     cpus, concurrent = search.cpus_per_trial, search.max_concurrent
     if cfg.activations.live:  # each trial's harvest actor needs a CPU outside its share
         cpus = min(cpus, 0.5)
