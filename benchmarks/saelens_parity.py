@@ -1,5 +1,5 @@
 """Parity of raysae's SAEs with SAELens's own (issue #22): the same activation cache, budget,
-batch order per seed and evaluator.
+batch order and input scale per seed, and evaluator.
 
 SAELens (in its own venv: sae-lens pins transformer-lens 3.x, raysae needs 4.x; build it
 with ``benchmarks/saelens_parity/make_venv.sh``) trains, through
@@ -14,13 +14,14 @@ interpolated (linear in log L0, between its coefficients' SAEs of the same seed)
 held-out L0, and the paired difference raysae minus SAELens (mean and seed sd); TopK is
 compared at equal k. Written to ``--out``: saes.csv, paired.csv, summary.csv and the SAEs.
 
-    python benchmarks/saelens_parity.py [--seeds 0 1 2] [--l1 0.8 1.5 2.7 5] [--recipe NAME]
+    python benchmarks/saelens_parity.py [--seeds 0 1 2] [--l1 0.5 0.8 1.5 2.7 5] [--recipe NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def train_saelens(args: argparse.Namespace, cache: str, job: dict) -> dict:
         return {"out": str(out), "reused": True}
     cmd = [str(Path(args.saelens_venv) / "bin" / "python"), str(TRAIN_SCRIPT), "--cache", cache,
            "--out", str(out), "--arch", job["arch"], *flags, "--seed", str(job["seed"]),
-           "--d-sae", str(args.d_sae), "--tokens", str(args.tokens)]
+           "--d-sae", str(args.d_sae), "--tokens", str(args.tokens), "--scale", args.scale]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=saelens_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -86,21 +87,25 @@ def run_saelens(args: argparse.Namespace, cache: str) -> list[dict]:
     return rows
 
 
-def raysae_config(args: argparse.Namespace, d_in: int, seed: int, kind: str):
+def raysae_config(args: argparse.Namespace, manifest: dict, seed: int, kind: str):
+    """raysae's defaults, with the input scale SAELens gets (``--scale``)."""
     from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 
-    recipe = {"recipe": args.recipe} if args.recipe else {}
+    d_in = int(manifest["d_in"])
+    extra = {"recipe": args.recipe} if args.recipe else {}
+    if args.scale == "manifest":  # else raysae's default: from the first batch
+        extra["activation_scale"] = math.sqrt(d_in / manifest["stats"]["mean_sq_norm"])
     return TrainConfig(sae=SAEConfig(d_in, args.d_sae), penalty=PenaltyConfig.power(1.0),
-                       kind=kind, total_tokens=args.tokens, seed=seed, **recipe)
+                       kind=kind, total_tokens=args.tokens, seed=seed, **extra)
 
 
-def train_raysae(args: argparse.Namespace, cache: str, d_in: int, seed: int, kind: str,
+def train_raysae(args: argparse.Namespace, cache: str, manifest: dict, seed: int, kind: str,
                  targets: list[float]) -> list[dict]:
     """One raysae ladder (relu L1 with the controller, or topk at k = target); saved SAEs."""
     from raysae.activations.batches import iter_activation_batches
     from raysae.core.ensemble import train_ensemble
 
-    cfg = raysae_config(args, d_in, seed, kind)
+    cfg = raysae_config(args, manifest, seed, kind)
     batches = iter_activation_batches(cache, cfg.batch_size, n_tokens=cfg.total_tokens,
                                       seed=seed)
     rows = []
@@ -118,12 +123,12 @@ def train_raysae(args: argparse.Namespace, cache: str, d_in: int, seed: int, kin
     return rows
 
 
-def run_raysae(args: argparse.Namespace, cache: str, d_in: int) -> list[dict]:
+def run_raysae(args: argparse.Namespace, cache: str, manifest: dict) -> list[dict]:
     rows = []
     for seed in args.seeds:
         start = time.perf_counter()
-        rows += train_raysae(args, cache, d_in, seed, "relu", list(args.targets))
-        rows += train_raysae(args, cache, d_in, seed, "topk", [float(args.k)])
+        rows += train_raysae(args, cache, manifest, seed, "relu", list(args.targets))
+        rows += train_raysae(args, cache, manifest, seed, "topk", [float(args.k)])
         print(f"  raysae seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     print(f"cache {cache}\nmodel {model} at {hook}\nSAELens ({args.saelens_venv}):", flush=True)
     rows = run_saelens(args, cache)
     print("raysae:", flush=True)
-    rows += run_raysae(args, cache, int(manifest["d_in"]))
+    rows += run_raysae(args, cache, manifest)
     print("evaluating", flush=True)
     return evaluate(rows, model, hook, args, int(manifest["context_length"]))
 
@@ -207,12 +212,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hook", default="blocks.1.hook_resid_post", help="(with --cache)")
     p.add_argument("--saelens-venv", default="/work/sae_lens_venv")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--l1", type=float, nargs="+", default=[0.8, 1.5, 2.7, 5.0],
+    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 0.8, 1.5, 2.7, 5.0],
                    help="SAELens L1 coefficients (their L0s should bracket --targets)")
     p.add_argument("--k", type=int, default=16, help="TopK k (both)")
     p.add_argument("--targets", type=float, nargs="+", default=[16.0, 64.0],
                    help="raysae's L1 ladder targets (held-out L0)")
     p.add_argument("--recipe", help="raysae's training recipe (default: raysae's default)")
+    p.add_argument("--scale", choices=("first-batch", "manifest"), default="first-batch",
+                   help="input scale of both (mean ||s x||^2 = d_in) from the first batch "
+                   "(raysae's default) or the manifest's mean ||x||^2")
     p.add_argument("--tokens", type=int, default=500_000)
     p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--blocks", type=int, default=64, help="held-out blocks")

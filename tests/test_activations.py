@@ -62,6 +62,30 @@ def test_pipeline_equals_direct_run_with_cache(fp32_cache, tiny_model):
     torch.testing.assert_close(torch.from_numpy(acts), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_in_process_build_equals_the_ray_data_build(fp32_cache, tmp_path, monkeypatch):
+    """A trial on a cluster node builds its node's cache with the model in its own process
+    (its own GPU share), no Ray Data actor pool: the same rows, the same values."""
+    from raysae.activations import harvest
+
+    src, path = fp32_cache
+    monkeypatch.setattr(harvest, "harvest_dataset", lambda *a, **k: pytest.fail("used Ray"))
+    here = build_cache(src, tmp_path, progress=False, in_process=True)
+    (ids, acts), (ids2, acts2) = _rows(path), _rows(here)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(acts, acts2, rtol=1e-5, atol=1e-6)
+    assert verify_cache(here)["n_tokens"] == src.n_tokens
+
+
+def test_a_trial_waits_for_the_node_builder_only_as_long_as_allowed(fp32_cache, tmp_path):
+    from filelock import FileLock
+
+    src, _ = fp32_cache
+    lock = tmp_path / f"{src.cache_key()}.lock"
+    with FileLock(str(lock)), pytest.raises(
+            CacheError, match=rf"waited 0.2 s for another process building .*{lock.name}"):
+        build_cache(src, tmp_path, progress=False, in_process=True, lock_timeout=0.2)
+
+
 def test_manifest_records_settings_and_stats(fp32_cache):
     src, path = fp32_cache
     m = load_manifest(path)

@@ -89,7 +89,7 @@ def _stats(shards: list[dict], d_in: int) -> dict:
 
 
 def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
-                  tokens_sha256: str, progress: bool) -> list[dict]:
+                  tokens_sha256: str, progress: bool, in_process: bool = False) -> list[dict]:
     from tqdm.auto import tqdm
 
     shards = _resume(partial, tokens_sha256)
@@ -106,7 +106,7 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
         pending, rows = [], 0
 
     with bar:  # closed (its line ended) before any error is printed
-        for batch in iter_harvest(src, blocks, skip_blocks=done):
+        for batch in iter_harvest(src, blocks, skip_blocks=done, in_process=in_process):
             pending.append(batch)
             rows += len(batch["act"])
             bar.update(len(batch["act"]))
@@ -118,33 +118,48 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
 
 
 def build_cache(src: ActivationSource, cache_root: str | os.PathLike | None = None, *,
-                progress: bool = True) -> Path:
-    """Build (or find) the cache for `src`; return its folder. Resumes an interrupted build."""
-    from filelock import FileLock
+                progress: bool = True, in_process: bool = False,
+                lock_timeout: float | None = None) -> Path:
+    """Build (or find) the cache for `src`; return its folder. Resumes an interrupted build.
+    One builder per folder (a file lock; others wait for it, at most ``lock_timeout``
+    seconds, then fail naming the lock). ``in_process``: harvest on this process's own
+    device, not with a Ray Data actor pool (what a trial on a cluster node does)."""
+    from filelock import FileLock, Timeout
 
     root = Path(cache_root) if cache_root else default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     key = src.cache_key()
-    final, partial = root / key, root / f"{key}.partial"
-    with FileLock(str(root / f"{key}.lock")):
-        if (final / MANIFEST).exists():
-            open_cache(final, src)
-            return final
-        start = time.perf_counter()
-        blocks = source_blocks(src)
-        tokens_sha256 = sha256_bytes(blocks.tobytes())
-        partial.mkdir(exist_ok=True)
-        shards = _harvest_into(src, partial, blocks, tokens_sha256, progress)
-        rows = sum(s["rows"] for s in shards)
-        if rows != src.n_tokens:
-            raise CacheError(f"harvest gave {rows} rows, expected n_tokens={src.n_tokens}; "
-                             f"delete {partial} and rebuild")
-        _finish(partial, final, shards, {
-            "key": key, "settings": src.cache_settings(), "model": src.model,
-            "hook": src.hook, "dataset": src.dataset, "split": src.split,
-            "context_length": src.context_length, "n_tokens": rows, "dtype": src.dtype,
-            "drop_bos": src.drop_bos, "n_blocks": len(blocks), "tokens_sha256": tokens_sha256,
-            "build_seconds": round(time.perf_counter() - start, 2)})
+    final, partial, lock = root / key, root / f"{key}.partial", root / f"{key}.lock"
+    try:
+        with FileLock(str(lock), timeout=-1 if lock_timeout is None else lock_timeout):
+            return _build_locked(src, final, partial, progress, in_process)
+    except Timeout:
+        raise CacheError(f"waited {lock_timeout:g} s for another process building the cache "
+                         f"{final} (lock {lock}); if no build is running on this node, delete "
+                         "the lock file; for a longer build raise --cache-wait-seconds"
+                         ) from None
+
+
+def _build_locked(src: ActivationSource, final: Path, partial: Path, progress: bool,
+              in_process: bool) -> Path:
+    if (final / MANIFEST).exists():
+        open_cache(final, src)
+        return final
+    start = time.perf_counter()
+    blocks = source_blocks(src)
+    tokens_sha256 = sha256_bytes(blocks.tobytes())
+    partial.mkdir(exist_ok=True)
+    shards = _harvest_into(src, partial, blocks, tokens_sha256, progress, in_process)
+    rows = sum(s["rows"] for s in shards)
+    if rows != src.n_tokens:
+        raise CacheError(f"harvest gave {rows} rows, expected n_tokens={src.n_tokens}; "
+                         f"delete {partial} and rebuild")
+    _finish(partial, final, shards, {
+        "key": final.name, "settings": src.cache_settings(), "model": src.model,
+        "hook": src.hook, "dataset": src.dataset, "split": src.split,
+        "context_length": src.context_length, "n_tokens": rows, "dtype": src.dtype,
+        "drop_bos": src.drop_bos, "n_blocks": len(blocks), "tokens_sha256": tokens_sha256,
+        "build_seconds": round(time.perf_counter() - start, 2)})
     return final
 
 

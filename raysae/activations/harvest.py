@@ -71,13 +71,26 @@ def harvest_dataset(src: ActivationSource, blocks: np.ndarray, block_ids: np.nda
 
 
 def iter_harvest(src: ActivationSource, blocks: np.ndarray | None = None,
-                 skip_blocks: set[int] | None = None) -> Iterator[dict]:
-    """Run the pipeline; yield its output batches (each holds whole blocks) as numpy dicts."""
+                 skip_blocks: set[int] | None = None, *,
+                 in_process: bool = False) -> Iterator[dict]:
+    """Run the pipeline; yield its output batches (each holds whole blocks) as numpy dicts.
+    ``in_process``: run the model here, on this process's device (a trial's own GPU share),
+    instead of a Ray Data actor pool that would ask for GPUs of its own."""
     blocks = source_blocks(src) if blocks is None else blocks
     ids = np.arange(len(blocks))
     if skip_blocks:
         ids = ids[~np.isin(ids, np.fromiter(skip_blocks, dtype=np.int64))]
     if len(ids) == 0:
         return
+    if in_process:
+        yield from _harvest_here(src, blocks[ids], ids)
+        return
     ds = harvest_dataset(src, blocks[ids], ids)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _harvest_here(src: ActivationSource, blocks: np.ndarray, ids: np.ndarray):
+    harvester, step = Harvester(src), src.batch_blocks
+    with torch.inference_mode():
+        for i in range(0, len(blocks), step):
+            yield harvester({"tokens": blocks[i : i + step], "block_id": ids[i : i + step]})

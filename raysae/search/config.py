@@ -79,6 +79,10 @@ class ActivationSettings:
     context length) instead of building one."""
     cache_dtype: str = "float32"
     """Storage dtype of the activation cache."""
+    cache_wait_seconds: float = 7200.0
+    """On a cluster the first trial on each node builds the node's cache on its own GPU
+    share; the node's other trials wait for it at most this long, then fail naming the
+    lock file."""
     live: bool = False
     """Stream activations from the Ray Data pipeline into each trial (no cache)."""
     eval_blocks: int = 64
@@ -88,6 +92,8 @@ class ActivationSettings:
 
     def __post_init__(self) -> None:
         positive_int(self, "cache_tokens", "eval_blocks", "feature_tokens")
+        require(is_number(self.cache_wait_seconds) and self.cache_wait_seconds > 0,
+                "cache_wait_seconds", self.cache_wait_seconds, "must be a number > 0")
         require(self.cache_dtype in DTYPES, "cache_dtype", self.cache_dtype,
                 f"allowed {list(DTYPES)}", "pass one of them")
         if self.cache and self.live:

@@ -162,6 +162,7 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
         tol=cfg.search.tol, eval_blocks=cfg.activations.eval_blocks,
         feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
         checkpoint_seconds=cfg.run.checkpoint_seconds,
+        cache_wait_seconds=cfg.activations.cache_wait_seconds,
         targets=() if sweep or cfg.search.lambda_mode != "control"
         else tuple(cfg.search.targets)))
     stored.store(cfg, name, results, sweep)  # what a later --resume is checked against

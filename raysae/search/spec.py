@@ -63,6 +63,8 @@ class TrialSpec:
     """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
     tol: float = 0.15
     """Relative L0 miss that costs nothing in the objective."""
+    cache_wait_seconds: float = 7200.0
+    """How long a trial waits for its node's cache builder (ActivationSettings)."""
     checkpoint_seconds: float = 300.0
     """Checkpoint at the first report this many seconds after the last checkpoint (and
     always at the end); 0: at every report (RunSettings.checkpoint_seconds)."""

@@ -82,8 +82,11 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
     elif not os.path.isdir(source) and spec.activation_source is not None:
         from raysae.activations.cache import build_cache
 
+        # This node's first trial builds its cache on its own device and resources (a Ray
+        # Data pool would ask for GPUs the trials hold); the others wait for it, bounded.
         src = ActivationSource(**spec.activation_source)
-        source = str(build_cache(src, os.path.dirname(source), progress=False))
+        source = str(build_cache(src, os.path.dirname(source), progress=False, in_process=True,
+                                 lock_timeout=spec.cache_wait_seconds))
     left = cfg.total_tokens - tokens_done
     # A different seed after a restart: the resumed trial sees a fresh shuffle, not a replay.
     return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1),
