@@ -22,6 +22,9 @@ TRIALS_FILE = "trials.parquet"
 SEARCH_FILE = "search.json"
 REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
+FETCHED_DIR = "checkpoints"
+"""Under the results folder: trials' final checkpoints fetched from remote storage (each
+SAE in SAELens layout under ``<checkpoint>/sae/<member>``, its tables beside it)."""
 ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
                   "feature_stats": "feature_stats.parquet",
                   "activation_samples": "activation_samples.parquet"}

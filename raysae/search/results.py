@@ -21,8 +21,34 @@ from raysae.search.spec import BAD_OBJECTIVE
 PER_TRIAL = ("members", "members_l0", "objective")
 
 
-def results_frame(result_grid, experiment: str) -> pd.DataFrame:
-    """One row per SAE (per member of every trial): metrics, penalty, status, paths."""
+def local_checkpoint(checkpoint, fetch_to: Path | None) -> str:
+    """The checkpoint's folder on this machine: as it is on local storage; on remote storage
+    (s3://, any pyarrow filesystem Tune writes to) its files except the trainer state (the
+    SAEs in SAELens layout, feature statistics, removal curves) copied under ``fetch_to``."""
+    import pyarrow.fs as pafs
+
+    from raysae.search.trainable import STATE_FILE
+
+    fs = checkpoint.filesystem
+    if fs is None or isinstance(fs, pafs.LocalFileSystem) or fetch_to is None:
+        return checkpoint.path
+    root = checkpoint.path.rstrip("/")
+    dest = Path(fetch_to) / Path(root).parent.name / Path(root).name
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root):].lstrip("/")
+        if info.type != pafs.FileType.File or rel == STATE_FILE:
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    return str(dest)
+
+
+def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) -> pd.DataFrame:
+    """One row per SAE (per member of every trial): metrics, penalty, status, paths
+    (``checkpoint_path`` local: remote checkpoints are fetched under ``fetch_to``)."""
     rows = []
     for result in result_grid:
         metrics = dict(result.metrics or {})
@@ -34,7 +60,8 @@ def results_frame(result_grid, experiment: str) -> pd.DataFrame:
         trial.setdefault("penalty", config.get("penalty"))
         trial["tune_trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
         trial["trial_dir"] = result.path
-        trial["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
+        trial["checkpoint_path"] = (local_checkpoint(result.checkpoint, fetch_to)
+                                    if result.checkpoint else "")
         members = json.loads(metrics["members"]) if "members" in metrics else [{}]
         for member in members:
             row = {**trial, **member}

@@ -34,12 +34,13 @@ STAGE_SECONDS: dict[str, float] = {}
 """Wall time of each stage run by this process (for search.json's provenance)."""
 
 
-def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool) -> pd.DataFrame:
+def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
+         fetch_to: Path) -> pd.DataFrame:
     stage = name.rsplit("_", 1)[-1] if not plan.grid else "grid"
     start = time.perf_counter()
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
-    frame = results_frame(result_grid, name)
+    frame = results_frame(result_grid, name, fetch_to)
     remove_scratch_folders(frame.get("trial_dir", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)
@@ -89,20 +90,21 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
                settings: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every stage of the search; write the tables and search.json
     (``settings``: the job's whole config, for the report); return the folder."""
-    frames = []
+    frames, fetch = [], Path(results_dir) / contract.FETCHED_DIR
     if plan.grid:
-        frames.append(_fit(plan, plan.name, plan.spec, plan.grid, 0, resume))
+        frames.append(_fit(plan, plan.name, plan.spec, plan.grid, 0, resume, fetch))
     else:
-        refs = _fit(plan, f"{plan.name}_refs", plan.spec, reference_grid(plan), 0, resume)
+        refs = _fit(plan, f"{plan.name}_refs", plan.spec, reference_grid(plan), 0, resume,
+                    fetch)
         frames.append(refs)
         spec = plan.spec
         if spec.lambda_mode == "control":
             spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
-        searched = _fit(plan, f"{plan.name}_search", spec, (), 1, resume)
+        searched = _fit(plan, f"{plan.name}_search", spec, (), 1, resume, fetch)
         frames.append(searched)
         grid = confirmation_grid(plan, searched)
         if grid:
-            frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume))
+            frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))
     trials = _clean(pd.concat(frames, ignore_index=True))
     out = Path(results_dir)
     if resume:
