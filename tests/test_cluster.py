@@ -83,10 +83,38 @@ def test_setup_installs_pinned_torch_then_project(raw):
     cu = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
     assert cu in worker and worker.index(cu) < worker.index("-e /home/ubuntu/raysae")
     assert "whl/cpu" in head and head.index("whl/cpu") < head.index("-e /home/ubuntu/raysae")
+    # Every install on every node goes through constraints.txt: one set of versions.
+    constrained = "-c /home/ubuntu/raysae/constraints.txt"
+    for section in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        installs = [c for c in raw[section] if "pip install" in c and "torch==" not in c]
+        assert installs and all(constrained in c for c in installs), section
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {re.split("==", ln)[0].lower().replace("_", "-"): ln.split("==")[1]
+            for ln in lines if ln.strip() and not ln.startswith("#")}
+
+
+def test_constraints_pin_every_dependency_at_the_installed_version():
+    """Autoscaled workers install exactly what the head (and these tests) run."""
+    import tomllib
+    from importlib import metadata
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~ ]", d)[0].lower().replace("_", "-") for d in deps}
+    pins = _pins()
+    assert names - {"torch"} <= set(pins), sorted(names - {"torch"} - set(pins))
     # Ray pinned exactly (the nodes must run the launcher's version; token auth needs >= 2.60).
-    pin = re.search(r'"ray\[default,tune,data\]==(\d+)\.(\d+)\.(\d+)"',
-                    _commands(raw, "setup_commands"))
-    assert pin and tuple(map(int, pin.groups())) >= (2, 60, 0)
+    assert tuple(map(int, pins["ray"].split("."))) >= (2, 60, 0)
+    for name, version in pins.items():
+        assert metadata.version(name) == version, name
+
+
+def test_gpu_workers_state_their_resources(raw):
+    """The driver sizes trials from the node types before any GPU node exists."""
+    gpu = raw["available_node_types"]["ray.worker.gpu"]
+    assert gpu["min_workers"] == 0 and gpu["resources"]["GPU"] >= 1 and gpu["resources"]["CPU"]
 
 
 @pytest.mark.parametrize("bashrc", [None, "", "# existing\ncase $- in *i*) ;; *) return;; esac\n"])
