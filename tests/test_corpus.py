@@ -75,3 +75,38 @@ def test_empty_and_bad_sources(tok, tmp_path):
 def test_unreachable_hub_dataset_is_a_value_error(tok):
     with pytest.raises(ValueError, match="cannot open dataset"):
         corpus.token_blocks("no-such-org/no-such-dataset-raysae", tok, 16)
+
+
+def _pile_like(root, docs_per_shard=40, shards=2):
+    """A folder laid out as monology/pile-uncopyrighted on the hub: train/NN.jsonl.zst
+    shards of {"text", "meta"} lines (zstandard, as the Pile's files)."""
+    import json
+
+    import zstandard
+
+    texts = [f"def f{i}(x):\n    return x * {i}  # document {i}\n" * 8
+             for i in range(docs_per_shard * shards)]
+    (root / "train").mkdir(parents=True)
+    for s in range(shards):
+        lines = "".join(json.dumps({"text": t, "meta": {"pile_set_name": "Github"}}) + "\n"
+                        for t in texts[s * docs_per_shard:(s + 1) * docs_per_shard])
+        (root / "train" / f"{s:02d}.jsonl.zst").write_bytes(
+            zstandard.ZstdCompressor().compress(lines.encode()))
+    return texts
+
+
+def test_pile_layout_jsonl_zst_through_the_hub_path(tok, tmp_path, monkeypatch):
+    """The hub name's code path (load_dataset(name, streaming=True)) on a local folder laid
+    out as the Pile's repo: the .jsonl.zst shards are decompressed and read as JSON rows."""
+    texts = _pile_like(tmp_path / "pile")
+    monkeypatch.setattr(corpus, "_is_local", lambda source: False)  # take the hub branch
+    got = list(corpus.iter_texts(str(tmp_path / "pile"), split="all"))
+    assert got == texts
+    blocks = corpus.token_blocks(str(tmp_path / "pile"), tok, 16, split="train")
+    assert blocks.shape[1] == 16 and len(blocks) > 10
+
+
+def test_local_jsonl_zst_files_are_tables(tmp_path):
+    texts = _pile_like(tmp_path / "pile")
+    assert corpus._kind(tmp_path / "pile" / "train" / "00.jsonl.zst") == "json"
+    assert list(corpus.iter_texts(str(tmp_path / "pile"), split="all")) == texts

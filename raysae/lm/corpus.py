@@ -5,8 +5,9 @@ Sources (the `source` argument of `token_blocks` / `iter_token_blocks`):
   machine has them, so this is the default offline corpus (and the text the local model
   trains on). Files are split deterministically by a hash of their relative path, so the
   ``"heldout"`` split never shares a token with the ``"train"`` split.
-- a local path, a glob, or a list of paths: ``.parquet`` / ``.json(l)`` files are read as
-  tables (``text_column`` names the text); other files as plain text, one document per file.
+- a local path, a glob, or a list of paths: ``.parquet`` / ``.json(l)`` files (also
+  compressed: ``.jsonl.zst``, ``.json.gz``, ...) are read as tables (``text_column`` names
+  the text); other files as plain text, one document per file.
   Several text files are split by file; a single file or a table is split by row.
 - anything else is a hub dataset name, streamed (``load_dataset(name, streaming=True)``).
 
@@ -89,8 +90,16 @@ def corpus_files(source: str | os.PathLike | Sequence) -> list[Path]:
     return files
 
 
+COMPRESSED_EXTS = (".zst", ".gz", ".bz2", ".xz")
+"""Compressed files are read through (datasets decompresses them; the Pile's shards on the
+hub are .jsonl.zst, which needs the zstandard package)."""
+
+
 def _kind(path: Path) -> str:
-    return TABLE_EXTS.get(path.suffix.lower(), "text")
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSED_EXTS:
+        suffixes.pop()
+    return TABLE_EXTS.get(suffixes[-1] if suffixes else "", "text")
 
 
 def _is_local(source) -> bool:
