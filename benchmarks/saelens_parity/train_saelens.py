@@ -117,11 +117,14 @@ def fold_decoder_norms(sae) -> None:
         sae.cfg.rescale_acts_by_decoder_norm = False  # a no-op with unit rows
 
 
-def check_same(before: torch.Tensor, after: torch.Tensor, what: str) -> float:
-    err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
-    if not err < 1e-4:
-        raise SystemExit(f"{what} changed the SAE's output (relative error {err:.2e})")
-    return err
+def check_same(before: torch.Tensor, after: torch.Tensor, what: str,
+               max_frac: float = 0.0) -> None:
+    """Outputs unchanged (relative error < 1e-4) on all but ``max_frac`` of the tokens
+    (TopK: an exact tie at the k-th value may be broken the other way after a fold)."""
+    err = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)
+    frac = (err > 1e-4).float().mean().item()
+    if frac > max_frac:
+        raise SystemExit(f"{what} changed the SAE's output on {frac:.2%} of the tokens")
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -156,13 +159,14 @@ def train(args: argparse.Namespace) -> dict:
             "trained_rescale_acts_by_decoder_norm": getattr(
                 sae.cfg, "rescale_acts_by_decoder_norm", None), "sae_lens": __version__,
             "torch": torch.__version__, "seconds": round(seconds, 1)}
+    ties = 0.01 if args.arch == "topk" else 0.0
     with torch.no_grad():
         out = sae(first)
         fold_decoder_norms(sae)
-        check_same(out, sae(first), "fold_W_dec_norm")
+        check_same(out, sae(first), "fold_W_dec_norm", ties)
         sae.cfg.metadata.saelens_parity = info  # saved in cfg.json's metadata
         sae.save_inference_model(args.out)
-        check_same(out, SAE.load_from_disk(args.out)(first), "saving and loading")
+        check_same(out, SAE.load_from_disk(args.out)(first), "saving and loading", ties)
     return {"out": str(args.out), **info}
 
 

@@ -153,6 +153,10 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
           f"{info.get('dashboard_url') or 'off'}", flush=True)
     interrupt.reinstall()  # after ray.init, whose SIGTERM handler would kill the driver
     check_cluster(cfg, sweep, info, d_in)
+    if cfg.activations.live and info["mode"] == "cluster":
+        raise ValueError("--live runs on a local Ray only: on a cluster its concurrency would "
+                         "come from the CPUs alive at start and every epoch would re-harvest "
+                         "the same tokens; drop --live (each node builds its own cache)")
     activations, source = prepare_activations(cfg, model, on_cluster=info["mode"] == "cluster")
     plan = _plan(cfg, sweep, name, info.get("resources", {}), TrialSpec(
         activations=activations, activation_source=source, model=model, hook=cfg.model.hook,

@@ -1,0 +1,380 @@
+"""Autoscaler rehearsal (issue #23), run in its own process by tests/test_autoscaler.py.
+
+The documented cluster run (docs/cluster.md) on this one machine:
+
+- S3 is moto's server on 127.0.0.1 (a bucket made with boto3); every process gets the
+  AWS_* variables, and AWS_ENDPOINT_URL points pyarrow's S3FileSystem (Tune's storage and
+  raysae's fetch of artifacts) at it.
+- The cluster is Ray's own autoscaler with its fake multi-node provider: a config written
+  here (what `ray up` leaves on a head as ~/ray_bootstrap_config.yaml: a 0-CPU head type
+  and a GPU worker type {CPU: 1, GPU: 1}, 0..2 of them) and `RAY_FAKE_CLUSTER=1 ray start
+  --head --autoscaling-config ...`. The autoscaler launches worker nodes (raylets on this
+  machine, sharing its disk) when trials ask for GPUs. `ray.cluster_utils.AutoscalingCluster`
+  is not used: its start() runs `ray stop --force`, which kills every Ray on the machine.
+- The search is the documented command, `python searches/exponent_search.py`, run "on the
+  head" (its working folder stands for ~/raysae) with RAYSAE_STORAGE=s3://..., the
+  autoscaler config in RAYSAE_AUTOSCALER_CONFIG, and small token counts.
+
+Everything runs with RAY_TMPDIR (and --temp-dir) set to a private folder, which also marks
+every process this rehearsal starts: they are stopped by that mark (SIGTERM, then SIGKILL),
+never with `ray stop` (which stops every Ray process on the machine). The summary (job exit
+status and log tail, `ray status`, the nodes, folders, timings) goes to a JSON file for the
+test to check; the script exits 0 whenever it could run the rehearsal, even if the job
+failed (the test reports the job's own failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "raysae-rehearsal"
+PREFIX = "raysae"
+WORKER_TYPE = "ray.worker.gpu"
+WORKER_RESOURCES = {"CPU": 1, "GPU": 1}
+MAX_WORKERS = 2
+OBJECT_STORE = 100 * 1024**2
+JOB_NAME = "exponent_search"
+TAIL = 8000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_corpus(folder: str | os.PathLike, n_files: int = 10, docs_per_file: int = 12,
+                 max_chars: int = 6000) -> Path:
+    """A small text corpus laid out like a hub dataset repo of the Pile's kind:
+    ``folder/train/NN.jsonl.zst``, zstd-compressed JSON lines ``{"text": ..., "meta": ...}``
+    (text: the Python standard library's sources). Returns ``folder``."""
+    import zstandard
+
+    from raysae.lm import corpus
+
+    folder = Path(folder)
+    (folder / "train").mkdir(parents=True, exist_ok=True)
+    sources = corpus.stdlib_files()[: n_files * docs_per_file]
+    for i in range(n_files):
+        docs = [{"text": p.read_text(errors="replace")[:max_chars],
+                 "meta": {"pile_set_name": "stdlib", "file": p.name}}
+                for p in sources[i::n_files]]
+        data = "".join(json.dumps(d) + "\n" for d in docs).encode()
+        (folder / "train" / f"{i:02d}.jsonl.zst").write_bytes(
+            zstandard.ZstdCompressor(level=3).compress(data))
+    return folder
+
+
+def autoscaler_config(gcs_address: str) -> dict:
+    """The autoscaling config for the fake multi-node provider, complete (the autoscaler
+    reads it as it is: the wheel has no fake_multi_node/example.yaml to fill defaults from).
+    The head type must be named ray.head.default (the fake provider's head node type)."""
+    return {
+        "cluster_name": "raysae-rehearsal",
+        "max_workers": MAX_WORKERS,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 60,  # workers stay up until the test stops the cluster
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            WORKER_TYPE: {"resources": {**WORKER_RESOURCES, "object_store_memory": OBJECT_STORE},
+                          "node_config": {}, "min_workers": 0, "max_workers": MAX_WORKERS},
+        },
+        "head_node_type": "ray.head.default",
+        "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (a `timeout` or shell that started it may carry the
+    mark in its environment too)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
+def pids_using(marker: str) -> list[int]:
+    """Processes (not this one or its parents) whose command line or environment names
+    ``marker``."""
+    pids, skip = [], _ancestors()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker.encode() in text:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "?"
+
+
+def stop_marked(marker: str, grace: float = 15.0) -> list[str]:
+    """SIGTERM every process marked with ``marker``, SIGKILL what is left after ``grace``
+    seconds; returns "pid command" of those that needed SIGKILL."""
+    for pid in pids_using(marker):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while pids_using(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [(pid, _name(pid)) for pid in pids_using(marker)]
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return [f"{pid} {name}" for pid, name in left]
+
+
+def start_moto(env: dict, port: int, log: Path) -> subprocess.Popen:
+    import boto3
+
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
+                               "127.0.0.1", "-p", str(port)], env=env, stdout=log.open("wb"),
+                              stderr=subprocess.STDOUT)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            return server
+        except Exception:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not come up: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+def s3_keys(env: dict) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def start_head(env: dict, config: Path, ray_tmp: Path, ports: dict, log: Path) -> None:
+    """`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config ...`, every port chosen
+    here (no Ray default port that another Ray on the machine may hold)."""
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head",
+           f"--autoscaling-config={config}", f"--temp-dir={ray_tmp}",
+           "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}", "--num-cpus=0",
+           "--num-gpus=0", f"--object-store-memory={OBJECT_STORE}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+           f"--dashboard-agent-listen-port={ports['agent']}",
+           f"--ray-client-server-port={ports['client']}",
+           f"--metrics-export-port={ports['metrics']}", "--disable-usage-stats"]
+    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"])}
+    with log.open("ab") as out:
+        subprocess.run(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       timeout=180)
+
+
+def ray_status(env: dict, address: str) -> str:
+    try:
+        out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status",
+                              f"--address={address}"], env=env, capture_output=True,
+                             text=True, timeout=60)
+        return out.stdout + out.stderr
+    except subprocess.TimeoutExpired:
+        return "[ray status timed out]"
+
+
+NODES = """
+import json, ray
+ray.init(address={address!r}, log_to_driver=False)
+print("NODES", json.dumps([{{k: n[k] for k in ("NodeID", "Alive", "Resources", "NodeManagerAddress")}}
+                          for n in ray.nodes()]))
+ray.shutdown()
+"""
+
+
+def cluster_nodes(env: dict, address: str) -> list[dict] | str:
+    """ray.nodes() of the cluster (dead nodes too), from a short-lived driver."""
+    try:
+        out = subprocess.run([sys.executable, "-c", NODES.format(address=address)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "[listing the nodes timed out]"
+    for line in out.stdout.splitlines():
+        if line.startswith("NODES "):
+            return json.loads(line[6:])
+    return (out.stdout + out.stderr)[-3000:]
+
+
+def search_command(model: str, corpus: str, address: str, gpus_per_trial: str | None) -> list:
+    """The documented command with small amounts (the study's shape: d_sae = 4 x 512)."""
+    cmd = [sys.executable, str(ROOT / "searches" / "exponent_search.py"),
+           "--model", model, "--corpus", corpus, "--address", address,
+           "--targets", "8", "16", "--num-trials", "2", "--seeds", "0", "--baselines", "topk",
+           "--cache-tokens", "8192", "--total-tokens", "4096", "--batch-size", "1024",
+           "--log-every", "1", "--eval-blocks", "2", "--feature-tokens", "2048",
+           "--max-concurrent", "4"]
+    if gpus_per_trial:
+        cmd += ["--gpus-per-trial", gpus_per_trial]
+    return cmd
+
+
+def run_job(cmd: list, env: dict, cwd: Path, log: Path, timeout: float) -> tuple[int, bool]:
+    """(exit status, timed out). The job gets its own process group, killed on timeout."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return proc.returncode, True
+
+
+def run(model: str, corpus: str, workdir: Path, timeout: float,
+        gpus_per_trial: str | None, summary: dict) -> dict:
+    """The rehearsal; fills ``summary`` as it goes (also when it breaks) and returns it."""
+    ray_tmp = Path(os.environ["RAY_TMPDIR"]).resolve()
+    marker = str(ray_tmp)
+    t0, seconds = time.perf_counter(), {}
+    ports = {k: free_port() for k in ("s3", "gcs", "dashboard", "agent", "client", "metrics",
+                                      "autoscaler_metrics")}
+    gcs = f"127.0.0.1:{ports['gcs']}"
+    head_home = workdir / "head"  # stands for the head's ~/raysae (the job's working folder)
+    head_home.mkdir(parents=True, exist_ok=True)
+    config = workdir / "ray_bootstrap_config.yaml"  # what `ray up` leaves on the head
+    import yaml
+
+    config.write_text(yaml.safe_dump(autoscaler_config(gcs), sort_keys=False))
+    token = workdir / "auth_token"  # a private token: the documented cluster runs token mode
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ,
+           "RAY_TMPDIR": marker, "RAY_ADDRESS": "", "RAYSAE_RAY_ADDRESS": "",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
+           "RAYSAE_STORAGE": f"s3://{BUCKET}/{PREFIX}",
+           "RAYSAE_AUTOSCALER_CONFIG": str(config),
+           "RAYSAE_CACHE_DIR": str(workdir / "raysae-cache"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    job_log, ray_log = workdir / "job.log", workdir / "ray_start.log"
+    summary.update(address=gcs, config=str(config), workdir=str(workdir),
+                   cache_dir=env["RAYSAE_CACHE_DIR"], storage=env["RAYSAE_STORAGE"],
+                   job_log=str(job_log), seconds=seconds)
+    moto = None
+    try:
+        moto = start_moto(env, ports["s3"], workdir / "moto.log")
+        seconds["s3_up"] = time.perf_counter() - t0
+        start_head(env, config, ray_tmp, ports, ray_log)
+        seconds["head_up"] = time.perf_counter() - t0
+        summary["nodes_before"] = cluster_nodes(env, gcs)
+        cmd = search_command(model, corpus, gcs, gpus_per_trial)
+        summary["command"] = cmd
+        rc, timed_out = run_job(cmd, env, head_home, job_log, timeout)
+        seconds["search_done"] = time.perf_counter() - t0
+        summary.update(job_rc=rc, job_timed_out=timed_out,
+                       results=str(head_home / "results" / JOB_NAME / "analysis"))
+        summary["ray_status"] = ray_status(env, gcs)
+        summary["nodes"] = cluster_nodes(env, gcs)
+        summary["s3_keys"] = s3_keys(env)
+        summary["local_results_tree"] = sorted(
+            str(p.relative_to(head_home)) for p in head_home.rglob("*") if p.is_dir())
+    except Exception as exc:  # the rehearsal itself broke: report it with what is known
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        summary.setdefault("ray_status", ray_status(env, gcs))
+        raise
+    finally:
+        summary["job_log_tail"] = job_log.read_text(errors="replace")[-TAIL:] \
+            if job_log.exists() else ""
+        summary["ray_start_log_tail"] = ray_log.read_text(errors="replace")[-3000:] \
+            if ray_log.exists() else ""
+        summary["autoscaler_log_tail"] = _autoscaler_log(ray_tmp)
+        summary["killed_after_grace"] = stop_marked(marker)
+        if moto is not None and moto.poll() is None:
+            moto.kill()
+            moto.wait()
+        seconds["shut_down"] = time.perf_counter() - t0
+    return summary
+
+
+def _autoscaler_log(ray_tmp: Path) -> str:
+    """The autoscaler's own events from its log (monitor.log): launches, terminations,
+    warnings and errors (not its status table, repeated every second)."""
+    logs = sorted(ray_tmp.glob("session_*/logs/monitor.log"))
+    if not logs:
+        return ""
+    keep = ("launch", "Adding", "Terminat", "ERROR", "WARNING", "Traceback", "Error",
+            "StandardAutoscaler", "node_provider", "fake")
+    lines = [line for line in logs[-1].read_text(errors="replace").splitlines()
+             if any(k in line for k in keep)]
+    return "\n".join(lines)[-4000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local model checkpoint folder")
+    parser.add_argument("--corpus", required=True, help="corpus folder (see write_corpus)")
+    parser.add_argument("--workdir", required=True, type=Path, help="scratch folder")
+    parser.add_argument("--summary", required=True, type=Path, help="JSON summary to write")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for the search")
+    parser.add_argument("--gpus-per-trial", default="",
+                        help="passed to the search (default '': the job's own default)")
+    args = parser.parse_args(argv)
+    tmp = os.environ.get("RAY_TMPDIR")
+    if not tmp or Path(tmp).resolve() == Path("/tmp/ray") or not Path(tmp).is_dir():
+        parser.error("set RAY_TMPDIR to a private, existing folder (it marks every process "
+                     "of the rehearsal, and the cluster records its address there)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    try:
+        run(args.model, args.corpus, args.workdir.resolve(), args.timeout,
+            args.gpus_per_trial or None, summary)
+        return 0
+    finally:
+        out = args.summary.with_name(f".{args.summary.name}.tmp")
+        out.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(out, args.summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
