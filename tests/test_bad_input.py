@@ -217,3 +217,17 @@ def test_ablation_cli_refuses_truncated_config(tmp_path, capsys):
     assert "cfg.json is not valid JSON" in _error_line(capsys)
     assert not (path / "ablation").exists()
     json.loads(text)  # the original was valid: the truncation is what was refused
+
+
+def test_live_is_refused_on_a_cluster(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--live streams with a concurrency from the CPUs alive at start (0 on a cluster's
+    head) and re-harvests the same tokens every epoch: refused there, saying why."""
+    from raysae.cluster import ray_env
+
+    real = ray_env.init_ray
+    monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: {**real(*a, **k),
+                                                              "mode": "cluster"})
+    assert cli.main(["search", *_base(tiny_model_dir, tmp_path), "--live"]) == 2
+    line = _error_line(capsys)
+    assert "--live runs on a local Ray only" in line and "drop --live" in line
+    assert not (tmp_path / "results").exists() and not (tmp_path / "tune").exists()
