@@ -169,9 +169,10 @@ def start_moto(env: dict, port: int, log: Path) -> subprocess.Popen:
         try:
             client.create_bucket(Bucket=BUCKET)
             return server
-        except Exception:
+        except Exception as err:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not come up: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"moto_server did not come up: "
+                                   f"{log.read_text()[-2000:]}") from err
             time.sleep(0.3)
 
 
@@ -217,8 +218,8 @@ def ray_status(env: dict, address: str) -> str:
 NODES = """
 import json, ray
 ray.init(address={address!r}, log_to_driver=False)
-print("NODES", json.dumps([{{k: n[k] for k in ("NodeID", "Alive", "Resources", "NodeManagerAddress")}}
-                          for n in ray.nodes()]))
+keys = ("NodeID", "Alive", "Resources", "NodeManagerAddress")
+print("NODES", json.dumps([{{k: n[k] for k in keys}} for n in ray.nodes()]))
 ray.shutdown()
 """
 

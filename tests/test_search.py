@@ -180,11 +180,13 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     assert set(trials["restored_from_step"]) == {restored}
     assert (trials["checkpoint_bytes"] > 0).all()  # this attempt's, final checkpoint included
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
-    # Checkpoint scratch folders live in the trial's folder (a killed worker's is removed
-    # when the trial restarts), never in the system temp folder.
-    from raysae.search.trainable import CKPT_PREFIX
+    # Checkpoint scratch folders live in the node's raysae cache (a killed worker's is
+    # removed when the trial restarts), never in Tune's folders or the system temp folder.
+    from raysae.search.trainable import CKPT_PREFIX, scratch_root
 
-    assert not list((tmp_path / "tune").rglob(CKPT_PREFIX + "*"))
+    assert not list((tmp_path / "tune").rglob(CKPT_PREFIX + "*"))  # Tune would upload them
+    for trial_id in trials["tune_trial_id"]:  # the node's scratch, cleaned after the stage
+        assert not list((scratch_root() / trial_id).glob(CKPT_PREFIX + "*"))
     temp = Path(tempfile.gettempdir())
     stray = [*temp.glob(CKPT_PREFIX.lstrip(".") + "*"), *temp.glob(CKPT_PREFIX + "*")]
     assert not [d for d in stray if d.stat().st_mtime >= started]

@@ -41,7 +41,7 @@ def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, name, fetch_to)
-    remove_scratch_folders(frame.get("trial_dir", ()))
+    remove_scratch_folders(frame.get("tune_trial_id", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)
 

@@ -16,6 +16,7 @@ feature statistics and, optionally, global-threshold removal curves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,33 +41,58 @@ from raysae.search.spec import (  # noqa: F401  (re-exported: the trial's public
 
 STATE_FILE = "trainer_state.pt"
 CKPT_PREFIX = ".raysae-ckpt-"
-"""Checkpoint folders are written in the trial's own folder (not the system temp folder),
-so one left by a killed worker is removed when the trial restarts, never accumulates."""
+SCRATCH_DIR = "checkpoint-scratch"
+"""Checkpoint folders are written under ``RAYSAE_CACHE_DIR/checkpoint-scratch/<trial id>``
+on the trial's node: not the system temp folder, and not the trial's folder, which Tune
+uploads to --storage with the experiment when the driver shares the node. A trial removes
+its own leftovers when it (re)starts and any older than ``SCRATCH_MAX_AGE_S``; the driver
+removes its node's after each stage."""
+SCRATCH_MAX_AGE_S = 3600
+
+
+def scratch_root() -> Path:
+    from raysae.lm.local_model import cache_dir
+
+    return cache_dir() / SCRATCH_DIR
 
 
 def _scratch_dir() -> str | None:
     from ray import tune
 
     try:
-        folder = tune.get_context().get_trial_dir()
+        trial_id = tune.get_context().get_trial_id()
     except Exception:  # outside a Tune trial
         return None
-    return folder if folder and os.path.isdir(folder) else None
+    if not trial_id:
+        return None
+    folder = scratch_root() / trial_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def _remove_stale_checkpoint_folders() -> None:
-    remove_scratch_folders([_scratch_dir()])
+    """This trial's leftovers (a killed attempt, an earlier report), and any trial's that are
+    older than an hour (a trial stopped inside its last report never cleans up)."""
+    import shutil
+
+    own = _scratch_dir()
+    remove_scratch_folders([Path(own).name] if own else [])
+    cutoff = time.time() - SCRATCH_MAX_AGE_S
+    for path in scratch_root().glob(f"*/{CKPT_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_scratch_folders(trial_dirs) -> None:
-    """Delete checkpoint scratch folders left in local trial folders: a report blocks until
+def remove_scratch_folders(trial_ids) -> None:
+    """Delete these trials' checkpoint scratch folders on this node: a report blocks until
     the driver takes it, and a trial stopped there (its last report, or a killed worker)
     never reaches its own cleanup. Each report's checkpoint is persisted before it blocks."""
     import shutil
 
-    for folder in trial_dirs:
-        if isinstance(folder, str) and folder and "://" not in folder:
-            for path in Path(folder).glob(CKPT_PREFIX + "*"):
+    for trial_id in trial_ids:
+        if isinstance(trial_id, str) and trial_id and "/" not in trial_id:
+            for path in (scratch_root() / trial_id).glob(CKPT_PREFIX + "*"):
                 shutil.rmtree(path, ignore_errors=True)
 
 
