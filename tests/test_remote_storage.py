@@ -4,8 +4,8 @@ local results folder. The search runs in its own process with its own Ray, so th
 settings reach every trial worker from the environment, as on a cluster."""
 
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile

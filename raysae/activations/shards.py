@@ -14,6 +14,7 @@ process on a node that opens a cache pays for hashing it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,10 +91,8 @@ def write_stamp(folder: str | os.PathLike, shards: list[dict]) -> None:
         for name, want in shard_files(entry):
             st = (folder / name).stat()
             stamp[name] = [st.st_size, st.st_mtime_ns, want]
-    try:
+    with contextlib.suppress(OSError):
         io.write_json(folder / VERIFIED_STAMP, stamp)
-    except OSError:
-        pass
 
 
 def check_files(folder: str | os.PathLike, shards: list[dict], *, memo: bool = True) -> None:

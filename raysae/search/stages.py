@@ -26,8 +26,8 @@ import pandas as pd
 from raysae.analysis import contract, provenance
 from raysae.search import interrupt
 from raysae.search.results import _clean, collect_artifacts, results_frame
-from raysae.search.trainable import remove_scratch_folders
 from raysae.search.space import penalty_of
+from raysae.search.trainable import remove_scratch_folders
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
 
 STAGE_SECONDS: dict[str, float] = {}
