@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[str | None, PenaltyConfig, str, dict]] = {
     "free_norm vs saelens": ("saelens", L1, "free_norm", {}),
     "free_norm -clip": ("free_norm", L1, "free_norm-clip", {}),
     "free_norm +constant LR": ("free_norm", L1, "free_norm", {"lr_decay_frac": 0.0}),
+    "free_norm, controller to the end": ("free_norm", L1, "free_norm", {"control_frac": 1.0}),
     "sqrt study": (None, SQRT, "study", {}),
     "sqrt study +clip": ("sqrt study", SQRT, "study+clip", {}),
     "sqrt free_norm": ("sqrt study +clip", SQRT, "free_norm", {}),

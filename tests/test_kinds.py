@@ -155,7 +155,7 @@ def test_batchtopk_checkpoint_keeps_the_threshold():
 
 def test_panneal_anneals_p_and_the_controller_hits_its_targets():
     cfg = _cfg("panneal", penalty=PenaltyConfig.power(0.5), total_tokens=256 * 600,
-               log_every=25)
+               log_every=25, control_frac=0.8)  # anneal over 0.4 of training: 240 steps
     assert PAnneal.p_at(cfg, 0) == 1.0 and PAnneal.p_at(cfg, cfg.total_steps - 1) == 0.5
     assert PAnneal.p_at(cfg, 120) == pytest.approx(0.75)  # half of the 240-step anneal
     results = train_ensemble(cfg, TARGETS, _planted())
