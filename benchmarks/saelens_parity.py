@@ -52,12 +52,23 @@ def saelens_env() -> dict[str, str]:
     return {**env, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
 
 
+def reusable(out: Path, args: argparse.Namespace) -> dict | None:
+    """The record of an SAE already trained in ``out`` with this budget and width."""
+    if not (out / "cfg.json").exists():
+        return None
+    cfg = json.loads((out / "cfg.json").read_text())
+    info = cfg.get("metadata", {}).get("saelens_parity", {})
+    same = (cfg.get("d_sae") == args.d_sae
+            and info.get("tokens") == args.tokens // info.get("batch_size", 512) * 512)
+    return {"out": str(out), **info} if same else None
+
+
 def train_saelens(args: argparse.Namespace, cache: str, job: dict) -> dict:
     """Run train_saelens.py in the SAELens venv for one SAE; its RESULT line as a dict."""
     out = Path(args.out) / "saes" / job["name"]
     flags = ["--l1", str(job["l1"])] if job["arch"] == "standard" else ["--k", str(job["k"])]
-    if args.reuse and (out / "cfg.json").exists():
-        return {"out": str(out), "reused": True}
+    if args.reuse and (done := reusable(out, args)):
+        return done
     cmd = [str(Path(args.saelens_venv) / "bin" / "python"), str(TRAIN_SCRIPT), "--cache", cache,
            "--out", str(out), "--arch", job["arch"], *flags, "--seed", str(job["seed"]),
            "--d-sae", str(args.d_sae), "--tokens", str(args.tokens), "--scale", args.scale]
@@ -197,6 +208,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     else:
         cache, model, hook = default_inputs()
     manifest = load_manifest(cache)
+    if not (Path(args.saelens_venv) / "bin" / "python").exists():
+        raise SystemExit(f"no SAELens venv at {args.saelens_venv}; build it with "
+                         f"benchmarks/saelens_parity/make_venv.sh {args.saelens_venv}")
     print(f"cache {cache}\nmodel {model} at {hook}\nSAELens ({args.saelens_venv}):", flush=True)
     rows = run_saelens(args, cache)
     print("raysae:", flush=True)
