@@ -12,9 +12,12 @@ evaluated by raysae's evaluator on the same held-out blocks (held-out L0, FVU, s
 Printed: each SAE's numbers; then, per raysae L1 target, SAELens's L1 CE and FVU
 interpolated (linear in log L0, between its coefficients' SAEs of the same seed) at raysae's
 held-out L0, and the paired difference raysae minus SAELens (mean and seed sd); TopK is
-compared at equal k. Written to ``--out``: saes.csv, paired.csv, summary.csv and the SAEs.
+compared at equal k. Written to ``--out``: saes.parquet, paired.parquet, summary.parquet
+and the SAEs. The coefficients bracket L0 16 closely (2.2, 2.7, 3.3): CE bends with L0, and a
+straight line across a wide gap overstates SAELens's CE there (by ~0.005 nats at L0 16).
 
-    python benchmarks/saelens_parity.py [--seeds 0 1 2] [--l1 0.5 0.8 1.5 2.7 5] [--recipe NAME]
+    benchmarks/saelens_parity/make_venv.sh /work/sae_lens_venv   # once
+    python benchmarks/saelens_parity.py [--seeds 0 1 2] [--l1 ...] [--recipe NAME] [--reuse]
 """
 
 from __future__ import annotations
@@ -31,19 +34,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).parent))
+from recipe_ablation import default_inputs  # noqa: E402  (the default job's cache and model)
+
 TRAIN_SCRIPT = Path(__file__).parent / "saelens_parity" / "train_saelens.py"
 METRICS = ("l0", "fvu", "ce_sae", "ce_clean", "ce_zero", "ce_recovered", "l2_ratio")
-
-
-def default_inputs() -> tuple[str, str, str]:
-    """(cache folder, model folder, hook) of the local default job (built if missing)."""
-    from raysae.lm.local_model import default_model
-    from raysae.search.config import job_config
-    from raysae.search.job import prepare_activations
-
-    model = str(default_model())
-    cache, _ = prepare_activations(job_config("local"), model, on_cluster=False)
-    return cache, model, job_config("local").model.hook
 
 
 def saelens_env() -> dict[str, str]:
@@ -226,7 +221,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hook", default="blocks.1.hook_resid_post", help="(with --cache)")
     p.add_argument("--saelens-venv", default="/work/sae_lens_venv")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 0.8, 1.5, 2.7, 5.0],
+    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 0.8, 1.5, 2.2, 2.7, 3.3, 5.0],
                    help="SAELens L1 coefficients (their L0s should bracket --targets)")
     p.add_argument("--k", type=int, default=16, help="TopK k (both)")
     p.add_argument("--targets", type=float, nargs="+", default=[16.0, 64.0],
@@ -253,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = paired(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "saes.csv", index=False)
-    pairs.to_csv(out / "paired.csv", index=False)
-    summary(pairs).to_csv(out / "summary.csv", index=False)
+    df.to_parquet(out / "saes.parquet", index=False)
+    pairs.to_parquet(out / "paired.parquet", index=False)
+    summary(pairs).to_parquet(out / "summary.parquet", index=False)
     show("SAEs (raysae evaluator, held-out blocks):",
          df[["name", "seed", "l0", "fvu", "ce_sae", "ce_recovered"]])
     show("Paired, per seed (SAELens L1 interpolated in log L0 at raysae's L0):", pairs)
