@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolated import pids_using  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "raysae-rehearsal"
 PREFIX = "raysae"
@@ -101,36 +104,6 @@ def autoscaler_config(gcs_address: str) -> dict:
         "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
         "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
     }
-
-
-def _ancestors() -> set[int]:
-    """This process and its parents (a `timeout` or shell that started it may carry the
-    mark in its environment too)."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return pids
-
-
-def pids_using(marker: str) -> list[int]:
-    """Processes (not this one or its parents) whose command line or environment names
-    ``marker``."""
-    pids, skip = [], _ancestors()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        try:
-            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if marker.encode() in text:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _name(pid: int) -> str:

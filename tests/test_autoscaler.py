@@ -15,8 +15,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,9 +30,9 @@ from autoscaler_rehearsal import (  # noqa: E402  (tests/ is on sys.path, as for
     MAX_WORKERS,
     PREFIX,
     WORKER_RESOURCES,
-    pids_using,
     write_corpus,
 )
+from isolated import run_rehearsal  # noqa: E402
 from pythia_checkpoint import build_pythia70m_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -58,38 +56,15 @@ def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("pile-like"))
 
 
-def _reap(marker: str) -> list[int]:
-    """Kill (by pid) any process of the rehearsal still alive; returns their pids."""
-    deadline = time.time() + 15
-    while pids_using(marker) and time.time() < deadline:
-        time.sleep(0.5)
-    left = pids_using(marker)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    return left
-
-
 def _run_rehearsal(model: Path, corpus: Path, workdir: Path, ray_tmp: Path) -> tuple[dict, str]:
     summary = workdir / "summary.json"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "",
-           "RAYSAE_RAY_ADDRESS": ""}
     cmd = [sys.executable, str(ROOT / "tests" / "autoscaler_rehearsal.py"), "--model",
            str(model), "--corpus", str(corpus), "--workdir", str(workdir / "run"),
            "--summary", str(summary), "--timeout", str(JOB_TIMEOUT_S),
            "--gpus-per-trial", GPUS_PER_TRIAL]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n[rehearsal killed after {TIMEOUT_S} s]"
-    finally:
-        left = _reap(str(ray_tmp))
+    code, output, left = run_rehearsal(cmd, ray_tmp, TIMEOUT_S)
     data = json.loads(summary.read_text()) if summary.is_file() else {}
-    assert proc.returncode == 0, f"{output[-4000:]}\n{_diagnosis(data)}"
+    assert code == 0, f"{output[-4000:]}\n{_diagnosis(data)}"
     assert not left, f"processes of the rehearsal outlived it: {left}\n{_diagnosis(data)}"
     return data, output
 

@@ -6,68 +6,29 @@ The cluster lives in a subprocess (one Ray runtime per process; the session's ``
 may be running here) with its own RAY_TMPDIR, so its address file and session folders are
 private, and the test checks that none of its Ray processes outlive it."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from isolated import run_rehearsal
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
-def _pids_using(marker: str) -> list[int]:
-    """Processes whose command line or environment names ``marker`` (our private RAY_TMPDIR)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if marker.encode() in text:
-            pids.append(int(entry.name))
-    return pids
-
-
 def _run_rehearsal(model_dir: Path, workdir: Path, ray_tmp: Path) -> tuple[dict, str]:
     summary = workdir / "summary.json"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "",
-           "RAYSAE_RAY_ADDRESS": ""}
     cmd = [sys.executable, str(ROOT / "tests" / "cluster_rehearsal.py"), "--model",
            str(model_dir), "--workdir", str(workdir), "--summary", str(summary)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n[killed after {TIMEOUT_S} s]"
-    finally:
-        _reap(str(ray_tmp))
-    assert proc.returncode == 0, output[-6000:]
-    return json.loads(summary.read_text()), output
-
-
-def _reap(marker: str) -> None:
-    """Kill (by pid) any process of this rehearsal still alive, then fail if one was."""
-    deadline = time.time() + 15
-    while _pids_using(marker) and time.time() < deadline:
-        time.sleep(0.5)
-    left = _pids_using(marker)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    code, output, left = run_rehearsal(cmd, ray_tmp, TIMEOUT_S)
+    assert code == 0, output[-6000:]
     assert not left, f"Ray processes of the rehearsal outlived it: {left}"
+    return json.loads(summary.read_text()), output
 
 
 @pytest.mark.slow  # ~60-75 s here: three Ray nodes, a Ray Data cache build, two trials
