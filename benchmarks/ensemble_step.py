@@ -1,9 +1,9 @@
-"""The K-member ensemble step against K single-SAE steps on the same batches, same run.
+"""The K-member ladder step against K single-SAE steps on the same batches, same run.
 
 At the local default's shape (d_in 128, d_sae 512, batch 512, fp32, CPU), one
 ``EnsembleTrainer.step`` (K members, batched matmuls, one fused Adam, no host sync)
-against K ``Trainer.step`` calls on the same batch, interleaved round by round; the
-median of each is reported as member-tokens/s and as the ratio
+against K steps of ladders of one (one target each) on the same batch, interleaved round by
+round; the median of each is reported as member-tokens/s and as the ratio
 ensemble / (K single steps) (target: <= 0.8).
 
     python benchmarks/ensemble_step.py [--k 6] [--threads 2] [--rounds 40] [--keep-freed-memory]
@@ -20,8 +20,8 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory
-from raysae.core.train import Trainer
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.memory import keep_freed_memory
 
 
 def build(args: argparse.Namespace, penalty: PenaltyConfig) -> dict:
@@ -32,7 +32,7 @@ def build(args: argparse.Namespace, penalty: PenaltyConfig) -> dict:
                       device=args.device, log_every=10**9)
     x = torch.randn(args.batch, args.d_in, device=args.device)
     ensemble = EnsembleTrainer(cfg, targets)
-    singles = [Trainer(TrainConfig(**{**cfg.__dict__, "l0_target": t})) for t in targets]
+    singles = [EnsembleTrainer(cfg, [t]) for t in targets]
 
     def k_singles():
         for trainer in singles:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="call raysae.core.ensemble.keep_freed_memory() first (glibc)")
+                        help="call raysae.core.memory.keep_freed_memory() first (glibc)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory else False

@@ -38,8 +38,9 @@ from raysae.activations.cache import write_arrays_cache
 from raysae.activations.reader import BLOCK_ROWS, PREFETCH
 from raysae.activations.shards import STORAGE_DTYPE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory
-from raysae.core.train import drive
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.memory import keep_freed_memory
+from raysae.core.training import drive
 
 
 def build(root: Path, rows: int, d: int, dtype: str) -> Path:

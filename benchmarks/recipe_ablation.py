@@ -36,8 +36,9 @@ import pandas as pd
 import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer, train_ensemble
+from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.recipes import RECIPES, get_recipe, register_recipe
+from raysae.core.training import train_ensemble
 
 L1, SQRT = PenaltyConfig.power(1.0), PenaltyConfig.power(0.5)
 

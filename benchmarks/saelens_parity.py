@@ -109,7 +109,7 @@ def train_raysae(args: argparse.Namespace, cache: str, manifest: dict, seed: int
                  targets: list[float]) -> list[dict]:
     """One raysae ladder (relu L1 with the controller, or topk at k = target); saved SAEs."""
     from raysae.activations.batches import iter_activation_batches
-    from raysae.core.ensemble import train_ensemble
+    from raysae.core.training import train_ensemble
 
     cfg = raysae_config(args, manifest, seed, kind)
     batches = iter_activation_batches(cache, cfg.batch_size, n_tokens=cfg.total_tokens,

@@ -7,13 +7,13 @@ L0 controller converges to: 1-3% of d_sae), and every series trains on the same 
 - bare loop: a plain PyTorch SAE step (relu, MSE + lambda * penalty, backward, Adam), the
   loop a researcher writes first; SAELens's step measured 0.88-0.91 of it (issue #16);
 - GEMM ideal: the five dense products a dense step cannot avoid (no elementwise work);
-- raysae ``Trainer.step`` dense (``sparse_step="off"``) and sparse (``"on"``) for p in
-  {1, 0.5, 0.25} and a searched point (p 0.3, eps 0.01); "x bare" compares each with the
-  bare loop of the same penalty.
+- raysae's step of one SAE (a ladder of one) dense (``sparse_step="off"``) and sparse
+  (``"on"``) for p in {1, 0.5, 0.25} and a searched point (p 0.3, eps 0.01); "x bare"
+  compares each with the bare loop of the same penalty.
 
 Printed: ms/step, tokens/s, the ratio of tokens/s to the bare loop's and to the GEMM
 ideal's (> 1: faster), and the L0 during the run. Then the same-loss check: dense and
-sparse ``Trainer`` from one init on the same ``--check-steps`` batches, final losses.
+sparse ladders of one from one init on the same ``--check-steps`` batches, final losses.
 
     python benchmarks/train_throughput.py [--rounds 10] [--device cpu] [--l0 40]
 """
@@ -27,8 +27,9 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.penalties import penalty_per_token
-from raysae.core.train import Trainer
+from raysae.core.training import ladder_of_one
 
 PENALTIES = [("L1 (p=1)", PenaltyConfig.power(1.0)), ("sqrt (p=.5)", PenaltyConfig.power(0.5)),
              ("p=.25", PenaltyConfig.power(0.25)), ("p=.3 eps=.01", PenaltyConfig.power(0.3, 0.01))]
@@ -74,32 +75,32 @@ def bare_loop(x: torch.Tensor, d_sae: int, l0: float, penalty: PenaltyConfig):
 
 
 def trainer(x: torch.Tensor, d_sae: int, l0: float, penalty: PenaltyConfig, mode: str,
-            total: int, log_every: int = 10**9) -> Trainer:
-    """A raysae Trainer at the benchmark's sparsity (lambda fixed, no warm-up)."""
+            total: int, log_every: int = 10**9) -> EnsembleTrainer:
+    """A raysae ladder of one at the benchmark's sparsity (lambda fixed, no warm-up)."""
     cfg = TrainConfig(sae=SAEConfig(x.shape[1], d_sae), penalty=penalty, lam=0.1, lr=1e-4,
                       batch_size=x.shape[0], total_tokens=x.shape[0] * total, device=str(x.device),
                       log_every=log_every, lam_warmup_frac=0.0, sparse_step=mode,
                       activation_scale=1.0)
-    t = Trainer(cfg)
-    model = t.ladder.model
+    t = ladder_of_one(cfg)  # no l0_target: lambda fixed at cfg.lam
+    model = t.model
     with torch.no_grad():
         model.b_enc.fill_(float(sparse_bias(x - model.b_dec[0], model.W_enc[0], l0)))
     return t
 
 
-def measured_l0(t: Trainer, x: torch.Tensor) -> float:
+def measured_l0(t: EnsembleTrainer, x: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((t.ladder.model.pre_acts(x) > 0).sum(-1).float().mean())
+        return float((t.model.pre_acts(x) > 0).sum(-1).float().mean())
 
 
 def same_loss_check(args, x_all: list[torch.Tensor]) -> None:
-    """Dense and sparse Trainer from one init on the same batches: final losses."""
+    """Dense and sparse ladders of one from one init on the same batches: final losses."""
     for label, penalty in PENALTIES[:2]:
         losses = {}
         for mode in ("off", "on"):
             t = trainer(x_all[0], args.d_sae, args.l0, penalty, mode, len(x_all), len(x_all))
             rows = [t.step(x) for x in x_all]
-            losses[mode] = rows[-1]["loss"], rows[-1]["l0"]
+            losses[mode] = rows[-1][0]["loss"], rows[-1][0]["l0"]
         (dl, d0), (sl, s0) = losses["off"], losses["on"]
         print(f"same data, {len(x_all)} steps, {label}: final loss dense {dl:.8g} sparse "
               f"{sl:.8g} (rel diff {abs(sl - dl) / dl:.1e}); L0 {d0:.1f} / {s0:.1f}")

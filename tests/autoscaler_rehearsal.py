@@ -15,6 +15,16 @@ The documented cluster run (docs/cluster.md) on this one machine:
   head" (its working folder stands for ~/raysae) with RAYSAE_STORAGE=s3://..., the
   autoscaler config in RAYSAE_AUTOSCALER_CONFIG, and small token counts.
 
+Scenarios (--scenario): ``plain`` runs the search once; ``live`` runs it with --live (no
+cache: each trial runs the model on its own GPU share). ``driver-kill`` SIGKILLs the driver
+once a reference trial has finished and another has a checkpoint in S3 (and the experiment
+state was synced after it), then runs the same command with --resume. ``worker-kill``
+has the provider terminate the worker node running a trial that has a checkpoint in S3 (as
+a cloud console or a spot interruption would; see PROVIDER): the autoscaler launches a
+replacement, and Tune retries the trial from its checkpoint. Both fault scenarios train
+longer and checkpoint every few seconds, so the fault lands mid-trial; what the driver had
+seen before the fault goes into the summary.
+
 Everything runs with RAY_TMPDIR (and --temp-dir) set to a private folder, which also marks
 every process this rehearsal starts: they are stopped by that mark (SIGTERM, then SIGKILL),
 never with `ray stop` (which stops every Ray process on the machine). The summary (job exit
@@ -49,6 +59,17 @@ MAX_WORKERS = 2
 OBJECT_STORE = 100 * 1024**2
 JOB_NAME = "exponent_search"
 TAIL = 8000
+SCENARIOS = ("plain", "live", "driver-kill", "worker-kill")
+FAULT_ARGS = ["--total-tokens", "131072", "--expansion", "2", "--log-every", "4",
+              "--checkpoint-seconds", "4", "--max-failures", "3"]
+"""Fault scenarios: trials of ~128 steps with a checkpoint every ~4 s, so a fault lands
+mid-trial with a checkpoint to resume from (later flags override the plain command's)."""
+PROVIDER = "rehearsal_provider.TerminableFakeProvider"
+"""worker-kill's provider: the fake one, plus termination requested from outside (a file
+per node id; see tests/rehearsal_provider.py), as a cloud console terminates an instance."""
+NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"
+"""The fake provider starts each worker's raylet with its node id in this variable; the
+raylet's workers and agents inherit it, which marks every process of that node."""
 
 
 def free_port() -> int:
@@ -79,7 +100,7 @@ def write_corpus(folder: str | os.PathLike, n_files: int = 10, docs_per_file: in
     return folder
 
 
-def autoscaler_config(gcs_address: str) -> dict:
+def autoscaler_config(gcs_address: str, terminate_dir: Path | None = None) -> dict:
     """The autoscaling config for the fake multi-node provider, complete (the autoscaler
     reads it as it is: the wheel has no fake_multi_node/example.yaml to fill defaults from).
     The head type must be named ray.head.default (the fake provider's head node type)."""
@@ -90,7 +111,9 @@ def autoscaler_config(gcs_address: str) -> dict:
         "idle_timeout_minutes": 60,  # workers stay up until the test stops the cluster
         "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+                     "disable_launch_config_check": True,
+                     **({"type": "external", "module": PROVIDER,
+                         "terminate_dir": str(terminate_dir)} if terminate_dir else {})},
         "auth": {},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
@@ -160,7 +183,8 @@ def s3_keys(env: dict) -> list[str]:
     return keys
 
 
-def start_head(env: dict, config: Path, ray_tmp: Path, ports: dict, log: Path) -> None:
+def start_head(env: dict, config: Path, ray_tmp: Path, ports: dict, log: Path,
+               terminable: bool = False) -> None:
     """`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config ...`, every port chosen
     here (no Ray default port that another Ray on the machine may hold)."""
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head",
@@ -173,6 +197,9 @@ def start_head(env: dict, config: Path, ray_tmp: Path, ports: dict, log: Path) -
            f"--metrics-export-port={ports['metrics']}", "--disable-usage-stats"]
     head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"])}
+    if terminable:  # the monitor imports rehearsal_provider from this folder
+        head_env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with log.open("ab") as out:
         subprocess.run(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT, check=True,
                        timeout=180)
@@ -216,8 +243,7 @@ def search_command(model: str, corpus: str, address: str, gpus_per_trial: str | 
            "--model", model, "--corpus", corpus, "--address", address,
            "--targets", "8", "16", "--num-trials", "2", "--seeds", "0", "--baselines", "topk",
            "--cache-tokens", "8192", "--total-tokens", "4096", "--batch-size", "1024",
-           "--log-every", "1", "--eval-blocks", "2", "--feature-tokens", "2048",
-           "--max-concurrent", "4"]
+           "--log-every", "1", "--eval-blocks", "2", "--feature-tokens", "2048"]
     if gpus_per_trial:
         cmd += ["--gpus-per-trial", gpus_per_trial]
     return cmd
@@ -240,8 +266,138 @@ def run_job(cmd: list, env: dict, cwd: Path, log: Path, timeout: float) -> tuple
             return proc.returncode, True
 
 
+def driver_rows(ray_tmp: Path, stage: str) -> dict[str, list[dict]]:
+    """Each trial's rows the driver has received so far (its staging copy of result.json,
+    under the cluster's temp folder), by trial id."""
+    out: dict[str, list[dict]] = {}
+    pattern = f"session_*/artifacts/*/{JOB_NAME}_{stage}/driver_artifacts/*/result.json"
+    for path in ray_tmp.glob(pattern):
+        rows = []
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+        if rows:
+            out[rows[-1]["trial_id"]] = rows
+    return out
+
+
+def last_state(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    keys = ("status", "step", "ce_sae", "l0", "node_id", "checkpoint_bytes", "label")
+    return {tid: {k: r[-1].get(k) for k in keys} for tid, r in rows.items()}
+
+
+def local_state(ray_tmp: Path, stage: str) -> Path | None:
+    """The driver's own copy of the stage's experiment state (it uploads this folder)."""
+    found = sorted(ray_tmp.glob(f"session_*/artifacts/*/{JOB_NAME}_{stage}/driver_artifacts/"
+                                "experiment_state-*.json"))
+    return found[-1] if found else None
+
+
+def s3_state(env: dict, stage: str) -> bytes | None:
+    """The stage's experiment state as uploaded to S3 (what --resume restores from)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    listed = client.list_objects_v2(Bucket=BUCKET,
+                                    Prefix=f"{PREFIX}/{JOB_NAME}_{stage}/experiment_state")
+    keys = sorted(o["Key"] for o in listed.get("Contents", []))
+    return client.get_object(Bucket=BUCKET, Key=keys[-1])["Body"].read() if keys else None
+
+
+def checkpointed_running(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Trials still training whose driver has a checkpoint of them (in S3: a report with a
+    checkpoint returns once it is uploaded)."""
+    return {tid: r[-1] for tid, r in rows.items()
+            if r[-1].get("status") == "running" and (r[-1].get("checkpoint_bytes") or 0) > 0}
+
+
+def terminate_node(node_id: str, terminate_dir: Path, timeout: float = 60) -> bool:
+    """Ask the provider to terminate ``node_id`` (see tests/rehearsal_provider.py); True
+    once it has (within ``timeout`` seconds)."""
+    (terminate_dir / node_id).touch()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (terminate_dir / f"{node_id}.done").exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def inject_fault(proc: subprocess.Popen, scenario: str, env: dict, ray_tmp: Path,
+                 fault: dict, deadline: float, address: str, terminate_dir: Path | None,
+                 ) -> bool:
+    """Wait until the fault can land mid-trial (a reference trial with a checkpoint in S3;
+    driver-kill also wants a finished one and the experiment state synced since), inject
+    it, record what the driver had seen in ``fault``; False if the job ended first."""
+    start, armed_at, snapshots, armed_for = time.monotonic(), None, set(), set()
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = driver_rows(ray_tmp, "refs")
+        running = checkpointed_running(rows)
+        finished = [t for t, r in rows.items() if r[-1].get("status") == "finished"]
+        if armed_at and set(running) != armed_for:
+            # another trial's first checkpoint (or one finished): the state to restore from
+            # must post-date every checkpoint the test will look for, so wait for a newer one
+            armed_at, snapshots = None, set()
+            fault["rearmed"] = fault.get("rearmed", 0) + 1
+        if scenario == "worker-kill" and running:
+            tid, row = sorted(running.items())[0]
+            fault.update(trial_id=tid, node_id=row["node_id"], before=last_state(rows),
+                         at_s=time.monotonic() - start)
+            fault["terminated"] = terminate_node(row["node_id"], terminate_dir)
+            fault["node_processes_left"] = pids_using(f"{NODE_ENV}={row['node_id']}")
+            fault["nodes_at_fault"] = cluster_nodes(env, address)
+            return True
+        if scenario == "driver-kill" and (armed_at or running and finished):
+            # Kill once S3 holds an experiment state the driver saved after it had seen a
+            # checkpoint of a running trial (that state is what --resume restores).
+            if armed_at is None:
+                armed_at, armed_for = time.time(), set(running)
+            state = local_state(ray_tmp, "refs")
+            with contextlib.suppress(OSError):
+                if state is not None and state.stat().st_mtime > armed_at:
+                    snapshots.add(state.read_bytes())
+            if snapshots and s3_state(env, "refs") in snapshots:
+                now = driver_rows(ray_tmp, "refs")
+                if not (checkpointed_running(now) and set(checkpointed_running(now)) == armed_for
+                        and any(r[-1].get("status") == "finished" for r in now.values())):
+                    # The running trial finished while the state synced: wait for the
+                    # next finished/running pair (the next trials) and a state after it.
+                    armed_at, snapshots = None, set()
+                    fault["rearmed"] = fault.get("rearmed", 0) + 1
+                    continue
+                fault.update(before=last_state(now), at_s=time.monotonic() - start,
+                             armed_s=time.time() - armed_at)
+                os.killpg(proc.pid, signal.SIGKILL)
+                fault["killed_rc"] = proc.wait()
+                return True
+    return False
+
+
+def run_job_with_fault(cmd: list, env: dict, cwd: Path, log: Path, timeout: float,
+                       scenario: str, ray_tmp: Path, fault: dict,
+                       terminate_dir: Path | None = None) -> tuple[int, bool]:
+    """Run the job with ``scenario``'s fault; (exit status, timed out) of the job, for
+    driver-kill of the resumed one (its output in ``log`` with a .resume suffix)."""
+    deadline = time.monotonic() + timeout
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        injected = inject_fault(proc, scenario, env, ray_tmp, fault, deadline,
+                                cmd[cmd.index("--address") + 1], terminate_dir)
+        if not (injected and scenario == "driver-kill"):
+            try:
+                return proc.wait(timeout=max(deadline - time.monotonic(), 1)), False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait(), True
+    return run_job(cmd + ["--resume"], env, cwd, log.with_suffix(".resume.log"),
+                   max(deadline - time.monotonic(), 1))
+
+
 def run(model: str, corpus: str, workdir: Path, timeout: float,
-        gpus_per_trial: str | None, summary: dict) -> dict:
+        gpus_per_trial: str | None, summary: dict, scenario: str = "plain") -> dict:
     """The rehearsal; fills ``summary`` as it goes (also when it breaks) and returns it."""
     ray_tmp = Path(os.environ["RAY_TMPDIR"]).resolve()
     marker = str(ray_tmp)
@@ -254,7 +410,10 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
     config = workdir / "ray_bootstrap_config.yaml"  # what `ray up` leaves on the head
     import yaml
 
-    config.write_text(yaml.safe_dump(autoscaler_config(gcs), sort_keys=False))
+    terminate_dir = workdir / "terminate-requests" if scenario == "worker-kill" else None
+    if terminate_dir:
+        terminate_dir.mkdir(exist_ok=True)
+    config.write_text(yaml.safe_dump(autoscaler_config(gcs, terminate_dir), sort_keys=False))
     token = workdir / "auth_token"  # a private token: the documented cluster runs token mode
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -279,12 +438,22 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
     try:
         moto = start_moto(env, ports["s3"], workdir / "moto.log")
         seconds["s3_up"] = time.perf_counter() - t0
-        start_head(env, config, ray_tmp, ports, ray_log)
+        start_head(env, config, ray_tmp, ports, ray_log, terminate_dir is not None)
         seconds["head_up"] = time.perf_counter() - t0
         summary["nodes_before"] = cluster_nodes(env, gcs)
         cmd = search_command(model, corpus, gcs, gpus_per_trial)
-        summary["command"] = cmd
-        rc, timed_out = run_job(cmd, env, head_home, job_log, timeout)
+        if scenario == "live":
+            cmd += ["--live"]
+        elif scenario != "plain":
+            cmd += FAULT_ARGS
+        summary.update(command=cmd, scenario=scenario)
+        if scenario in ("plain", "live"):
+            rc, timed_out = run_job(cmd, env, head_home, job_log, timeout)
+        else:
+            fault: dict = {}
+            summary["fault"] = fault
+            rc, timed_out = run_job_with_fault(cmd, env, head_home, job_log, timeout,
+                                               scenario, ray_tmp, fault, terminate_dir)
         seconds["search_done"] = time.perf_counter() - t0
         summary.update(job_rc=rc, job_timed_out=timed_out,
                        results=str(head_home / "results" / JOB_NAME / "analysis"))
@@ -300,9 +469,18 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
     finally:
         summary["job_log_tail"] = job_log.read_text(errors="replace")[-TAIL:] \
             if job_log.exists() else ""
+        resumed = job_log.with_suffix(".resume.log")
+        if resumed.exists():
+            summary["resume_log"] = str(resumed)
+            summary["job_log_tail"] = ("[first run]\n" + summary["job_log_tail"][-TAIL // 2:]
+                                       + "\n[resumed run]\n"
+                                       + resumed.read_text(errors="replace")[-TAIL // 2:])
         summary["ray_start_log_tail"] = ray_log.read_text(errors="replace")[-3000:] \
             if ray_log.exists() else ""
         summary["autoscaler_log_tail"] = _autoscaler_log(ray_tmp)
+        for log in ray_tmp.glob("session_*/logs/monitor.*"):  # kept for a post-mortem
+            with contextlib.suppress(OSError):
+                (workdir / log.name).write_bytes(log.read_bytes())
         summary["killed_after_grace"] = stop_marked(marker)
         if moto is not None and moto.poll() is None:
             moto.kill()
@@ -333,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds for the search")
     parser.add_argument("--gpus-per-trial", default="",
                         help="passed to the search (default '': the job's own default)")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="plain",
+                        help="the fault to inject mid-search (see the module's docstring)")
     args = parser.parse_args(argv)
     tmp = os.environ.get("RAY_TMPDIR")
     if not tmp or Path(tmp).resolve() == Path("/tmp/ray") or not Path(tmp).is_dir():
@@ -342,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {}
     try:
         run(args.model, args.corpus, args.workdir.resolve(), args.timeout,
-            args.gpus_per_trial or None, summary)
+            args.gpus_per_trial or None, summary, args.scenario)
         return 0
     finally:
         out = args.summary.with_name(f".{args.summary.name}.tmp")

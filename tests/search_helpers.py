@@ -24,6 +24,20 @@ def make_plan(name: str, storage: str, spec: TrialSpec, grid=(), **search) -> Se
                     **({"lam": point["lam"]} if "lam" in point else {})}
                    for point in grid)
     search.setdefault("gpus_per_trial", 0.0)
+    search.setdefault("max_concurrent", 2)
     search.setdefault("targets", tuple(spec.targets) or (8.0,))
     return SearchPlan(name=name, storage=storage, search=SearchConfig(**search), spec=spec,
                       grid=points)
+
+
+def use_plugin(monkeypatch, module: str):
+    """Name a module of tests/ in RAYSAE_PLUGINS (as a user would: trial workers import it
+    too) and import it here; returns the module."""
+    import importlib
+    from pathlib import Path
+
+    from raysae.core import kind_registry
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv(kind_registry.PLUGINS_ENV, module)
+    return importlib.import_module(module)

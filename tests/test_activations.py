@@ -20,7 +20,13 @@ from raysae.activations.cache import (
     verify_cache,
 )
 from raysae.activations.shards import file_sha256, read_meta, write_shard
-from raysae.activations.source import ActivationSource, from_storage, source_blocks, to_storage
+from raysae.activations.source import (
+    ActivationSource,
+    from_storage,
+    source_block_stream,
+    source_blocks,
+    to_storage,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -192,6 +198,38 @@ def test_live_pipeline_matches_cache(fp32_cache):
     np.testing.assert_allclose(np.sort(live.numpy(), 0), np.sort(acts, 0), rtol=1e-5, atol=1e-6)
 
 
+def test_each_shard_samples_the_whole_corpus(fp32_cache):
+    """Blocks are harvested in a random order (source.HARVEST_ORDER), so every shard holds
+    blocks from all over the corpus, not one stretch of it: the reader's shard windows then
+    give a stationary training stream."""
+    src, path = fp32_cache
+    manifest = load_manifest(path)
+    assert len(manifest["shards"]) >= 3
+    for entry in manifest["shards"]:
+        ids = np.unique(read_meta(path, entry)["block_id"])
+        assert ids.max() - ids.min() > 0.6 * src.n_blocks, (ids.min(), ids.max())
+        assert not np.all(np.diff(ids) == 1)
+
+
+def test_live_stream_moves_on_through_the_corpus_each_epoch(fp32_cache):
+    """Each epoch of a live stream harvests the corpus's next blocks (fresh tokens), not the
+    same ones again."""
+    src, path = fp32_cache
+    stream = source_block_stream(src)
+    first, second = next(stream), next(stream)
+    assert first.shape == second.shape == (src.n_blocks, src.context_length)
+    np.testing.assert_array_equal(first, source_blocks(src))
+    both = source_blocks(dataclasses.replace(src, n_tokens=2 * src.n_tokens))
+    np.testing.assert_array_equal(np.concatenate([first, second])[: len(both)], both)
+    _, acts = _rows(path)
+    live = torch.cat(list(iter_activation_batches(src, 250, n_tokens=2 * src.n_tokens,
+                                                  seed=0))).numpy()
+    seen = {row.tobytes() for row in acts}
+    repeated = sum(row.tobytes() in seen for row in live)
+    assert len(live) == 2 * src.n_tokens
+    assert repeated < 1.2 * src.n_tokens, repeated  # epoch 0's rows once, epoch 1's new
+
+
 def test_interrupted_build_resumes_without_duplicates(fp32_cache, tmp_path):
     src, path = fp32_cache
     manifest = load_manifest(path)
@@ -292,3 +330,28 @@ def test_shards_only_close_on_whole_blocks():
     src = ActivationSource(model="unused", context_length=4, n_tokens=10)  # 3 rows a block
     assert _whole_blocks(src, [{"block_id": np.array([0, 0, 0, 3])}])  # block 3 holds 1 row
     assert not _whole_blocks(src, [{"block_id": np.array([0, 0, 0, 1])}])
+
+
+def test_live_stream_wraps_round_a_short_corpus_and_refuses_one_too_short(tiny_model_dir,
+                                                                          tmp_path):
+    """A corpus of L blocks, epochs of n < L < 2n: the second epoch is blocks n..L-1 then
+    the corpus from its start again; a corpus shorter than one epoch is refused by name."""
+    from transformers import AutoTokenizer
+
+    from raysae.lm import corpus
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    everything = corpus.token_blocks(str(text), tok, 32, split="all").astype(np.int32)
+    total = len(everything)
+    n = total * 2 // 3
+    src = _src(tiny_model_dir, dataset=str(text), split="all", n_tokens=n * 31)
+    stream = source_block_stream(src)
+    first, second = next(stream), next(stream)
+    np.testing.assert_array_equal(first, everything[:n])
+    np.testing.assert_array_equal(second, everything[(n + np.arange(n)) % total])
+    too_long = _src(tiny_model_dir, dataset=str(text), split="all", n_tokens=(total + 1) * 31)
+    with pytest.raises(ValueError, match="holds only"):
+        source_blocks(too_long)

@@ -56,17 +56,28 @@ def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("pile-like"))
 
 
-def _run_rehearsal(model: Path, corpus: Path, workdir: Path, ray_tmp: Path) -> tuple[dict, str]:
+def _run_rehearsal(model: Path, corpus: Path, workdir: Path, scenario: str = "plain",
+                   ) -> dict:
+    """The rehearsal's summary; it ran with a private RAY_TMPDIR that nothing outlived."""
+    ray_tmp = Path(os.path.realpath("/tmp")) / f"rsas-{os.getpid()}-{time.time_ns() % 10**6}"
+    ray_tmp.mkdir()  # short: Ray's socket paths under it must stay < 108 characters
     summary = workdir / "summary.json"
     cmd = [sys.executable, str(ROOT / "tests" / "autoscaler_rehearsal.py"), "--model",
            str(model), "--corpus", str(corpus), "--workdir", str(workdir / "run"),
            "--summary", str(summary), "--timeout", str(JOB_TIMEOUT_S),
-           "--gpus-per-trial", GPUS_PER_TRIAL]
-    code, output, left = run_rehearsal(cmd, ray_tmp, TIMEOUT_S)
+           "--gpus-per-trial", GPUS_PER_TRIAL, "--scenario", scenario]
+    start = time.time()
+    try:
+        code, output, left = run_rehearsal(cmd, ray_tmp, TIMEOUT_S)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     data = json.loads(summary.read_text()) if summary.is_file() else {}
+    print(f"autoscaler rehearsal ({scenario}): {time.time() - start:.0f} s; stages "
+          "(cumulative s):", data.get("seconds"), "fault:",
+          {k: v for k, v in data.get("fault", {}).items() if k != "before"})
     assert code == 0, f"{output[-4000:]}\n{_diagnosis(data)}"
     assert not left, f"processes of the rehearsal outlived it: {left}\n{_diagnosis(data)}"
-    return data, output
+    return data
 
 
 def _diagnosis(summary: dict) -> str:
@@ -100,15 +111,7 @@ def _finished_caches(root: Path) -> list[Path]:
 
 def test_documented_search_on_an_autoscaling_cluster_with_s3(pythia_dir, corpus_dir,
                                                                tmp_path):
-    ray_tmp = Path(os.path.realpath("/tmp")) / f"rsas-{os.getpid()}-{time.time_ns() % 10**6}"
-    ray_tmp.mkdir()  # short: Ray's socket paths under it must stay < 108 characters
-    start = time.time()
-    try:
-        summary, _ = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, ray_tmp)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(f"autoscaler rehearsal: {time.time() - start:.0f} s; stages (cumulative s):",
-          summary.get("seconds"))
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path)
     why = _diagnosis(summary)
 
     # The search: exit status 0, within its time.
@@ -181,6 +184,8 @@ def test_documented_search_on_an_autoscaling_cluster_with_s3(pythia_dir, corpus_
                            Path(summary["job_log"]).read_text(errors="replace"))
         shares = {round(float(g) / float(c), 4) for c, g in usage if float(c) > 0}
         assert shares == {GPU_SHARE}, (usage, why)
+    # The concurrency: what fits on the 2 workers the autoscaler may launch (1 CPU each).
+    assert "up to 2 trials at once" in Path(summary["job_log"]).read_text(), why
 
     # The nodes share this disk: the activation cache was built once, by the first trial.
     caches = _finished_caches(Path(summary["cache_dir"]) / "activations")
@@ -190,6 +195,88 @@ def test_documented_search_on_an_autoscaling_cluster_with_s3(pythia_dir, corpus_
     # that Tune's driver-artifact sync uploads (the fake nodes share the driver's disk).
     scratch = [k for k in keys if "/.raysae-ckpt-" in k]
     assert not scratch, scratch[:3]
+
+
+def _finished_table(summary: dict) -> pd.DataFrame:
+    """The job's trials table, every trial finished, the cache built once."""
+    why = _diagnosis(summary)
+    assert not summary.get("job_timed_out"), f"the search ran past {JOB_TIMEOUT_S} s\n{why}"
+    assert summary.get("job_rc") == 0, f"the search exited {summary.get('job_rc')}\n{why}"
+    trials = pd.read_parquet(Path(summary["results"]) / "trials.parquet")
+    bad = trials[trials["status"] != "finished"]
+    assert bad.empty, (bad[["label", "stage", "status", "status_reason"]].to_string(), why)
+    assert trials["trial_id"].is_unique
+    assert set(trials["stage"]) == {"refs", "search"}
+    caches = _finished_caches(Path(summary["cache_dir"]) / "activations")
+    assert len(caches) == 1, caches
+    return trials
+
+
+def test_driver_killed_mid_search_resumes_from_s3(pythia_dir, corpus_dir, tmp_path):
+    """The driver dies (SIGKILL) while a reference trial is training and another has
+    finished; the same command with --resume keeps the finished trial's row as it was and
+    restores the unfinished ones from their checkpoints in S3."""
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "driver-kill")
+    why = _diagnosis(summary)
+    fault = summary.get("fault", {})
+    assert fault.get("before"), f"the job ended before the driver could be killed\n{why}"
+    assert fault["killed_rc"] == -9, fault
+    trials = _finished_table(summary)
+    before = fault["before"]
+    done = {t: b for t, b in before.items() if b["status"] == "finished"}
+    running = {t: b for t, b in before.items() if b["status"] == "running"
+               and (b["checkpoint_bytes"] or 0) > 0}
+    assert done and running, before
+    for tid, b in done.items():  # kept as they were, not trained again
+        mine = trials[trials["tune_trial_id"] == tid]
+        assert (mine["restored_from_step"] == 0).all(), mine.to_dict("records")
+        assert mine["l0"].mean() == pytest.approx(b["l0"], rel=1e-6), (tid, b)
+        assert (mine["node_id"] == b["node_id"]).all(), (tid, b)
+    for tid in running:  # restored from its checkpoint in S3
+        mine = trials[trials["tune_trial_id"] == tid]
+        assert (mine["restored_from_step"] > 0).all(), (mine.to_dict("records"), why)
+
+
+def test_terminated_worker_is_replaced_and_its_trial_resumes_from_s3(pythia_dir, corpus_dir,
+                                                                     tmp_path):
+    """The provider terminates the worker node running a checkpointed trial (as a cloud
+    console or a spot interruption would): the autoscaler launches another node, and Tune
+    retries the trial from its checkpoint in S3 on a live node."""
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "worker-kill")
+    why = _diagnosis(summary)
+    fault = summary.get("fault", {})
+    assert fault.get("terminated"), f"no worker was terminated\n{why}"
+    assert not fault["node_processes_left"], fault  # the node's processes are gone
+    trials = _finished_table(summary)
+    lost, tid = fault["node_id"], fault["trial_id"]
+    rows = trials[trials["tune_trial_id"] == tid]
+    assert (rows["restored_from_step"] > 0).all(), (rows.to_dict("records"), why)
+    assert (rows["node_id"] != lost).all(), rows["node_id"].tolist()
+    nodes = summary["nodes"]
+    assert isinstance(nodes, list), nodes
+    assert not any(n["NodeID"] == lost and n["Alive"] for n in nodes), nodes
+    live = _workers(nodes)
+    assert len(live) == MAX_WORKERS, (nodes, why)  # the lost one was replaced
+    at_fault = {n["NodeID"] for n in fault["nodes_at_fault"]}
+    replacement = {n["NodeID"] for n in live} - at_fault
+    assert replacement, (at_fault, live)
+    assert set(trials["node_id"]) & replacement, trials[["label", "node_id"]].to_string()
+
+
+def test_live_search_on_an_autoscaling_cluster(pythia_dir, corpus_dir, tmp_path):
+    """--live on the cluster: each trial runs the model on its own GPU share (no cache, no
+    Ray Data pool asking for GPUs the trials hold), as many at once as the node types hold,
+    every trial trained on its whole token budget."""
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "live")
+    why = _diagnosis(summary)
+    assert summary.get("job_rc") == 0, f"the search exited {summary.get('job_rc')}\n{why}"
+    trials = pd.read_parquet(Path(summary["results"]) / "trials.parquet")
+    assert (trials["status"] == "finished").all(), trials[["label", "status"]].to_string()
+    assert (trials["tokens_seen"] == 4096).all(), trials["tokens_seen"].tolist()
+    assert (trials["gpu_ids"].astype(str).str.strip() != "").all()
+    assert set(trials["node_id"]) <= {n["NodeID"] for n in _workers(summary["nodes"])}
+    assert not _finished_caches(Path(summary["cache_dir"]) / "activations")
+    assert "up to 2 trials at once" in Path(summary["job_log"]).read_text(), why
 
 
 def test_jsonl_zst_folder_reads_the_text_field(corpus_dir):

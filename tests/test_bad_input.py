@@ -72,13 +72,16 @@ def _error_line(capsys) -> str:
 
 # (id, extra flags, phrases the error line must hold: the flag/field and the fix)
 SEARCH_CASES = [
-    ("p<=0", ["--p-range", "0", "1"], ["--p-range LOW = 0", "(0, 2]", "pass --p-range"]),
-    ("p>2", ["--p-range", "0.5", "2.5"], ["--p-range HIGH = 2.5", "(0, 2]"]),
-    ("eps<=0", ["--eps-range", "0", "10"], ["--eps-range 0 10", "log scale", "> 0",
-                                             "pass --eps-range"]),
-    ("c of a family not searched", ["--c-range", "1", "10"],
-     ["--c-range 1 10", "no searched penalty (power)", "--penalty"]),
-    ("c<=0", ["--penalty", "tanh", "--c-range", "0", "10"], ["--c-range LOW = 0", "(0, inf)"]),
+    ("p<=0", ["--power-p-range", "0", "1"], ["--power-p-range LOW = 0", "(0, 2]",
+                                              "pass --power-p-range"]),
+    ("p>2", ["--power-p-range", "0.5", "2.5"], ["--power-p-range HIGH = 2.5", "(0, 2]"]),
+    ("eps<=0", ["--power-eps-range", "0", "10"], ["--power-eps-range 0 10", "log scale", "> 0",
+                                                   "pass --power-eps-range"]),
+    ("c of a family not searched", ["--tanh-c-range", "1", "10"],
+     ["--tanh-c-range 1 10", "penalty 'tanh' is not searched (searched: power)",
+      "--penalty"]),
+    ("c<=0", ["--penalty", "tanh", "--tanh-c-range", "0", "10"],
+     ["--tanh-c-range LOW = 0", "(0, inf)"]),
     ("unknown penalty", ["--penalty", "lp"], ["--penalty lp", "registered penalties",
                                               "'power'"]),
     ("negative lambda", ["--lambda-mode", "search", "--lam-range", "-1", "10"],
@@ -164,7 +167,7 @@ def test_bad_sweep_input(extra, phrases, tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script, extra, phrase", [
-    ("exponent_search.py", ["--p-range", "0", "1"], "--p-range LOW = 0"),
+    ("exponent_search.py", ["--power-p-range", "0", "1"], "--power-p-range LOW = 0"),
     ("l1_sweep.py", ["--model", "EleutherAI/pythia-70m-deduped"], "HF_HUB_OFFLINE"),
 ])
 def test_scripts_exit_2_before_ray_starts(script, extra, phrase, tiny_model_dir, tmp_path):
@@ -217,17 +220,3 @@ def test_ablation_cli_refuses_truncated_config(tmp_path, capsys):
     assert "cfg.json is not valid JSON" in _error_line(capsys)
     assert not (path / "ablation").exists()
     json.loads(text)  # the original was valid: the truncation is what was refused
-
-
-def test_live_is_refused_on_a_cluster(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """--live streams with a concurrency from the CPUs alive at start (0 on a cluster's
-    head) and re-harvests the same tokens every epoch: refused there, saying why."""
-    from raysae.cluster import ray_env
-
-    real = ray_env.init_ray
-    monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: {**real(*a, **k),
-                                                              "mode": "cluster"})
-    assert cli.main(["search", *_base(tiny_model_dir, tmp_path), "--live"]) == 2
-    line = _error_line(capsys)
-    assert "--live runs on a local Ray only" in line and "drop --live" in line
-    assert not (tmp_path / "results").exists() and not (tmp_path / "tune").exists()

@@ -1,6 +1,7 @@
 """Config validation: bad values fail early, naming the field and the allowed range."""
 
 import dataclasses
+import math
 
 import pytest
 
@@ -20,8 +21,9 @@ def _cfg(**kw):
         (lambda: PenaltyConfig("tanh", {"c": 0.0}), r"penalty\.c = 0\.0 .*allowed \(0, inf\)"),
         (lambda: PenaltyConfig("lp", {"p": 0.5}), r"unknown penalty 'lp'.*'power'"),
         (lambda: _cfg(lam=-0.1), r"lam -0\.1 is invalid: must be a number >= 0"),
-        (lambda: SAEConfig(8, 0), r"sae\.d_sae = 0 .*integer >= 1"),
-        (lambda: SAEConfig(8, 2.5), r"sae\.d_sae = 2\.5"),
+        (lambda: SAEConfig(8, 0), r"sae\.d_sae 0 .*integer >= 1"),
+        (lambda: SAEConfig(8, 2.5), r"sae\.d_sae 2\.5"),
+        (lambda: PenaltyConfig("power", {"p": 0.5}, grad_floor=math.inf), r"grad_floor inf"),
         (lambda: TrainConfig(sae=SAEConfig(8, 16), batch_size=0),
          r"batch_size 0 is invalid: must be an integer >= 1"),
         (lambda: _cfg(l0_target=0.0), r"l0_target 0 is invalid.*d_sae=16"),

@@ -1,17 +1,18 @@
-"""EnsembleTrainer: equals K single Trainers, controls each member's L0, isolates a
-diverging member, resumes exactly, and never syncs with the host between logging steps."""
+"""EnsembleTrainer: a ladder of K equals K ladders of one, controls each member's L0, isolates
+a diverging member, resumes exactly, and never syncs with the host between logging steps."""
 
-import dataclasses
 
 import pytest
 import torch
 from planted import planted_batches
 
+from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import BatchedSAE, EnsembleTrainer, train_ensemble
+from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import KINDS
+from raysae.core.outcome import DIVERGED, FINISHED, CheckpointError
 from raysae.core.sae import SAE
-from raysae.core.train import DIVERGED, FINISHED, CheckpointError, Trainer
+from raysae.core.training import ladder_of_one, train_ensemble
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 16, 64, 32, 4
 
@@ -49,26 +50,40 @@ def test_members_match_seeded_saes_in_init_forward_and_gradients():
 
 
 @pytest.mark.parametrize("control_frac", [0.0, 0.8])  # fixed lambdas, then controlled
-def test_equals_single_trainers(control_frac):
+def test_ladder_of_k_equals_k_ladders_of_one(control_frac):
     targets, lams = [2.0, 4.0, 8.0], [0.05, 0.2, 0.8]
     cfg = _cfg(total_tokens=256 * 20, control_frac=control_frac, lr_decay_frac=0.5,
                log_every=7)
     batches = list(_planted(steps=20))
     ens = EnsembleTrainer(cfg, targets, lams=lams)
-    singles = [Trainer(dataclasses.replace(cfg, lam=lam, l0_target=t))
-               for t, lam in zip(targets, lams, strict=True)]
+    singles = [EnsembleTrainer(cfg, [t], lams=[lam]) for t, lam in zip(targets, lams, strict=True)]
     for x in batches:
         ens.step(x)
         for trainer in singles:
             trainer.step(x)
     assert ens.done and ens.step_count == 20
     for k, trainer in enumerate(singles):
-        assert ens.scale == trainer.scale and ens.lam[k].item() == pytest.approx(trainer.lam)
-        member = ens.model.member(k)
+        assert ens.scale == trainer.scale
+        assert ens.lam[k].item() == pytest.approx(trainer.lam[0].item())
+        member, alone = ens.model.member(k), trainer.model.member(0)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            torch.testing.assert_close(getattr(member, name), getattr(trainer.sae, name),
+            torch.testing.assert_close(getattr(member, name), getattr(alone, name),
                                        atol=1e-5, rtol=1e-5)
-        assert ens.history[k][-1]["l0"] == pytest.approx(trainer.history[-1]["l0"], abs=0.05)
+        assert ens.history[k][-1]["l0"] == pytest.approx(trainer.history[0][-1]["l0"], abs=0.05)
+
+
+def test_ladder_of_one_maps_a_missing_target_to_a_fixed_lambda():
+    """One SAE: its target under the controller, or (no target) the fixed ``cfg.lam``,
+    unscaled by 1 / rho(1) and ramped up over ``lam_warmup_frac``."""
+    controlled = ladder_of_one(_cfg(l0_target=4.0))
+    assert controlled.targets == [4.0] and controlled.controlled
+    fixed = ladder_of_one(_cfg(penalty=PenaltyConfig.power(0.5, 0.5), lam=0.2,
+                               lam_warmup_frac=0.5, total_tokens=256 * 4))
+    assert fixed.targets == [D_SAE] and not fixed.controlled
+    assert fixed.current_lam().tolist() == pytest.approx([0.1])  # step 1 of a 2-step ramp
+    assert fixed.current_lam(step=3).tolist() == pytest.approx([0.2])
+    with pytest.raises(ValueError, match="no lambda"):
+        ladder_of_one(_cfg(kind="topk"))
 
 
 def test_controller_puts_each_member_near_its_target():

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raysae.core import metrics
 from raysae.core.config import SAEConfig, TrainConfig
 from raysae.core.sae import SAE
-from raysae.core.train import train_sae
-from raysae.evaluation import feature_stats
+from raysae.core.training import drive, ladder_of_one
+from raysae.evaluation import ablation, feature_stats
 from raysae.evaluation.spliced_ce import (
     Evaluator,
     evaluate_sae,
@@ -39,7 +40,7 @@ def train_small_sae(model, hook=HOOK, steps=300, lam=1.0, d_sae=128):
 
     cfg = TrainConfig(sae=SAEConfig(acts.shape[1], d_sae), lam=lam, total_tokens=256 * steps,
                       batch_size=256, lr=3e-3)
-    return train_sae(cfg, batches()).sae
+    return drive(ladder_of_one(cfg), batches())[0].sae
 
 
 def identity_sae(d):
@@ -262,3 +263,180 @@ def test_feature_statistics_sample_and_token_limits(trained):
     capped, _ = feature_stats.feature_statistics(x, trained, n_tokens=4500, max_nonzero=10)
     np.testing.assert_array_equal(capped["frequency"], per["frequency"])
     assert capped.attrs["median_tokens"] < 4500
+
+
+def reference_block_ce(ev, x_new):
+    """Per-block CE with the replaced positions set to ``x_new`` [n_tokens, d_in], read to the
+    host batch by batch (as the evaluator did before it stayed on the device)."""
+    blocks, start = [], 0
+    with torch.no_grad():
+        for toks, acts in ev._batches:
+            n = toks.shape[0] * (toks.shape[1] - ev.first)
+            logits = ev._logits(toks, ev._patch(acts, x_new[start:start + n]))
+            start += n
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten(),
+                                 reduction="none")
+            blocks += ce.view(len(toks), -1).double().mean(1).tolist()
+    return blocks
+
+
+def reference_evaluate(ev, sae, transform=None):
+    """``Evaluator.evaluate``'s numbers computed the straightforward way: CE per batch on the
+    host, reconstruction metrics of ``raysae.core.metrics`` on all tokens at once."""
+    x = ev.activations()
+    with torch.no_grad():
+        f = sae.encode(x)
+        f = f if transform is None else transform(f)
+        x_hat = sae.decode(f)
+    blocks = reference_block_ce(ev, x_hat)
+    ce_sae, ce_zero = float(np.mean(blocks)), float(np.mean(reference_block_ce(ev, 0 * x)))
+    return {"ce_clean": ev.ce_clean, "ce_sae": ce_sae, "ce_sae_blocks": blocks,
+            "ce_zero": ce_zero,
+            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ev.ce_clean),
+            "l0": metrics.l0(f), "mse": metrics.mse(x, x_hat), "fvu": metrics.fvu(x, x_hat),
+            "cos_sim": metrics.cos_sim(x, x_hat), "l2_ratio": metrics.l2_ratio(x, x_hat)}
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 12])
+def test_evaluate_equals_the_reference_computation(tiny_model, tokens, trained, batch_size):
+    ev = Evaluator(tiny_model, HOOK, tokens, batch_size=batch_size)
+    for transform in (None, lambda f: ablation.lowest_k(f, 3)):
+        got, want = ev.evaluate(trained, transform), reference_evaluate(ev, trained, transform)
+        assert list(got) == list(want)
+        assert all(type(v) is float for k, v in got.items() if k != "ce_sae_blocks")
+        assert all(type(v) is float for v in got["ce_sae_blocks"])
+        np.testing.assert_allclose(got["ce_sae_blocks"], want["ce_sae_blocks"], rtol=1e-5)
+        for key in set(got) - {"ce_sae_blocks"}:
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert ev.ce_with(lambda a: a) == pytest.approx(ev.ce_clean, rel=1e-6)
+
+
+def previous_feature_statistics(source, sae, n_tokens, sample_tokens=feature_stats.SAMPLE_TOKENS,
+                                max_nonzero=feature_stats.MAX_NONZERO):
+    """``feature_statistics`` as it was before it stayed on the device (every chunk copied to
+    the host, its nonzero count read per chunk): the reference for identical output."""
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    tokens, nnz, sample, feats, vals, l0s = 0, 0, [], [], [], []
+    for f in feature_stats.feature_batches(source, sae, n_tokens):
+        f = f.cpu()
+        counts += (f > 0).sum(dim=0).double()
+        tokens += f.shape[0]
+        got = sum(s.shape[0] for s in sample)
+        if got < sample_tokens:
+            sample.append(f[: sample_tokens - got])
+        nnz += int((f > 0).sum())
+        if nnz <= max_nonzero:
+            tok, feat = f.nonzero(as_tuple=True)
+            feats.append(feat)
+            vals.append(f[tok, feat].float())
+            l0s.append((f > 0).sum(dim=-1).to(torch.int32))
+    feat = torch.cat(feats) if feats else torch.zeros(0, dtype=torch.int64)
+    val = torch.cat(vals) if vals else torch.zeros(0)
+    by_value = torch.argsort(val)
+    order = by_value[torch.argsort(feat[by_value], stable=True)]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64),
+                         torch.bincount(feat, minlength=sae.cfg.d_sae).cumsum(0)])
+    token_l0 = torch.cat(l0s) if l0s else torch.zeros(0, dtype=torch.int32)
+    index = feature_stats.NonzeroIndex(val[order], offsets, token_l0)
+    freq = (counts / max(tokens, 1)).float().double().numpy()
+    per = pd.DataFrame({
+        "feature": np.arange(sae.cfg.d_sae, dtype=np.int64), "frequency": freq,
+        "fires": counts.numpy().astype(np.int64),
+        "max_activation": index.quantile(1.0).nan_to_num(0.0).numpy().astype(np.float64),
+        "median_nonzero": index.quantile(0.5).numpy().astype(np.float64),
+        "log10_frequency": np.where(freq > 0, np.log10(np.maximum(freq, 1e-300)), np.nan)})
+    per.attrs.update(n_tokens=tokens, median_tokens=index.n_tokens)
+    f = torch.cat(sample) if sample else torch.zeros(0, sae.cfg.d_sae)
+    tok, feat = f.nonzero(as_tuple=True)
+    smp = pd.DataFrame({"token": tok.numpy().astype(np.int64),
+                        "feature": feat.numpy().astype(np.int64),
+                        "activation": f[tok, feat].numpy().astype(np.float64)})
+    smp.attrs.update(n_tokens=int(f.shape[0]))
+    return per, smp
+
+
+def test_feature_statistics_equal_the_previous_implementation(evaluator, trained):
+    x = torch.randn(9000, trained.cfg.d_in, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        total = int((trained.encode(x) > 0).sum())
+    pieces = list(x.split([1000, 3000, 500, 4500]))
+    cases = [(evaluator, 300, feature_stats.MAX_NONZERO), (x, 8500, feature_stats.MAX_NONZERO),
+             (pieces, None, total // 2), (x, None, total // 2), (pieces, None, 10)]
+    median_tokens = set()
+    for source, n_tokens, cap in cases:
+        got = feature_stats.feature_statistics(source, trained, n_tokens, max_nonzero=cap)
+        want = previous_feature_statistics(source, trained, n_tokens, max_nonzero=cap)
+        for g, w in zip(got, want, strict=True):
+            pd.testing.assert_frame_equal(g, w, check_exact=True)
+            assert g.attrs == w.attrs
+        median_tokens.add(got[0].attrs["median_tokens"])
+    assert 0 in median_tokens and len(median_tokens) == len(cases)  # caps that bite partway
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
+              "__index__")
+
+
+def host_reads(monkeypatch, run, model_calls=()):
+    """Calls of the Tensor methods that read values on the host while ``run()`` runs, except
+    inside ``model_calls`` ((object, method name) pairs: the model's own forward)."""
+    calls, paused = [], []
+
+    def counting(name, orig):
+        def counted(self, *a, **kw):
+            if not paused:
+                calls.append(name)
+            return orig(self, *a, **kw)
+        return counted
+
+    def unseen(orig):
+        def call(*a, **kw):
+            paused.append(1)
+            try:
+                return orig(*a, **kw)
+            finally:
+                paused.pop()
+        return call
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        for obj, name in model_calls:
+            m.setattr(obj, name, unseen(getattr(obj, name)))
+        run()
+    return sorted(calls)
+
+
+def evaluation_reads(monkeypatch, tiny_model, tokens, sae, batch_size):
+    ev = Evaluator(tiny_model, HOOK, tokens, batch_size=batch_size)
+    assert len(ev._batches) == len(tokens) // batch_size
+    model = [(ev, "_logits")]
+    cal = ablation.calibrate(ev, sae)
+    return {
+        "evaluate": host_reads(monkeypatch, lambda: ev.evaluate(sae), model),
+        "ce_with": host_reads(monkeypatch, lambda: ev.ce_with(torch.zeros_like), model),
+        "removes_everything": host_reads(monkeypatch, lambda: ablation.removes_everything(
+            ev, sae, lambda f: ablation.global_threshold(f, 1e9))),
+        "calibrate": host_reads(monkeypatch, lambda: ablation.calibrate(ev, sae)),
+        "sweep": host_reads(monkeypatch, lambda: ablation.threshold_sweep(
+            ev, sae, "quantile", n_points=3, calibration=cal), model),
+    }
+
+
+def test_evaluation_reads_the_host_once_not_per_batch(tiny_model, tokens, trained, monkeypatch):
+    """2 batches vs 12 (and 2 vs 8 activation chunks): the same host reads, a fixed few."""
+    few, many = (evaluation_reads(monkeypatch, tiny_model, tokens, trained, b) for b in (6, 1))
+    assert few == many
+    assert len(many["evaluate"]) <= 2 and len(many["ce_with"]) <= 2, many
+    x = torch.randn(400, trained.cfg.d_in, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cap = int((trained.encode(x) > 0).sum()) * 2 // 3  # bites partway through
+
+    def stats_reads(n_chunks, max_nonzero):
+        return host_reads(monkeypatch, lambda: feature_stats.feature_statistics(
+            list(x.chunk(n_chunks)), trained, None, max_nonzero=max_nonzero))
+
+    for max_nonzero in (feature_stats.MAX_NONZERO, cap):
+        few, many = stats_reads(2, max_nonzero), stats_reads(8, max_nonzero)
+        assert few == many
+        assert many.count("__int__") == (max_nonzero == cap)  # the cap's one read

@@ -136,7 +136,8 @@ def _nan_copy(cache: Path, dest: Path, shard_index: int = 1) -> str:
 def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
     from raysae.core.config import SAEConfig, TrainConfig
     from raysae.core.ensemble import EnsembleTrainer
-    from raysae.core.train import NonFiniteActivationsError, drive
+    from raysae.core.outcome import NonFiniteActivationsError
+    from raysae.core.training import drive
 
     bad = tmp_path / "nan_cache"
     name = _nan_copy(small_cache, bad)
@@ -325,8 +326,12 @@ def test_twenty_concurrent_trials_on_two_cpus(tiny_model_dir, tmp_path):
     print(f"load test: {load}")
     assert load["rc"] == 0, out.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "results" / "trials.parquet")
-    # 20 Optuna trials plus the 5 references and baselines, each once.
-    assert len(trials) == 25 and trials["trial_id"].is_unique
+    # 20 Optuna trials plus the references and the default baselines, each once.
+    from raysae.core.kinds import default_baselines
+    from raysae.core.penalties import reference_points
+
+    assert len(trials) == 20 + len(reference_points()) + len(default_baselines())
+    assert trials["trial_id"].is_unique
     assert (trials["stage"] == "search").sum() == 20
     assert set(trials["status"]) == {"finished"}, trials["status"].value_counts()
     assert trials["ce_sae"].notna().all() and (tmp_path / "results" / "report.html").exists()

@@ -10,10 +10,11 @@ from planted import planted_batches
 from safetensors.torch import load_file
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer, train_ensemble
+from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import KINDS, PAnneal, get_kind
+from raysae.core.outcome import FINISHED
 from raysae.core.sae import SAE
-from raysae.core.train import FINISHED
+from raysae.core.training import train_ensemble
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 32, 128, 64, 6
 TARGETS = [4.0, 8.0]
@@ -47,8 +48,9 @@ def trained():
 
 
 def test_registry_declares_every_kind():
-    assert set(KINDS) == {"relu", "topk", "batchtopk", "panneal"}
+    assert set(KINDS) == {"relu", "topk", "batchtopk", "panneal", "jumprelu", "matryoshka"}
     expect = {"topk": ("TopK", "topk", False), "batchtopk": ("BatchTopK", "jumprelu", False),
+              "matryoshka": ("Matryoshka", "jumprelu", False),
               "panneal": ("p-anneal", "standard", True), "relu": ("ReLU", "standard", True)}
     for name, (label, arch, pen) in expect.items():
         kind = get_kind(name)

@@ -90,11 +90,11 @@ def test_every_registered_penalty_is_a_searchable_family():
     for name, spec in PENALTIES.items():
         space = SearchSpace(SearchConfig(penalty=(name,))).describe()
         assert [d["name"] for d in space] == [f"{name}.{p.name}" for p in spec.searched_params()]
-        assert all(p.name in flags for p in spec.searched_params())
+        assert all(f"{name}_{p.name}" in flags for p in spec.searched_params())
 
 
 def test_public_api():
-    for name in ("TrainConfig", "SAEConfig", "PenaltyConfig", "SAE", "train_sae",
+    for name in ("TrainConfig", "SAEConfig", "PenaltyConfig", "SAE", "train_ensemble",
                  "register_penalty", "job_config", "run_job"):
         assert hasattr(raysae, name), name
 

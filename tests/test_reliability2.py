@@ -193,6 +193,36 @@ def test_gpu_share_comes_from_the_node_types_the_autoscaler_can_launch(tmp_path,
     assert default_gpus_per_trial({"CPU": 0.0}) == 0.0
 
 
+def test_concurrency_comes_from_the_cluster_at_its_largest(tmp_path, monkeypatch):
+    """The documented cluster (0-CPU head, up to 4 workers of {CPU: 4, GPU: 1}) runs 16
+    trials of 1 CPU and 0.25 GPU at once, though none of its workers is alive at start."""
+    from pathlib import Path
+
+    from raysae.search.capacity import default_concurrency, trials_per_node
+
+    assert trials_per_node({"CPU": 4, "GPU": 1}, 1, 0.25) == 4
+    assert trials_per_node({"CPU": 4, "GPU": 1}, 1, 0.3) == 3
+    assert trials_per_node({"CPU": 2}, 1, 0) == 2
+    assert trials_per_node({"CPU": 0}, 1, 0) == 0
+    head = [{"Alive": True, "Resources": {"CPU": 0.0}}]
+    monkeypatch.setenv("RAYSAE_AUTOSCALER_CONFIG", str(tmp_path / "none.yaml"))
+    assert default_concurrency([{"Alive": True, "Resources": {"CPU": 2.0}}], 1, 0) == 2
+    assert default_concurrency(head, 1, 0) == 1  # nothing fits: still one at a time
+    monkeypatch.setenv("RAYSAE_AUTOSCALER_CONFIG",
+                       str(Path(__file__).resolve().parents[1] / "cluster.yaml"))
+    assert default_concurrency(head, 1, 0.25) == 16
+    assert default_concurrency(head, 2, 0.25) == 8  # CPUs bind first
+    config = tmp_path / "cluster.yaml"
+    config.write_text("max_workers: 3\nhead_node_type: h\navailable_node_types:\n"
+                      "  h: {resources: {CPU: 2}}\n"
+                      "  small: {resources: {CPU: 1, GPU: 1}, max_workers: 5}\n"
+                      "  big: {resources: {CPU: 8, GPU: 4}, max_workers: 2}\n")
+    monkeypatch.setenv("RAYSAE_AUTOSCALER_CONFIG", str(config))
+    # the cap of 3 workers: 2 big (4 each at 1 GPU) and 1 small; the head has no GPU
+    assert default_concurrency(head, 1, 1) == 2 * 4 + 1
+    assert default_concurrency(head, 1, 0) == 2 + 2 * 8 + 1  # CPU-only trials: head too
+
+
 # --- resume with changed settings ---------------------------------------------------------
 
 def test_resume_with_changed_settings_is_refused(tiny_model_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 table, trial restart from checkpoint, divergence, and the main script."""
 
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -68,7 +69,7 @@ def test_space_is_built_from_the_registry():
         penalty=("power", "tanh", "log"),
         lambda_mode="search",
         objective="pareto",
-        ranges={"p": (0.3, 0.9)},
+        ranges={"power.p": (0.3, 0.9)},
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
@@ -95,6 +96,24 @@ def test_space_is_built_from_the_registry():
     ]
     control = SearchSpace(SearchConfig())
     assert [d["name"] for d in control.describe()] == ["power.p", "power.eps"]
+
+
+def test_each_family_has_its_own_range_flags():
+    """--power-eps-range and --log-eps-range reach their own family only (both have an eps);
+    the flags come from the registry."""
+    from raysae.cli import build_parser
+    from raysae.cli.flags import given
+    from raysae.search.config import job_config
+
+    args = build_parser().parse_args(
+        ["search", "--penalty", "power", "log", "--power-eps-range", "0.01", "0.1",
+         "--log-eps-range", "0.5", "1"])
+    search = job_config(**{k: v for k, v in given(args).items() if k != "preset"}).search
+    assert search.ranges == {"power.eps": (0.01, 0.1), "log.eps": (0.5, 1.0)}
+    space = SearchSpace(search).params
+    assert ("eps", 0.01, 0.1, True) in space["power"]
+    assert ("eps", 0.5, 1.0, True) in space["log"]
+    assert ("p", 0.1, 1.0, False) in space["power"]  # not given: the registry's
 
 
 def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache, tmp_path):
@@ -145,6 +164,18 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
     assert set(ablations["trial_id"]) == set(trials["trial_id"])  # every member's curve
     assert set(ablations["method"]) == {"global_threshold"}
     assert (out / "feature_stats.parquet").exists() and (out / "search.json").exists()
+    # Where the time went: each trial's own phases, and per stage the core-seconds of each
+    # against the stage's wall time x slots.
+    assert (trials[["setup_seconds", "train_seconds", "eval_seconds"]] > 0).all().all()
+    spent = json.loads((out / "search.json").read_text())["provenance"]["core_seconds"]
+    assert set(spent) == {"refs", "search", "total"}
+    for stage, parts in spent.items():
+        assert set(parts) == {"train", "eval", "setup", "outside_trials", "available"}
+        inside = parts["train"] + parts["eval"] + parts["setup"]
+        assert 0 < inside <= parts["available"] + 0.5, (stage, parts)
+        assert parts["outside_trials"] == pytest.approx(parts["available"] - inside, abs=0.5)
+    assert spent["total"]["train"] == pytest.approx(
+        spent["refs"]["train"] + spent["search"]["train"], abs=0.2)
 
 
 @pytest.mark.parametrize(("kind", "every", "restored"),
@@ -209,15 +240,6 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, tiny_cache):
         make_plan("x", "st", spec, num_trials=0)
     with pytest.raises(ValueError, match="lambda_mode 'control' needs targets"):
         _spec(tiny_model_dir, tiny_cache, lambda_mode="control")
-
-
-def test_live_concurrency_leaves_room_for_harvest_actors():
-    from raysae.search.tune_setup import live_concurrency
-
-    assert live_concurrency(2, 4) == 1  # 2 CPUs: one trial (0.5) + its actor (1)
-    assert live_concurrency(16, 4) == 4
-    assert live_concurrency(16, 20) == 10
-    assert live_concurrency(1, 4) == 1
 
 
 def test_live_streaming_search_on_two_cpus_does_not_deadlock(tiny_model_dir, ray_local, tmp_path):

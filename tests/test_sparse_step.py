@@ -12,7 +12,6 @@ from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.penalties import penalty_per_token
 from raysae.core.sparse_step import active_forward
-from raysae.core.train import Trainer
 
 D_IN, D_SAE = 32, 256
 
@@ -77,10 +76,10 @@ def test_sparse_training_ends_at_the_dense_loss(penalty):
     runs = {}
     for mode in ("off", "on"):
         cfg = _cfg(penalty=penalty, sparse_step=mode, l0_target=8.0, log_every=20)
-        trainer = Trainer(cfg)
+        trainer = EnsembleTrainer(cfg, [cfg.l0_target])
         for x in batches:
             trainer.step(x)
-        runs[mode] = trainer.history[-1]
+        runs[mode] = trainer.history[0][-1]
     dense, sparse = runs["off"], runs["on"]
     assert sparse["loss"] == pytest.approx(dense["loss"], rel=2e-3)
     assert sparse["l0"] == pytest.approx(dense["l0"], rel=0.02)
@@ -126,7 +125,10 @@ class _SyncCounter:
 
 @pytest.mark.parametrize("kind, sparse_step", [("relu", "off"), ("relu", "on"),
                                                ("panneal", "auto"), ("topk", "auto"),
-                                               ("batchtopk", "auto")])
+                                               ("topk", "on"),
+                                               ("batchtopk", "auto"), ("batchtopk", "on"),
+                                               ("matryoshka", "auto"),
+                                               ("matryoshka", "on"), ("jumprelu", "auto")])
 def test_no_host_sync_in_100_steps_between_logging_steps(monkeypatch, kind, sparse_step):
     cfg = _cfg(kind=kind, sparse_step=sparse_step, total_tokens=256 * 101, log_every=101)
     trainer = EnsembleTrainer(cfg, [4.0, 8.0])
@@ -141,8 +143,12 @@ def test_no_host_sync_in_100_steps_between_logging_steps(monkeypatch, kind, spar
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_no_device_sync_on_a_gpu():
-    cfg = _cfg(device="cuda", total_tokens=256 * 60, log_every=1000)
+@pytest.mark.parametrize("kind, sparse_step", [("relu", "auto"), ("topk", "on"),
+                                               ("batchtopk", "on"), ("matryoshka", "on")])
+def test_no_device_sync_on_a_gpu(kind, sparse_step):
+    """Dense relu, and the fixed-k decoder of every fixed-k kind."""
+    cfg = _cfg(kind=kind, sparse_step=sparse_step, device="cuda", total_tokens=256 * 60,
+               log_every=1000)
     trainer = EnsembleTrainer(cfg, [4.0, 8.0])
     batches = [x.cuda() for x in planted_batches(D_IN, 128, 4, steps=60, batch_size=256)]
     trainer.step(batches[0])
@@ -158,11 +164,12 @@ def test_bf16_autocast_trains_with_fp32_loss_and_weights():
     batches = list(planted_batches(D_IN, 128, 4, steps=40, batch_size=256))
     rows = {}
     for bf16 in (False, True):
-        trainer = Trainer(_cfg(autocast_bf16=bf16, sparse_step="off", l0_target=8.0,
-                               total_tokens=256 * 40, log_every=40))
+        cfg = _cfg(autocast_bf16="on" if bf16 else "off", sparse_step="off",
+                   total_tokens=256 * 40, log_every=40)
+        trainer = EnsembleTrainer(cfg, [8.0])
         for x in batches:
             trainer.step(x)
-        assert all(p.dtype == torch.float32 for p in trainer.ladder.model.parameters())
-        rows[bf16] = trainer.history[-1]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        rows[bf16] = trainer.history[0][-1]
     assert torch.isfinite(torch.tensor(rows[True]["loss"]))
     assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=0.05)

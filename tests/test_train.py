@@ -1,4 +1,4 @@
-"""train_sae: recovers planted directions, diverges cleanly, resumes exactly."""
+"""One SAE (a ladder of one): recovers planted directions, diverges cleanly, resumes exactly."""
 
 import math
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.train import (
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.outcome import (
     DATA_EXHAUSTED,
     DIVERGED,
     FINISHED,
     CheckpointError,
     NonFiniteActivationsError,
-    Trainer,
-    train_sae,
 )
+from raysae.core.training import drive, ladder_of_one
 
 D_IN, N_TRUE, K_ACTIVE = 32, 64, 3
 
@@ -42,11 +42,17 @@ def _cfg(p, lam, **kw):
     return TrainConfig(**base)
 
 
+def _train_one(cfg, batches, trainer=None):
+    """One SAE trained to the end: the one member's result."""
+    (result,) = drive(trainer or ladder_of_one(cfg), batches)
+    return result
+
+
 @pytest.mark.parametrize("p, lam", [(1.0, 3.0), (0.5, 3.0)])
 def test_recovers_planted_directions(p, lam):
     torch.manual_seed(0)
     truth = _dictionary()
-    result = train_sae(_cfg(p, lam), _sparse_batches(truth))
+    result = _train_one(_cfg(p, lam), _sparse_batches(truth))
     assert result.status == FINISHED and result.steps == 700
     learned = result.sae.W_dec.detach()
     learned = learned / learned.norm(dim=1, keepdim=True)
@@ -61,14 +67,14 @@ def test_recovers_planted_directions(p, lam):
 
 def test_normalization_scale_makes_mean_squared_norm_d_in():
     x = torch.randn(512, D_IN) * 10
-    trainer = Trainer(_cfg(1.0, 1.0, total_tokens=1024))
+    trainer = ladder_of_one(_cfg(1.0, 1.0, total_tokens=1024))
     trainer.step(x)
     assert trainer.scale == pytest.approx(math.sqrt(D_IN / x.pow(2).sum(-1).mean().item()))
 
 
 def test_divergence_ends_with_status_not_exception():
     batches = iter([torch.randn(1024, D_IN) * 1e30] * 10)
-    result = train_sae(_cfg(1.0, 1.0, normalize_activations=False), batches)
+    result = _train_one(_cfg(1.0, 1.0, normalize_activations=False), batches)
     assert result.status == DIVERGED and "step" in result.reason
 
 
@@ -76,20 +82,20 @@ def test_nan_activations_are_named_not_trained_on():
     x = torch.randn(1024, D_IN)
     x[5, 3] = float("nan")
     with pytest.raises(NonFiniteActivationsError, match="NaN/inf in 1 of 1024 rows"):
-        train_sae(_cfg(1.0, 1.0), iter([x]))
+        _train_one(_cfg(1.0, 1.0), iter([x]))
 
 
 def test_short_stream_is_reported_as_exhausted():
-    result = train_sae(_cfg(1.0, 1.0), iter([torch.randn(1024, D_IN)] * 3))
+    result = _train_one(_cfg(1.0, 1.0), iter([torch.randn(1024, D_IN)] * 3))
     assert result.status == DATA_EXHAUSTED and result.steps == 3 and "ran out" in result.reason
 
 
 def test_fixed_lambda_warms_up_then_stays():
     truth = _dictionary()
     cfg = _cfg(1.0, 2.0, lam_warmup_frac=0.1, total_tokens=1024 * 40, log_every=2)
-    trainer = Trainer(cfg)  # 4 warm-up steps
-    assert trainer.current_lam() == pytest.approx(2.0 / 4)
-    result = train_sae(cfg, _sparse_batches(truth), trainer=trainer)
+    trainer = ladder_of_one(cfg)  # 4 warm-up steps
+    assert trainer.current_lam().tolist() == pytest.approx([2.0 / 4])
+    result = _train_one(cfg, _sparse_batches(truth), trainer=trainer)
     assert [row["lam"] for row in result.history[:3]] == pytest.approx([1.0, 2.0, 2.0])
     assert {row["lam"] for row in result.history[2:]} == {2.0} and result.lam == 2.0
 
@@ -97,7 +103,7 @@ def test_fixed_lambda_warms_up_then_stays():
 def test_controller_reaches_target_l0_then_freezes():
     truth = _dictionary()
     cfg = _cfg(0.5, 0.01, l0_target=4.0, total_tokens=1024 * 400)  # controls 320 steps
-    result = train_sae(cfg, _sparse_batches(truth))
+    result = _train_one(cfg, _sparse_batches(truth))
     assert result.lam > 1.0  # started at 0.01: the controller did the work
     x = next(_sparse_batches(truth, 4096, seed=7))
     l0 = (result.sae.encode(x) > 0).float().sum(-1).mean().item()
@@ -110,12 +116,12 @@ def test_checkpoint_resume_reproduces_uninterrupted_run():
     truth = _dictionary()
     cfg = _cfg(0.5, 1.0, total_tokens=1024 * 40, log_every=10)
     batches = list(zip(range(40), _sparse_batches(truth)))
-    full = train_sae(cfg, (b for _, b in batches))
-    first = Trainer(cfg)
+    full = _train_one(cfg, (b for _, b in batches))
+    first = ladder_of_one(cfg)
     for _, b in batches[:25]:
         first.step(b)
-    resumed = Trainer.from_bytes(first.to_bytes())
-    result = train_sae(cfg, (b for _, b in batches[25:]), trainer=resumed)
+    resumed = EnsembleTrainer.from_bytes(first.to_bytes())
+    result = _train_one(cfg, (b for _, b in batches[25:]), trainer=resumed)
     assert result.steps == full.steps == 40
     assert torch.allclose(result.sae.W_dec, full.sae.W_dec, atol=1e-6)
     assert [r["step"] for r in result.history] == [r["step"] for r in full.history]
@@ -125,8 +131,8 @@ def test_unsafe_or_truncated_checkpoint_refused():
     import pickle
 
     cfg = _cfg(1.0, 1.0, total_tokens=1024 * 2)
-    data = Trainer(cfg).to_bytes()
+    data = ladder_of_one(cfg).to_bytes()
     with pytest.raises(CheckpointError, match="unreadable or unsafe"):
-        Trainer.from_bytes(data[: len(data) // 2])
+        EnsembleTrainer.from_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
-        Trainer.from_bytes(pickle.dumps(print))
+        EnsembleTrainer.from_bytes(pickle.dumps(print))

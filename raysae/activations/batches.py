@@ -27,7 +27,12 @@ from raysae.activations.reader import (
     prefetched,
 )
 from raysae.activations.shards import map_shard
-from raysae.activations.source import ActivationSource, from_storage
+from raysae.activations.source import (
+    ActivationSource,
+    from_storage,
+    harvest_order,
+    source_block_stream,
+)
 
 LIVE_SHUFFLE_BUFFER = 32_768  # rows mixed at once when streaming from the live pipeline
 
@@ -72,8 +77,16 @@ def shuffled_batches(chunks: Callable[[int], Iterator[np.ndarray]], batch_size: 
 
 def _live_batches(source: ActivationSource, batch_size: int, n_tokens: int | None,
                   seed: int) -> Iterator[torch.Tensor]:
-    def chunks(epoch: int) -> Iterator[np.ndarray]:
-        for batch in iter_harvest(source):
+    """The model runs in this process, on its device (a trial's own GPU share, as SAELens's
+    activation store does; a Ray Data pool would ask for GPUs and CPUs of its own that the
+    trials hold), and each epoch harvests the corpus's next blocks: no token twice until the
+    corpus runs out."""
+    epochs = source_block_stream(source)
+
+    def chunks(epoch: int) -> Iterator[np.ndarray]:  # called once per epoch, in order
+        blocks = next(epochs)
+        order = harvest_order(len(blocks), seed * 1_000_003 + epoch)  # as a cache's
+        for batch in iter_harvest(source, blocks, in_process=True, order=order):
             yield from_storage(np.asarray(batch["act"]), source.dtype)
 
     return shuffled_batches(chunks, batch_size, n_tokens or source.n_tokens,
@@ -88,8 +101,8 @@ def iter_activation_batches(source: ActivationSource | str | os.PathLike, batch_
                             ) -> Iterator[torch.Tensor]:
     """Shuffled batches [batch_size, d_in] from a cache folder or a live source.
 
-    `n_tokens` rows in all (default: one pass); more than the source holds loops over it
-    again (the live pipeline re-runs each epoch); every row comes once per epoch. `seed`
+    `n_tokens` rows in all (default: one pass); more than a cache holds loops over it again
+    (every row once per epoch), while the live pipeline harvests the corpus's next tokens. `seed`
     fixes the order. A cache's batches keep its stored dtype (float32, float16, bfloat16;
     trainers convert on their device); the live pipeline's are float32.
     Cache only: `expect` refuses a cache built with other settings; every shard's checksum is

@@ -34,7 +34,12 @@ from raysae.activations.shards import (
     write_shard,
     write_stamp,
 )
-from raysae.activations.source import FORMAT_VERSION, ActivationSource, source_blocks
+from raysae.activations.source import (
+    FORMAT_VERSION,
+    ActivationSource,
+    harvest_order,
+    source_blocks,
+)
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "PROGRESS", "CacheError", "build_cache",
            "load_manifest", "open_cache", "read_shard", "verify_cache", "write_arrays_cache"]
@@ -106,7 +111,8 @@ def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
         pending, rows = [], 0
 
     with bar:  # closed (its line ended) before any error is printed
-        for batch in iter_harvest(src, blocks, skip_blocks=done, in_process=in_process):
+        for batch in iter_harvest(src, blocks, skip_blocks=done, in_process=in_process,
+                                  order=harvest_order(len(blocks))):
             pending.append(batch)
             rows += len(batch["act"])
             bar.update(len(batch["act"]))

@@ -72,12 +72,14 @@ def harvest_dataset(src: ActivationSource, blocks: np.ndarray, block_ids: np.nda
 
 def iter_harvest(src: ActivationSource, blocks: np.ndarray | None = None,
                  skip_blocks: set[int] | None = None, *,
-                 in_process: bool = False) -> Iterator[dict]:
+                 in_process: bool = False, order: np.ndarray | None = None) -> Iterator[dict]:
     """Run the pipeline; yield its output batches (each holds whole blocks) as numpy dicts.
     ``in_process``: run the model here, on this process's device (a trial's own GPU share),
-    instead of a Ray Data actor pool that would ask for GPUs of its own."""
+    instead of a Ray Data actor pool that would ask for GPUs of its own. ``order``: the
+    block indices in the order to harvest them (default: corpus order); rows keep each
+    block's index in ``blocks`` as ``block_id``."""
     blocks = source_blocks(src) if blocks is None else blocks
-    ids = np.arange(len(blocks))
+    ids = np.arange(len(blocks)) if order is None else np.asarray(order, dtype=np.int64)
     if skip_blocks:
         ids = ids[~np.isin(ids, np.fromiter(skip_blocks, dtype=np.int64))]
     if len(ids) == 0:

@@ -2,8 +2,9 @@
 
 A difference is claimed only when its 95% interval excludes 0; otherwise the sentence says
 "no detectable difference" and still gives the interval. Differences are CE(penalty) -
-CE(reference) at the same target L0 (negative: the penalty is better), paired by seed
-(raysae.analysis.confidence).
+CE(reference) at the reference's achieved L0 (basis ``matched_l0``; ``target`` for results
+written before it existed; negative: the penalty is better), paired by seed, searched
+proposals on the seeds that did not choose them (raysae.analysis.confidence).
 """
 
 from __future__ import annotations
@@ -14,15 +15,78 @@ import math
 import numpy as np
 import pandas as pd
 
-REFERENCE_LABELS = ("L1", "sqrt", "sqrt(sqrt)")
+from raysae.analysis.confidence import REFERENCES
+from raysae.core.kinds import baseline_labels
+from raysae.core.penalties import reference_points
+
+REFERENCE_LABELS = tuple(label for label, _name, _params in reference_points())
+"""The penalty registry's reference labels (the study's L1, sqrt, sqrt(sqrt))."""
+
+
+def fixed_labels() -> tuple[str, ...]:
+    """Labels that are references, never searched proposals: the reference penalties and
+    the registered baseline kinds (read at call time: plugins may add kinds)."""
+    return (*REFERENCE_LABELS, *baseline_labels())
+
+
+def comparison_references() -> tuple[str, ...]:
+    """What every label is compared against: L1, sqrt and the baseline kinds."""
+    return (*REFERENCES, *baseline_labels())
+
+
+CLAIM_BASIS = "matched_l0"
+
+
+def claim_rows(comparisons: pd.DataFrame | None, budget: float = 1.0) -> pd.DataFrame | None:
+    """The comparisons the claims rest on: basis ``matched_l0`` where present, at the
+    search's own training budget (``budget`` 1; a budget check's rows have its factor)."""
+    if comparisons is None:
+        return None
+    if "budget" in comparisons:
+        comparisons = comparisons[comparisons["budget"].fillna(1.0) == budget]
+    if "basis" not in comparisons:
+        return comparisons
+    matched = comparisons[comparisons["basis"] == CLAIM_BASIS]
+    return matched if len(matched) else comparisons[comparisons["basis"] == "target"]
+
+
+def budget_table(comparisons: pd.DataFrame | None) -> pd.DataFrame:
+    """Each comparison of the budget check's SAEs at 1x tokens beside the same one at k x:
+    does the claim keep its sign, and its significance?"""
+    cols = ["label", "reference", "target_l0", "budget", "at 1x", "at k x", "same sign",
+            "significance kept"]
+    if comparisons is None or "budget" not in comparisons:
+        return pd.DataFrame(columns=cols)
+    keys = ["label", "family", "reference", "target_l0"]
+    base = claim_rows(comparisons, 1.0)
+    rows = []
+    for k in sorted(set(comparisons["budget"].dropna()) - {1.0}):
+        longer = claim_rows(comparisons, k)
+        both = base.merge(longer, on=keys, suffixes=("_1", "_k"))
+        for _, r in both.iterrows():
+            one = {c[:-2]: r[c] for c in r.index if c.endswith("_1")}
+            more = {c[:-2]: r[c] for c in r.index if c.endswith("_k")}
+            rows.append({"label": r["label"], "reference": r["reference"],
+                         "target_l0": r["target_l0"], "budget": f"{k:g}x",
+                         "at 1x": interval_text(one), "at k x": interval_text(more),
+                         "same sign": bool(np.sign(one["delta_ce_mean"])
+                                           == np.sign(more["delta_ce_mean"])),
+                         "significance kept": bool(one["significant"]) == bool(
+                             more["significant"])})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["reference", "label", "target_l0"], na_position="last",
+                           ignore_index=True) if len(out) else out
 
 
 def interval_text(row) -> str:
     """'-0.062 nats [-0.081, -0.043], 3 seeds'."""
+    biased = "" if bool(row.get("fresh_seeds_only", True)) else (
+        "; on the replicate that chose it, biased in its favour")
     if not math.isfinite(row["ci_low"]):
-        return f"{row['delta_ce_mean']:+.3f} nats (no interval: {int(row['n_seeds'])} seed)"
+        return (f"{row['delta_ce_mean']:+.3f} nats (no interval: {int(row['n_seeds'])} seed"
+                f"{biased})")
     return (f"{row['delta_ce_mean']:+.3f} nats [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
-            f"{int(row['n_seeds'])} seed{'s' if row['n_seeds'] != 1 else ''}")
+            f"{int(row['n_seeds'])} seed{'s' if row['n_seeds'] != 1 else ''}{biased}")
 
 
 def verdict(row, reference: str) -> str:
@@ -41,9 +105,9 @@ def _name(row) -> str:
 def headline(comparisons: pd.DataFrame | None) -> list[str]:
     """Sentences: sqrt vs L1 per target and over the ladder; the best searched penalty
     whose advantage over sqrt is significant, or that none is."""
-    if comparisons is None or not len(comparisons):
+    c = claim_rows(comparisons)
+    if c is None or not len(c):
         return []
-    c = comparisons
     items = []
     vs_l1 = c[(c["label"] == "sqrt") & (c["reference"] == "L1")]
     per = vs_l1[vs_l1["target_l0"].notna()].sort_values("target_l0")
@@ -52,8 +116,8 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
         items.append("The study's question, <b>sqrt vs L1</b> at each target: "
                      + "; ".join(parts) + ".")
     score = c[c["target_l0"].isna()]
-    searched = score[~score["label"].isin((*REFERENCE_LABELS, "TopK", "BatchTopK"))
-                     & (score["reference"] == "sqrt")]
+    searched = _confirmed(score[~score["label"].isin(fixed_labels())
+                                & (score["reference"] == "sqrt")])
     if len(searched):
         wins = searched[searched["significant"] & (searched["delta_ce_mean"] < 0)]
         if len(wins):
@@ -65,7 +129,7 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
             items.append("No searched penalty beats sqrt detectably over the ladder; the "
                          f"closest, <b>{_name(r)}</b>: {verdict(r, 'sqrt')}.")
     best = _best_searched(score)
-    for baseline in ("TopK", "BatchTopK"):
+    for baseline in baseline_labels():
         r = score[(score["label"] == best) & (score["reference"] == baseline)]
         if best is not None and len(r):
             items.append(f"<b>{html.escape(best)}</b> against <b>{baseline}</b> over the "
@@ -76,9 +140,17 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
     return items
 
 
+def _confirmed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Proposals judged on fresh seeds, when any is (the others were judged on the replicate
+    that chose them)."""
+    if "fresh_seeds_only" not in rows or not rows["fresh_seeds_only"].any():
+        return rows
+    return rows[rows["fresh_seeds_only"].astype(bool)]
+
+
 def _best_searched(score: pd.DataFrame) -> str | None:
     """The searched label with the lowest ladder-mean difference to sqrt (or to L1)."""
-    searched = score[~score["label"].isin((*REFERENCE_LABELS, "TopK", "BatchTopK"))]
+    searched = _confirmed(score[~score["label"].isin(fixed_labels())])
     for reference in ("sqrt", "L1"):
         s = searched[searched["reference"] == reference]
         if len(s):
@@ -89,7 +161,9 @@ def _best_searched(score: pd.DataFrame) -> str | None:
 def target_winners(comparisons: pd.DataFrame | None) -> pd.DataFrame:
     """Per target: the label with the lowest CE difference to L1 and whether it is
     significant against L1 and against sqrt (the study found the winner changes with L0)."""
-    cols = ["target_l0", "label", "family", "vs_L1", "vs_sqrt", "vs_TopK", "vs_BatchTopK"]
+    refs = comparison_references()
+    cols = ["target_l0", "label", "family", *(f"vs_{ref}" for ref in refs)]
+    comparisons = claim_rows(comparisons)
     if comparisons is None or not len(comparisons):
         return pd.DataFrame(columns=cols)
     c = comparisons[comparisons["target_l0"].notna()]
@@ -100,7 +174,7 @@ def target_winners(comparisons: pd.DataFrame | None) -> pd.DataFrame:
             continue
         best = l1.loc[l1["delta_ce_mean"].idxmin()]
         row = {"target_l0": t, "label": best["label"], "family": best["family"]}
-        for ref in ("L1", "sqrt", "TopK", "BatchTopK"):
+        for ref in refs:
             r = g[(g["reference"] == ref) & (g["label"] == best["label"])]
             row[f"vs_{ref}"] = (interval_text(r.iloc[0]) + ("" if r.iloc[0]["significant"]
                                                             else " (n.s.)")) if len(r) else (
@@ -125,4 +199,5 @@ def ladder_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order].reset_index()
 
 
-__all__ = ["headline", "interval_text", "ladder_table", "target_winners", "verdict", "np"]
+__all__ = ["budget_table", "claim_rows", "comparison_references", "fixed_labels", "headline",
+           "interval_text", "ladder_table", "target_winners", "verdict", "np"]

@@ -36,8 +36,10 @@ is underestimated; Cochran-Cox covered 0.94-0.97 across seed-, block- and
 interaction-dominated noise (tests/test_confidence.py checks 0.9-0.99).
 Special cases (column ``interval``): R = 1 with blocks, ``blocks``: var_b(D) / B with
 t(B-1), the held-out noise only, an honest statement about these trained SAEs and not about
-the seed population; no per-block CE (or blocks of unequal length), ``seeds``: the paired t;
-R = 1 without blocks, ``none``: NaN interval, never significant.
+the seed population, so never ``significant`` (a claim needs seeds: seed noise at L0 8 is
+0.03-0.04 nats, more than the held-out noise); no per-block CE (or blocks of unequal
+length), ``seeds``: the paired t; R = 1 without blocks, ``none``: NaN interval, never
+significant.
 
 Frontier score (rows with ``target_l0`` NaN): per seed, the mean over the ladder's targets of
 the paired difference (and per block likewise), then the same interval. The targets are
@@ -54,10 +56,17 @@ from scipy import stats
 
 FINISHED = "finished"
 REFERENCES = ("L1", "sqrt")
-KEYS = ("family", "label", "reference", "target_l0")
+BASES = ("target", "matched_l0")
+"""``target``: both SAEs trained for the same target L0. ``matched_l0``: the label's CE read
+off its own ladder at the reference's achieved held-out L0 (per seed, linear in log L0
+between the two rungs around it, never beyond its ends), so an L0 miss is not charged as CE."""
+SELECTION_STAGE = "search"
+"""Rows of this stage are the replicate that chose a searched proposal (its seed 0)."""
+KEYS = ("family", "label", "reference", "basis", "target_l0")
 COLUMNS = (*KEYS, "n_seeds", "delta_ce_mean", "ci_low", "ci_high", "significant",
-           "se", "t_quantile", "interval")
-PAIRED_COLUMNS = (*KEYS, "seed", "ce", "ce_reference", "delta_ce", "delta_blocks")
+           "se", "t_quantile", "interval", "l0_reference", "fresh_seeds_only")
+PAIRED_COLUMNS = (*KEYS, "seed", "ce", "ce_reference", "delta_ce", "delta_blocks",
+                  "l0_reference")
 _CELL = ["label", "seed", "target_l0"]
 
 
@@ -84,13 +93,48 @@ def _cells(trials: pd.DataFrame) -> pd.DataFrame:
     t = trials[(trials["status"] == FINISHED) & trials["ce_sae"].notna()].copy()
     if "ce_sae_blocks" not in t:
         t["ce_sae_blocks"] = None
+    if "l0" not in t:
+        t["l0"] = np.nan
     t["seed"] = t["seed"].astype(int)
     t["target_l0"] = t["target_l0"].astype(float)
     rows = [{"label": label, "seed": seed, "target_l0": target,
              "family": g["family"].iloc[0], "ce": float(g["ce_sae"].mean()),
-             "blocks": _mean_blocks(g["ce_sae_blocks"])}
+             "blocks": _mean_blocks(g["ce_sae_blocks"]), "l0": float(g["l0"].mean())}
             for (label, seed, target), g in t.groupby(_CELL, sort=True)]
-    return pd.DataFrame(rows, columns=[*_CELL, "family", "ce", "blocks"])
+    return pd.DataFrame(rows, columns=[*_CELL, "family", "ce", "blocks", "l0"])
+
+
+def fresh_replicates(trials: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
+    """(the rows comparisons use, the labels compared on their selection replicate only).
+
+    A searched proposal was chosen on its seed-0 ladder (stage ``search``), so that replicate
+    is biased in its favour (winner's curse); where the confirmation retrained it with fresh
+    seeds, only those count. References and baselines keep every seed (nothing chose them).
+    A proposal never confirmed keeps its selection rows, flagged (``fresh_seeds_only``
+    False in the comparisons)."""
+    if "stage" not in trials:
+        return trials, set()
+    chosen = trials["stage"] == SELECTION_STAGE
+    proposals = set(trials.loc[chosen, "label"])
+    confirmed = set(trials.loc[~chosen & trials["label"].isin(proposals), "label"])
+    keep = ~(chosen & trials["label"].isin(confirmed))
+    return trials[keep], proposals - confirmed
+
+
+def _ladder_at(x: np.ndarray, y: np.ndarray, blocks: list, l0: float):
+    """(ce, blocks) of one ladder (log L0 ``x`` ascending, CE ``y``, per-block CE ``blocks``)
+    at held-out L0 ``l0``, linear in log L0 between the rungs around it; None outside."""
+    if not len(x) or not np.isfinite(l0) or l0 <= 0:
+        return None
+    at = np.log(l0)
+    if at < x[0] - 1e-12 or at > x[-1] + 1e-12:
+        return None
+    j = int(np.clip(np.searchsorted(x, at), 1, len(x) - 1)) if len(x) > 1 else 0
+    i = max(j - 1, 0)
+    w = 0.0 if x[j] == x[i] else float(np.clip((at - x[i]) / (x[j] - x[i]), 0.0, 1.0))
+    mixed = (None if blocks[i] is None or blocks[j] is None or blocks[i].size != blocks[j].size
+             else (1 - w) * blocks[i] + w * blocks[j])
+    return (1 - w) * y[i] + w * y[j], mixed
 
 
 def _reference_label(cells: pd.DataFrame, reference: str) -> str | None:
@@ -100,27 +144,55 @@ def _reference_label(cells: pd.DataFrame, reference: str) -> str | None:
     return str(labels[0]) if len(labels) == 1 else None
 
 
-def paired_differences(trials: pd.DataFrame, reference: str = "L1") -> pd.DataFrame:
+def paired_differences(trials: pd.DataFrame, reference: str = "L1",
+                       basis: str = "target") -> pd.DataFrame:
     """Per-seed paired differences to ``reference`` for every other label and target L0.
 
     One row per (label, target_l0, seed) both the label and the reference finished:
-    ``delta_ce = ce - ce_reference`` and ``delta_blocks`` (per-block difference, or None).
+    ``delta_ce = ce - ce_reference`` and ``delta_blocks`` (per-block difference, or None);
+    with ``basis`` ``matched_l0`` the label's CE is read at the reference's achieved L0
+    (``BASES``), and a pair whose L0 lies outside the label's ladder is left out.
     """
-    cells = _cells(trials)
+    return _pairs(_cells(trials), reference, basis)
+
+
+def _pairs(cells: pd.DataFrame, reference: str, basis: str) -> pd.DataFrame:
+    """``paired_differences`` from the trials' cells (``_cells``)."""
+    if basis not in BASES:
+        raise ValueError(f"basis={basis!r} is not one of {BASES}")
     ref_label = _reference_label(cells, reference)
     if ref_label is None:
         return pd.DataFrame(columns=list(PAIRED_COLUMNS))
     ref = cells[cells["label"] == ref_label]
-    ref = ref[["seed", "target_l0", "ce", "blocks"]].rename(
-        columns={"ce": "ce_reference", "blocks": "blocks_reference"})
-    pairs = cells[cells["label"] != ref_label].merge(ref, on=["seed", "target_l0"])
-    pairs["reference"] = reference
+    ref = ref[["seed", "target_l0", "ce", "blocks", "l0"]].rename(
+        columns={"ce": "ce_reference", "blocks": "blocks_reference", "l0": "l0_reference"})
+    others = cells[cells["label"] != ref_label]
+    if basis == "matched_l0":
+        others = _matched(others, ref)
+    pairs = others.drop(columns="l0").merge(ref, on=["seed", "target_l0"])
+    pairs["reference"], pairs["basis"] = reference, basis
     pairs["delta_ce"] = pairs["ce"] - pairs["ce_reference"]
     pairs["delta_blocks"] = [
         a - b if a is not None and b is not None and a.size == b.size else None
         for a, b in zip(pairs["blocks"], pairs["blocks_reference"], strict=True)]
     pairs = pairs.sort_values(["label", "target_l0", "seed"], ignore_index=True)
     return pairs[list(PAIRED_COLUMNS)]
+
+
+def _matched(others: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
+    """``others``' cells re-read at the reference's achieved L0 of the same seed and target."""
+    rows = []
+    for (label, seed), cells in others.groupby(["label", "seed"], sort=False):
+        ladder = cells[np.isfinite(cells["l0"]) & (cells["l0"] > 0)].sort_values("l0")
+        x, y = np.log(ladder["l0"].to_numpy(float)), ladder["ce"].to_numpy(float)
+        blocks = list(ladder["blocks"])
+        for _, r in ref[ref["seed"] == seed].iterrows():
+            got = _ladder_at(x, y, blocks, r["l0_reference"])
+            if got is not None:
+                rows.append({"label": label, "seed": seed, "target_l0": r["target_l0"],
+                             "family": cells["family"].iloc[0], "ce": got[0],
+                             "blocks": got[1], "l0": r["l0_reference"]})
+    return pd.DataFrame(rows, columns=[*_CELL, "family", "ce", "blocks", "l0"])
 
 
 def _terms(d: np.ndarray, blocks: np.ndarray | None) -> tuple[list[tuple[float, float]], str]:
@@ -156,7 +228,8 @@ def _interval(d: np.ndarray, blocks: np.ndarray | None, level: float) -> dict:
     low, high = mean - q * se, mean + q * se
     ok = bool(np.isfinite(low) and np.isfinite(high))
     return {"n_seeds": int(d.size), "delta_ce_mean": mean, "ci_low": low, "ci_high": high,
-            "significant": ok and (low > 0 or high < 0), "se": se, "t_quantile": q,
+            "significant": ok and kind != "blocks" and (low > 0 or high < 0), "se": se,
+            "t_quantile": q,
             "interval": kind if ok else "none"}
 
 
@@ -182,27 +255,35 @@ def _frontier(g: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def compare(trials: pd.DataFrame, references: Iterable[str] = REFERENCES,
-            level: float = 0.95) -> pd.DataFrame:
-    """Paired differences to each reference with ``level`` intervals.
+            level: float = 0.95, bases: Iterable[str] = BASES) -> pd.DataFrame:
+    """Paired differences to each reference with ``level`` intervals, on each basis.
 
-    One row per (family, label, reference, target_l0), and one per (family, label, reference)
-    with ``target_l0`` NaN for the frontier score; columns ``COLUMNS``. ``significant``: the
-    interval excludes 0. Empty (with the columns) when no reference has finished rows.
+    One row per (family, label, reference, basis, target_l0), and one per (family, label,
+    reference, basis) with ``target_l0`` NaN for the frontier score; columns ``COLUMNS``.
+    ``significant``: the interval excludes 0. Searched proposals count only the replicates
+    that did not choose them (``fresh_replicates``). Empty (with the columns) when no
+    reference has finished rows.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie in (0, 1)")
+    trials, selection_only = fresh_replicates(trials)
+    cells = _cells(trials)
     rows = []
     for reference in references:
-        pairs = paired_differences(trials, reference)
-        for (label, family), g in pairs.groupby(["label", "family"], sort=True):
-            key = {"family": family, "label": label, "reference": reference}
-            for target, tg in g.groupby("target_l0", sort=True):
-                stat = _interval(tg["delta_ce"].to_numpy(float),
-                                 _block_matrix(tg["delta_blocks"]), level)
-                rows.append({**key, "target_l0": float(target), **stat})
-            rows.append({**key, "target_l0": np.nan, **_interval(*_frontier(g), level)})
+        for basis in bases:
+            pairs = _pairs(cells, reference, basis)
+            for (label, family), g in pairs.groupby(["label", "family"], sort=True):
+                key = {"family": family, "label": label, "reference": reference,
+                       "basis": basis, "fresh_seeds_only": label not in selection_only}
+                for target, tg in g.groupby("target_l0", sort=True):
+                    stat = _interval(tg["delta_ce"].to_numpy(float),
+                                     _block_matrix(tg["delta_blocks"]), level)
+                    rows.append({**key, "target_l0": float(target), **stat,
+                                 "l0_reference": float(tg["l0_reference"].mean())})
+                rows.append({**key, "target_l0": np.nan, **_interval(*_frontier(g), level),
+                             "l0_reference": np.nan})
     out = pd.DataFrame(rows, columns=list(COLUMNS))
-    return out.astype({"target_l0": float, "significant": bool})
+    return out.astype({"target_l0": float, "significant": bool, "fresh_seeds_only": bool})
 
 
 def per_seed_table(trials: pd.DataFrame) -> pd.DataFrame:

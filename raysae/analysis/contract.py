@@ -1,6 +1,6 @@
 """The results contract: what a search writes and the report reads, named once.
 
-A results folder holds ``trials.parquet`` (one row per trained SAE, ``TRIAL_COLUMNS``; the
+A results folder holds ``trials.parquet`` (one row per trained SAE, ``trial_columns()``; the
 penalty's parameters are extra columns named after the registry's parameters), optional
 artifact tables (``ARTIFACT_FILES``) and ``search.json`` (``SEARCH_KEYS``). The search writes
 only through ``write_*`` here and the report reads only through ``read_*``; a test
@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from raysae import io
+from raysae.core.metrics import metric_names
 
 TRIALS_FILE = "trials.parquet"
 SEARCH_FILE = "search.json"
@@ -30,37 +31,35 @@ ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
                   "activation_samples": "activation_samples.parquet"}
 """Results table name -> the file each trial's checkpoint holds (concatenated with trial_id)."""
 REQUIRED_TRIAL_COLUMNS = ("trial_id", "status", "family", "l0", "ce_sae")
-TRIAL_COLUMNS = (*REQUIRED_TRIAL_COLUMNS, "experiment", "stage", "tune_trial_id", "member",
-                 "trial_objective", "penalty", "label", "target_l0",
-                 "seed", "lam", "objective", "ce_clean", "ce_zero", "ce_recovered", "fvu",
-                 "mse", "cos_sim", "l2_ratio", "dead_fraction", "low_freq_fraction",
-                 "median_nonzero", "steps", "tokens_seen", "status_reason")
+_TRIAL_FIELDS = ("experiment", "stage", "tune_trial_id", "member", "trial_objective",
+                 "penalty", "label", "target_l0", "seed", "lam", "objective")
+_TRIAL_TAIL = ("steps", "tokens_seen", "status_reason")
+
+
+def trial_columns() -> tuple[str, ...]:
+    """Every column trials.parquet has: the metrics table's, read at call time (plugins
+    may add metrics), between the trial's own fields."""
+    return tuple(dict.fromkeys((*REQUIRED_TRIAL_COLUMNS, *_TRIAL_FIELDS, *metric_names(),
+                                *_TRIAL_TAIL)))
+
+
+def __getattr__(name: str):
+    if name == "TRIAL_COLUMNS":  # the old constant's name, now always current
+        return trial_columns()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 REQUIRED_ABLATION_COLUMNS = ("trial_id", "method", "parameter", "l0", "ce_sae")
 COMPARISONS_FILE = "comparisons.parquet"
-COMPARISON_COLUMNS = ("family", "reference", "target_l0", "n_seeds", "delta_ce_mean", "ci_low",
-                      "ci_high", "significant")
-"""One row per (family/label, reference, target_l0); target_l0 NaN: the frontier score."""
+COMPARISON_COLUMNS = ("family", "reference", "basis", "target_l0", "n_seeds", "delta_ce_mean",
+                      "ci_low", "ci_high", "significant")
+"""One row per (family/label, reference, basis, target_l0); target_l0 NaN: the frontier
+score; basis: see raysae.analysis.confidence.BASES."""
 SEARCH_KEYS = ("name", "kind", "objective", "lambda_mode", "targets", "penalties", "space",
                "references", "settings")
 """kind: target | pareto | grid; space: the parameters Optuna proposed (name, family, low,
 high, log); references: (label, penalty, params); settings: the job's whole config. The
 search also writes ``provenance`` (versions, commit, hardware, wall time per stage)."""
-
-
-def search_record(plan, settings: dict[str, Any]) -> dict[str, Any]:
-    """search.json's content for a SearchPlan (raysae.search.tune_setup)."""
-    from raysae.core.penalties import reference_points
-    from raysae.search.space import SearchSpace
-
-    search = plan.search
-    grid = bool(plan.grid)
-    return {"name": plan.name, "kind": plan.kind, "objective": search.objective,
-            "lambda_mode": plan.spec.lambda_mode,
-            "targets": [] if grid or search.objective != "target" else list(search.targets),
-            "penalties": list(search.penalty),
-            "space": [] if grid else SearchSpace(search).describe(),
-            "references": [] if grid else [list(r) for r in reference_points()],
-            "settings": settings}
 
 
 def write_search_json(out: str | os.PathLike, record: dict[str, Any]) -> Path:
@@ -89,7 +88,7 @@ def require_columns(df: pd.DataFrame, columns, name: str) -> None:
 
 
 def write_trials(trials: pd.DataFrame, out: str | os.PathLike) -> Path:
-    require_columns(trials, TRIAL_COLUMNS, TRIALS_FILE)
+    require_columns(trials, trial_columns(), TRIALS_FILE)
     return io.write_parquet(trials, Path(out) / TRIALS_FILE)
 
 
@@ -112,6 +111,8 @@ def read_comparisons(root: str | os.PathLike) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     df = pd.read_parquet(path)
+    if "basis" not in df:  # written before matched-L0 comparisons: all by target
+        df.insert(2, "basis", "target")
     require_columns(df, COMPARISON_COLUMNS, COMPARISONS_FILE)
     return df
 

@@ -66,6 +66,14 @@ def settings_table(search: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
+def _time_parts(parts: dict) -> str:
+    """'train 1200 (71%), eval 240 (14%), ...' of a stage's available core-seconds."""
+    total = parts.get("available") or 0.0
+    shown = [f"{k.replace('_', ' ')} {v:.0f}" + (f" ({v / total:.0%})" if total else "")
+             for k, v in parts.items() if k != "available"]
+    return ", ".join(shown) + f" of {total:.0f}"
+
+
 def provenance_block(search: dict) -> str:
     """Versions, commit, hardware and wall time per stage, as a two-column table."""
     prov = search.get("provenance") or {}
@@ -76,6 +84,8 @@ def provenance_block(search: dict) -> str:
     rows += [(k, v) for k, v in (prov.get("hardware") or {}).items()]
     rows += [(f"wall time of stage {k}", f"{v:.0f} s")
              for k, v in (prov.get("stage_seconds") or {}).items()]
+    rows += [(f"core-seconds of {stage}", _time_parts(parts))
+             for stage, parts in (prov.get("core_seconds") or {}).items()]
     body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table class='prov' id='provenance'><tbody>{body}</tbody></table>"

@@ -5,7 +5,8 @@ the required columns of trials.parquet and the keys of search.json). ``family`` 
 reference label (L1, sqrt, sqrt(sqrt)) or the searched family's registry name (power, tanh,
 log); ``label`` names the penalty with its parameters.
 
-Conventions. Both objectives are minimised. Only "finished" trials enter frontiers; a
+Conventions. Both objectives are minimised (a metric the metrics table calls higher-is-better
+enters with its sign flipped). Only "finished" trials enter frontiers; a
 trained SAE's threshold sweep (by default the global threshold) joins its family's points;
 points with L0 <= 0 are dropped (comparisons are in log L0). Hypervolume is measured in
 (log10 L0, metric) against one reference point shared by all families (max + 10% of range).
@@ -22,12 +23,12 @@ import numpy as np
 import pandas as pd
 
 from raysae.analysis import contract
+from raysae.core.metrics import metric_names, sign
 
 FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)")
 """The study's reference families come first; searched families (power, tanh, log, ...) after."""
 REQUIRED_TRIAL_COLUMNS = contract.REQUIRED_TRIAL_COLUMNS
 REQUIRED_ABLATION_COLUMNS = contract.REQUIRED_ABLATION_COLUMNS
-METRIC_COLUMNS = ("fvu", "mse", "cos_sim", "l2_ratio", "ce_recovered")
 REF_MARGIN = 0.1
 
 
@@ -75,13 +76,14 @@ def points_table(trials: pd.DataFrame, ablations: pd.DataFrame | None = None,
     """Finished trials plus (optionally) their threshold-sweep points, one row per point.
 
     Columns: trial_id, family, source ("trial" | "ablation"), parameter, l0, ce_sae and the
-    POINT_COLUMNS present. Ablation rows with parameter 0 duplicate the trial and are dropped.
+    metrics table's other columns present. Ablation rows with parameter 0 duplicate the
+    trial and are dropped.
     """
     _require(trials, REQUIRED_TRIAL_COLUMNS, "trials")
     done = trials[trials["status"] == "finished"].copy()
     done["source"], done["parameter"] = "trial", 0.0
     keep = ["trial_id", "family", "source", "parameter", "l0", "ce_sae"]
-    keep += param_columns(done) + [c for c in METRIC_COLUMNS if c in done.columns]
+    keep += param_columns(done) + [c for c in metric_names() if c in done and c not in keep]
     parts = [done[keep]]
     if ablations is not None and method is not None and len(ablations):
         _require(ablations, REQUIRED_ABLATION_COLUMNS, "ablations")
@@ -108,7 +110,7 @@ def front(points: pd.DataFrame, y: str = "ce_sae", family: str | None = None) ->
     """Non-dominated points of one family (or all when family is None), sorted by l0."""
     pts = points if family is None else points[points["family"] == family]
     pts = pts[np.isfinite(pts[y])]
-    return pts[nondominated(pts["l0"], pts[y])].sort_values("l0").reset_index(drop=True)
+    return pts[nondominated(pts["l0"], sign(y) * pts[y])].sort_values("l0").reset_index(drop=True)
 
 
 def fronts(points: pd.DataFrame, y: str = "ce_sae") -> dict[str, pd.DataFrame]:
@@ -119,8 +121,9 @@ def fronts(points: pd.DataFrame, y: str = "ce_sae") -> dict[str, pd.DataFrame]:
 
 
 def reference_point(points: pd.DataFrame, y: str = "ce_sae") -> np.ndarray:
-    """Shared hypervolume reference in (log10 l0, y): max + REF_MARGIN * range per axis."""
-    obj = np.column_stack([np.log10(points["l0"]), points[y]])
+    """Shared hypervolume reference in (log10 l0, y) (y sign-flipped when higher is better):
+    max + REF_MARGIN * range per axis."""
+    obj = np.column_stack([np.log10(points["l0"]), sign(y) * points[y]])
     obj = obj[np.isfinite(obj).all(axis=1)]
     if len(obj) == 0:
         raise ValueError(f"no finite (l0, {y}) points; no finished trial to analyse")
@@ -133,7 +136,7 @@ def hypervolume(front_points: pd.DataFrame, ref, y: str = "ce_sae") -> float:
     """Area dominated by a front in (log10 l0, y) space, bounded by ref (moocore)."""
     if len(front_points) == 0:
         return 0.0
-    obj = np.column_stack([np.log10(front_points["l0"]), front_points[y]])
+    obj = np.column_stack([np.log10(front_points["l0"]), sign(y) * front_points[y]])
     return float(moocore.hypervolume(obj, ref=np.asarray(ref, float)))
 
 
@@ -142,7 +145,8 @@ def hypervolumes(points: pd.DataFrame, y: str = "ce_sae") -> pd.DataFrame:
     ref = reference_point(points, y)
     rows = [{"family": fam, "n_points": int((points["family"] == fam).sum()) if fam != "overall"
              else len(points), "n_front": len(fr), "hypervolume": hypervolume(fr, ref, y),
-             "ref_log10_l0": ref[0], f"ref_{y}": ref[1]} for fam, fr in fronts(points, y).items()]
+             "ref_log10_l0": ref[0], f"ref_{y}": sign(y) * ref[1]}
+            for fam, fr in fronts(points, y).items()]
     return pd.DataFrame(rows)
 
 

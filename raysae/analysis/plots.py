@@ -2,7 +2,8 @@
 
 Every function takes DataFrames / dicts, writes one PNG (temp file, then rename) and
 returns its path. Nothing here decides what is on a front or who wins; that is pareto's.
-Line styles follow the study: L1 solid, sqrt dotted, sqrt(sqrt) dash-dot.
+Line styles follow the study: L1 solid, sqrt dotted, sqrt(sqrt) dash-dot. Metric labels and
+which way is better come from the metrics table (raysae.core.metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from raysae import io
+from raysae.core.kinds import kind_styles
+from raysae.core.metrics import frontier_metrics, reconstruction_names, sign
+from raysae.core.metrics import label as metric_label
 
 STYLE = {
     "L1": {"color": "#1f5fa8", "ls": "-", "marker": "o"},
@@ -26,22 +30,16 @@ STYLE = {
     "power": {"color": "#7b3fa0", "ls": "--", "marker": "D"},
     "tanh": {"color": "#b8860b", "ls": "--", "marker": "P"},
     "log": {"color": "#c71585", "ls": "--", "marker": "X"},
-    "TopK": {"color": "#222222", "ls": "-", "marker": "s"},
-    "BatchTopK": {"color": "#8c8c8c", "ls": "-", "marker": "p"},
-    "p-anneal": {"color": "#0e8a8a", "ls": "--", "marker": "h"},
 }
+"""Penalty families' styles; SAE kinds carry their own (SAEKind.style)."""
 OTHER = {"color": "#666666", "ls": (0, (5, 2, 1, 2)), "marker": "v"}
-METRIC_LABEL = {"ce_sae": "CE with SAE spliced in (nats)",
-                "fvu": "fraction of variance unexplained",
-                "cos_sim": "cos sim (x, x_hat)", "l2_ratio": "L2 ratio |x_hat| / |x|",
-                "mse": "MSE", "ce_recovered": "CE recovered"}
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
                      "axes.spines.top": False, "axes.spines.right": False, "font.size": 10})
 
 
 def style(family: str) -> dict:
     """Colour, line style and marker of a family (grey dash-dot-dot for unknown ones)."""
-    return STYLE.get(family, OTHER)
+    return STYLE.get(family) or kind_styles().get(family, OTHER)
 
 
 def save_png(fig, path, dpi: int | None = None) -> Path:
@@ -94,8 +92,9 @@ def frontier(points: pd.DataFrame, fronts: dict, path, y: str = "ce_sae",
         ax.axhline(ce_clean, color="k", lw=1, ls=(0, (2, 2)),
                    label=f"clean model CE {ce_clean:.3g}")
     _log_l0_axis(ax)
-    ax.set_ylabel(METRIC_LABEL.get(y, y))
-    ax.set_title(f"{METRIC_LABEL.get(y, y)} vs L0 (lower-left is better)", loc="left")
+    ax.set_ylabel(metric_label(y))
+    corner = "lower" if sign(y) > 0 else "upper"
+    ax.set_title(f"{metric_label(y)} vs L0 ({corner}-left is better)", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
     return save_png(fig, path)
 
@@ -129,9 +128,17 @@ def delta_to_baseline(curves: pd.DataFrame, switches: pd.DataFrame, path,
     return save_png(fig, path)
 
 
-def metrics_vs_l0(points: pd.DataFrame, path, metrics=("cos_sim", "l2_ratio", "mse")) -> Path:
-    """Reconstruction metrics of the trained SAEs against their L0, one panel per metric."""
-    metrics = [m for m in metrics if m in points.columns]
+def panel_metrics() -> list[str]:
+    """The metrics table's reconstruction metrics without a frontier figure of their own
+    (L0 is the x axis)."""
+    frontier = set(frontier_metrics())
+    return [m for m in reconstruction_names() if m != "l0" and m not in frontier]
+
+
+def metrics_vs_l0(points: pd.DataFrame, path, metrics=None) -> Path:
+    """Reconstruction metrics of the trained SAEs against their L0, one panel per metric
+    (default: ``panel_metrics()``)."""
+    metrics = [m for m in metrics or panel_metrics() if m in points.columns]
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.2 * max(len(metrics), 1), 3.6))
     trained = points[points["source"] == "trial"]
     for ax, m in zip(np.atleast_1d(axes), metrics, strict=False):
@@ -140,7 +147,7 @@ def metrics_vs_l0(points: pd.DataFrame, path, metrics=("cos_sim", "l2_ratio", "m
             ax.plot(sub["l0"], sub[m], color=st["color"], ls=st["ls"], marker=st["marker"],
                     ms=4, lw=1.2, alpha=0.85, label=fam)
         _log_l0_axis(ax, "L0")
-        ax.set_title(METRIC_LABEL.get(m, m), loc="left", fontsize=10)
+        ax.set_title(metric_label(m), loc="left", fontsize=10)
     np.atleast_1d(axes)[0].legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return save_png(fig, path)
@@ -233,7 +240,7 @@ def ablation_curves(ablations: pd.DataFrame, family_of: dict, path,
         orig = sub[sub["parameter"] == 0]
         ax.scatter(orig["l0"], orig[y], color=st["color"], marker=st["marker"], s=30, zorder=3)
     _log_l0_axis(ax)
-    ax.set_ylabel(METRIC_LABEL.get(y, y))
+    ax.set_ylabel(metric_label(y))
     ax.set_title(f"Removing the lowest activations ({method}) from every SAE", loc="left")
     ax.legend(fontsize=8.5, frameon=False)
     return save_png(fig, path)
@@ -249,7 +256,7 @@ def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
             ax.plot(sub["l0"], sub[m], marker="o", ms=3, lw=1.5, color=f"C{i}", label=method)
     for ax, m in zip(axes, ("ce_sae", "mse"), strict=True):
         _log_l0_axis(ax)
-        ax.set_title(METRIC_LABEL[m], loc="left", fontsize=10)
+        ax.set_title(metric_label(m), loc="left", fontsize=10)
     axes[0].legend(fontsize=8, frameon=False)
     fig.suptitle(f"Four ways to remove low activations, SAE {trial_id}", x=0.01, ha="left")
     fig.tight_layout()
@@ -259,6 +266,9 @@ def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
 def delta_bands(comparisons: pd.DataFrame, path, reference: str = "L1") -> Path:
     """Each label's paired CE difference to the reference per target L0, with its 95%
     interval as a band (below 0: better than the reference)."""
+    from raysae.analysis.claims import claim_rows
+
+    comparisons = claim_rows(comparisons)
     c = comparisons[(comparisons["reference"] == reference) & comparisons["target_l0"].notna()]
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     ax.axhline(0, color=style(reference)["color"], lw=1.8, label=f"{reference} (reference)")

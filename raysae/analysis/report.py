@@ -18,6 +18,7 @@ import pandas as pd
 from raysae import io
 from raysae.analysis import claims, contract, pareto, plots
 from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, table
+from raysae.core import metrics as metric_table
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
@@ -97,13 +98,13 @@ def analyse(res: pareto.Results) -> dict:
     switch = pd.DataFrame([pareto.switch_point(curves, f) for f in fams if f != "L1"],
                           columns=list(pareto.switch_point(curves, "").keys()))
     targets = res.search.get("targets") or pareto.default_targets(res.trials, pts)
-    direction = "minimize"
-    return {"points": pts, "fronts": pareto.fronts(pts), "fronts_fvu": pareto.fronts(pts, "fvu")
-            if _has(pts, "fvu") else None, "curves": curves, "switch": switch,
-            "wins": pareto.win_ranges(curves, fams, TIE_TOL), "direction": direction,
+    ys = [y for y in metric_table.frontier_metrics() if _has(pts, y)]  # ce_sae's: "fronts"
+    return {"points": pts, "fronts": pareto.fronts(pts), "curves": curves, "switch": switch,
+            **{f"fronts_{y}": pareto.fronts(pts, y) for y in ys if y != "ce_sae"},
+            "wins": pareto.win_ranges(curves, fams, TIE_TOL), "direction": "minimize",
             "summary": pareto.summary_table(res.trials, pts, [float(t) for t in targets]),
-            "hv": pd.concat([pareto.hypervolumes(pts, y).assign(metric=y) for y in ("ce_sae", "fvu")
-                             if _has(pts, y)], ignore_index=True),
+            "hv": pd.concat([pareto.hypervolumes(pts, y).assign(metric=y) for y in ys],
+                            ignore_index=True),
             "importance": param_importances(res.trials, res.search.get("space"))}
 
 
@@ -168,11 +169,12 @@ def make_figures(res: pareto.Results, a: dict, out_dir: Path) -> list[tuple[str,
         figs.append(("CE difference to L1", ("Each front minus L1's at the same L0, "
                      "interpolated in log(L0); dashed lines: where a family starts to win."),
                      plots.delta_to_baseline(a["curves"], a["switch"], d / "delta_l1.png")))
-    if a["fronts_fvu"] is not None:
-        figs.append(("FVU frontier", "Fraction of variance unexplained vs L0.",
-                     plots.frontier(a["points"], a["fronts_fvu"], d / "frontier_fvu.png", "fvu")))
-    figs.append(("Reconstruction metrics", "Trained SAEs only (no threshold sweeps).",
-                 plots.metrics_vs_l0(a["points"], d / "metrics.png")))
+    for y in (y for y in metric_table.frontier_metrics() if f"fronts_{y}" in a):
+        figs.append((f"Frontier of {y}", f"{metric_table.label(y)} vs L0.", plots.frontier(
+            a["points"], a[f"fronts_{y}"], d / f"frontier_{y}.png", y)))
+    shown = [metric_table.label(m) for m in plots.panel_metrics() if m in a["points"]]
+    figs.append(("Reconstruction metrics", f"Trained SAEs only (no threshold sweeps): "
+                 f"{', '.join(shown)}.", plots.metrics_vs_l0(a["points"], d / "metrics.png")))
     fam_of = dict(zip(t["trial_id"], t["family"], strict=True))
     if res.ablations is not None and len(res.ablations):
         figs.append(("Threshold removal, every SAE", "Global threshold raised from 0 (dot).",
@@ -274,7 +276,7 @@ def _interval_sections(res: pareto.Results) -> list[str]:
         return []
     ladder = claims.ladder_table(res.trials)
     winners = claims.target_winners(res.comparisons)
-    comp = res.comparisons.sort_values(["reference", "target_l0", "delta_ce_mean"])
+    comp = res.comparisons.sort_values(["reference", "basis", "target_l0", "delta_ce_mean"])
     seeds = per_seed_table(res.trials[res.trials["target_l0"].notna()])
     return [
         "<h2>Every family at every target L0</h2>",
@@ -283,16 +285,39 @@ def _interval_sections(res: pareto.Results) -> list[str]:
          "trained for its target (lambda driven to it by the controller).</p>"),
         "<h2>Winner per target L0 (paired differences, 95% intervals)</h2>",
         table(winners, {c: c for c in winners.columns}, table_id="winners",
-              left=("label", "family", "vs_L1", "vs_sqrt", "vs_TopK", "vs_BatchTopK")),
+              left=("label", "family", *(c for c in winners.columns if c.startswith("vs_")))),
         "<h2>All comparisons</h2>",
+        ("<p class='note'>Basis <i>matched_l0</i> (what the claims above use): the penalty's "
+         "CE read off its own ladder at the reference's achieved held-out L0 (linear in log "
+         "L0 between its rungs, never beyond them), seed by seed; <i>target</i>: both trained "
+         "for the same target, so an L0 miss counts as CE. A searched proposal's seeds are "
+         "only those that played no part in choosing it.</p>"),
         table(comp, {"label": "penalty", "family": "family", "reference": "vs",
-                     "target_l0": "target L0 (– = ladder mean)", "n_seeds": "seeds",
+                     "basis": "basis", "target_l0": "target L0 (– = ladder mean)",
+                     "l0_reference": "at L0", "n_seeds": "seeds",
                      "delta_ce_mean": "ΔCE", "ci_low": "95% low", "ci_high": "95% high",
-                     "significant": "excludes 0", "interval": "noise covered"},
+                     "significant": "excludes 0", "interval": "noise covered",
+                     "fresh_seeds_only": "fresh seeds only"},
               table_id="comparisons"),
+        *_budget_section(res.comparisons),
         "<h2>Per seed</h2>",
         table(seeds, {c: c for c in seeds.columns}, table_id="per_seed",
               left=("label", "family"))]
+
+
+def _budget_section(comparisons) -> list[str]:
+    """The budget check (--budget-check k): every claim at 1x and at k x tokens."""
+    rows = claims.budget_table(comparisons)
+    if not len(rows):
+        return []
+    kept = int((rows["same sign"] & rows["significance kept"]).sum())
+    return ["<h2>Budget check: do the claims survive longer training?</h2>",
+            (f"<p class='note'>The references and the best proposal retrained with "
+             f"{rows['budget'].iloc[0]} the training tokens, paired seeds; {kept} of "
+             f"{len(rows)} comparisons keep their sign and their significance (target L0 "
+             "– = ladder mean).</p>"),
+            table(rows, {c: c for c in rows.columns}, table_id="budget",
+                  left=("label", "reference", "at 1x", "at k x"))]
 
 
 def write_report(results_dir, out: Path | None = None) -> Path:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 
 from raysae.cli.flags import add_range_flags, add_section, given
-from raysae.core.config import TrainConfig
+from raysae.core.config import SPARSE_STEP_MODES, TrainConfig
+from raysae.core.kinds import baseline_kinds, penalty_kinds
+from raysae.core.precision import BF16_MODES
 from raysae.core.recipes import RECIPES
 from raysae.search.config import (
     LAMBDA_MODES,
@@ -19,23 +21,22 @@ from raysae.search.config import (
     TRAIN_INTERNAL,
     ActivationSettings,
     ModelSettings,
-    RunSettings,
     SearchConfig,
-    SweepSettings,
     job_config,
 )
+from raysae.search.run_settings import RunSettings, SweepSettings
 
 
 def searchable_params() -> dict[str, str]:
-    """Every searched penalty parameter in the registry -> its help line."""
+    """Every searched (family, parameter) of the registry as "family_param" -> its help."""
     from raysae.core.penalties import PENALTIES
 
     out: dict[str, str] = {}
     for spec in PENALTIES.values():
         for p in spec.searched_params():
             lo, hi = p.search
-            text = f"{spec.name}: {p.doc} (searched {lo:g}..{hi:g}{', log' if p.log else ''})"
-            out[p.name] = f"{out[p.name]}; {text}" if p.name in out else text
+            out[f"{spec.name}_{p.name}"] = (f"{spec.name}: {p.doc} (searched {lo:g}..{hi:g}"
+                                           f"{', log' if p.log else ''})")
     return out
 
 
@@ -47,11 +48,13 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     add_section(parser, ModelSettings, "model and data")
     add_section(parser, ActivationSettings, "activations")
     add_section(parser, TrainConfig, "training", skip=TRAIN_INTERNAL,
-                choices={"recipe": tuple(RECIPES)})
+                choices={"recipe": tuple(RECIPES), "autocast_bf16": BF16_MODES,
+                         "sparse_step": SPARSE_STEP_MODES})
     skip = ("ranges",) + (("penalty", "objective", "lambda_mode", "targets", "num_trials",
                            "beta", "tol") if sweep else ())
-    add_section(parser, SearchConfig, "search", skip=skip,
-                choices={"objective": OBJECTIVES, "lambda_mode": LAMBDA_MODES})
+    add_section(parser, SearchConfig, "search", skip=skip,  # kinds: from the registry
+                choices={"objective": OBJECTIVES, "lambda_mode": LAMBDA_MODES,
+                         "kind": penalty_kinds(), "baselines": baseline_kinds()})
     if sweep:
         add_section(parser, SweepSettings, "sweep")
     else:

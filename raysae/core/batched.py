@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from raysae.core.config import SAEConfig
-from raysae.core.kinds import get_kind
+from raysae.core.kinds import DEFAULT_KIND, get_kind
 from raysae.core.recipes import UNIT_NORM, Recipe, get_recipe
 from raysae.core.sae import SAE, remove_parallel_grad_, unit_rows_
 
@@ -21,7 +21,7 @@ class BatchedSAE(nn.Module):
     decoder rows (and encoder columns) at the recipe's initial norm; ``targets`` (default 1.0
     each) give the kind its per-member k."""
 
-    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = "relu",
+    def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = DEFAULT_KIND,
                  targets: Sequence[float] | None = None, recipe: Recipe | None = None):
         super().__init__()
         self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)

@@ -7,32 +7,22 @@ setting fails before any work starts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from raysae.core.kinds import KINDS
+from raysae.core.kinds import DEFAULT_KIND, KINDS
 from raysae.core.penalties import (
     DEFAULT_GRAD_FLOOR,
     get_penalty,
     penalty_family,
     penalty_label,
 )
+from raysae.core.precision import BF16_MODES
 from raysae.core.recipes import RECIPES
 from raysae.settings import is_int, is_number, positive_int, require
 
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} = {value!r} is invalid: allowed {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+SPARSE_STEP_MODES = ("auto", "on", "off")
+"""``TrainConfig.sparse_step``'s values (its docstring says what each does)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +35,8 @@ class SAEConfig:
     """Number of dictionary features (the study used 4 * d_in)."""
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.d_in) and self.d_in >= 1, "sae.d_in", self.d_in, "an integer >= 1")
-        _require(_is_int(self.d_sae) and self.d_sae >= 1, "sae.d_sae", self.d_sae,
+        require(is_int(self.d_in) and self.d_in >= 1, "sae.d_in", self.d_in, "an integer >= 1")
+        require(is_int(self.d_sae) and self.d_sae >= 1, "sae.d_sae", self.d_sae,
                  "an integer >= 1")
 
 
@@ -68,7 +58,7 @@ class PenaltyConfig:
     def __post_init__(self) -> None:
         spec = get_penalty(self.name)
         object.__setattr__(self, "params", spec.validate(dict(self.params)))
-        _require(_is_num(self.grad_floor) and self.grad_floor > 0, "penalty.grad_floor",
+        require(is_number(self.grad_floor) and self.grad_floor > 0, "penalty.grad_floor",
                  self.grad_floor, "a number > 0")
 
     @classmethod
@@ -89,13 +79,14 @@ class PenaltyConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``train_sae`` needs besides the activations (the job's training flags)."""
+    """Everything a ladder (raysae.core.training) needs besides its targets and the
+    activations (the job's training flags)."""
 
     sae: SAEConfig | None = None
     """SAE shape; None in a job's template until the activations' width is known."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     """Sparsity penalty."""
-    kind: str = "relu"
+    kind: str = DEFAULT_KIND
     """SAE kind (registry raysae.core.kinds): relu + penalty, topk, batchtopk,
     panneal (the power penalty with p annealed from 1 to the penalty's p)."""
     lam: float = 1.0
@@ -124,10 +115,10 @@ class TrainConfig:
     during the first ``control_frac`` of training, then freezes lambda."""
     control_frac: float = 1.0
     """Fraction of training during which the L0 controller may change lambda (then frozen).
-    1: to the end; frozen at 0.8, L0 kept falling while the learning rate decayed and
-    held-out L0 ended 3-4% under target (README, "Training recipe")."""
-    control_gain: float = 0.02
-    """Controller step: ln(lambda) += gain * clip(ln(batch_l0 / l0_target), -1, 1) per step."""
+    1: to the end, since L0 keeps falling while the learning rate decays (README)."""
+    control_gain: float = 0.04
+    """Controller step: ln(lambda) += gain * clip(ln(batch_l0 / l0_target), -1, 1) per step.
+    0.04: large enough to reach every rung in time, small enough not to oscillate (README)."""
     log_every: int = 50
     """Record (and report) metrics every this many steps."""
     dead_window_tokens: int = 1_000_000
@@ -144,13 +135,19 @@ class TrainConfig:
     on f, no clipping: the study's SAE, exactly). TopK and BatchTopK always keep unit-norm
     rows."""
     sparse_step: str = "auto"
-    """Train relu SAEs with the sparse step (raysae.core.sparse_step: after the encoder, only
+    """Train with a sparse step. relu SAEs (raysae.core.sparse_step: after the encoder, only
     the active features' decoder rows and gradients are touched): 'auto' on CPU while the
     last logging step's mean L0 is at most 1/10 of d_sae, 'on' always (on a GPU it syncs
-    every step), 'off' never (dense batched matmuls)."""
-    autocast_bf16: bool = False
-    """Run the dense step's matmuls in bfloat16 autocast (for GPU trials); the penalty, the
-    loss and the weights stay fp32."""
+    every step). TopK and BatchTopK (raysae.core.fixed_k: the kept values decoded by index,
+    no sync): 'on' only; 'auto' keeps their dense decoder, which is faster (README, "The GPU
+    path"). 'off' never (dense batched matmuls)."""
+    autocast_bf16: str = "auto"
+    """Run the dense step's matmuls in bfloat16 autocast: 'auto' on CUDA (faster, and no CE
+    cost was detected: README, "The GPU path"), 'on' everywhere (on CPU: to check its effect on
+    CE), 'off' never. The penalty, the loss and the master weights stay fp32."""
+    tf32: bool = True
+    """Let CUDA matmuls use TF32 (Ampere and later) during training steps; no effect on
+    CPU. Evaluation (spliced CE) always runs at full fp32."""
 
     def __post_init__(self) -> None:
         require(self.sae is None or isinstance(self.sae, SAEConfig), "sae", self.sae,
@@ -181,10 +178,11 @@ class TrainConfig:
                 self.control_gain, "must be a number > 0")
         require(self.recipe in RECIPES, "recipe", self.recipe,
                 f"must be one of {sorted(RECIPES)}")
-        require(self.sparse_step in ("auto", "on", "off"), "sparse_step", self.sparse_step,
-                "must be one of auto, on, off")
-        require(isinstance(self.autocast_bf16, bool), "autocast_bf16", self.autocast_bf16,
-                "must be true or false")
+        require(self.sparse_step in SPARSE_STEP_MODES, "sparse_step", self.sparse_step,
+                f"must be one of {', '.join(SPARSE_STEP_MODES)}")
+        require(self.autocast_bf16 in BF16_MODES, "autocast_bf16", self.autocast_bf16,
+                f"must be one of {', '.join(BF16_MODES)}")
+        require(isinstance(self.tf32, bool), "tf32", self.tf32, "must be true or false")
         require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                 "must be an integer >= 0", "pass e.g. {seed} 0")
 
@@ -201,6 +199,8 @@ class TrainConfig:
         data = dict(data)
         data["sae"] = SAEConfig(**data["sae"]) if data.get("sae") else None
         data["penalty"] = PenaltyConfig(**data["penalty"])
+        if isinstance(data.get("autocast_bf16"), bool):  # before "auto": true/false
+            data["autocast_bf16"] = "on" if data["autocast_bf16"] else "off"
         if "adam_betas" in data:
             data["adam_betas"] = tuple(data["adam_betas"])
         names = {f.name for f in fields(cls)}

@@ -1,4 +1,5 @@
 """An L0 ladder of K SAEs trained together: one batch read once, fed to K members.
+Words: the *ladder* is the K SAEs trained together, a *member* one of them (one SAE: K = 1).
 
 ``BatchedSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``, ``W_dec
 [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``, plus the kind's state) and
@@ -14,23 +15,23 @@ last-fired steps stay on the device; ``.item()``/``.tolist()`` run every ``cfg.l
 steps, at the end, in ``result()`` and once on the first batch (the activation scale). A
 member whose loss goes NaN/inf gets zero gradients from that step on and is *reported*
 diverged (its Adam state zeroed) at the next logging step; a non-finite batch trains nobody
-and raises ``NonFiniteActivationsError`` there. CPU: ``keep_freed_memory`` (re-exported).
+and raises ``NonFiniteActivationsError`` there. The loop over batches: raysae.core.training.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from raysae.core import metrics
-from raysae.core.batched import BatchedSAE as BatchedSAE
+from raysae.core.batched import BatchedSAE
 from raysae.core.config import TrainConfig
+from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
 from raysae.core.kinds import get_kind
-from raysae.core.memory import keep_freed_memory as keep_freed_memory
 from raysae.core.outcome import (
     DATA_EXHAUSTED,
     DIVERGED,
@@ -38,23 +39,17 @@ from raysae.core.outcome import (
     CheckpointError,
     NonFiniteActivationsError,
     TrainResult,
-    drive,
 )
 from raysae.core.penalties import penalty_scale_at_one
+from raysae.core.precision import tf32_matmuls, uses_bf16
 from raysae.core.recipes import UNIT_NORM, get_recipe
 from raysae.core.sparse_step import ActiveFeatures, active_forward
-
-SPARSE_STEP_MAX_DENSITY = 1 / 10
-"""``sparse_step = "auto"`` uses the sparse step after a logging step whose members' mean L0
-is at most this fraction of d_sae (its cost follows the active entries of all members).
-Measured on 2 CPU cores (benchmarks/train_throughput.py, d_in 512, d_sae 2048, batch 4096):
-sparse / dense step time 0.27 at 2% density, 0.46 at 6%, 0.74 at 12.5%, 1.36 at 25%; at
-the local default (d_in 128, d_sae 512, batch 512, ladder 4..128, mean density 8%): 0.89
-(L1) and 0.65 (sqrt); twice as dense: 1.32 and 0.94."""
+from raysae.core.step_choice import SPARSE_STEP_MAX_DENSITY, sparse_step_now
+from raysae.core.transfer import to_compute
 
 
 class EnsembleTrainer:
-    """One SAE per target L0, trained together on the same batches (see module doc).
+    """The ladder: one member per target L0, trained together on the same batches (module doc).
     ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)``; fixed when
     ``cfg.control_frac = 0``); kinds without a penalty keep lambda at 0."""
 
@@ -71,7 +66,7 @@ class EnsembleTrainer:
         start = [cfg.lam / rho1] * self.k if lams is None else [float(v) for v in lams]
         if len(start) != self.k:
             raise ValueError(f"lams has {len(start)} values for {self.k} targets")
-        start = [v * self.kind.uses_penalty for v in start]  # 0 for kinds without a penalty
+        start = [v * self.kind.uses_lambda for v in start]  # 0 for kinds without lambda
         dev = self.device = torch.device(cfg.device)
         self.recipe = get_recipe(cfg.recipe if self.kind.uses_penalty else UNIT_NORM)
         self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
@@ -117,29 +112,39 @@ class EnsembleTrainer:
         return self.lam * min(1.0, (step + 1) / warm)
 
     def sparse_now(self) -> bool:
-        """Whether this step uses the sparse step (``TrainConfig.sparse_step``)."""
-        mode = self.cfg.sparse_step
-        if mode == "off" or not self.kind.sparse_step:
-            return False
-        return mode == "on" or (self.device.type == "cpu" and self.sparse_auto)
+        """Whether this step uses a sparse step (raysae.core.step_choice)."""
+        return sparse_step_now(self)
 
     def _forward(self, x: torch.Tensor):
-        """(x_hat, f or ActiveFeatures, term [K], logged penalty [K], fires [K, d_sae])."""
-        if self.sparse_now():
+        """(x_hat, f or ActiveFeatures or FixedKFeatures, term [K], logged penalty [K],
+        fires [K, d_sae])."""
+        sparse = self.sparse_now()
+        if sparse and not self.kind.fixed_k:
             x_hat, active = active_forward(self.model, x)
             term, pen = self.kind.active_loss_terms(self, active)
             return x_hat, active, term, pen, active.fires()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+        bf16 = uses_bf16(self.cfg.autocast_bf16, self.device)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
             pre = self.model.pre_acts(x)
-            f = self.kind.activate(self.model, pre)
-            x_hat = self.model.decode(f)
+            if sparse:  # fixed-k: the kept values by index; pre stays dense (AuxK reads it)
+                f = self.kind.activate_fixed(self.model, pre)
+                x_hat = fixed_k_decode(self.model, f)
+            else:
+                f = self.kind.activate(self.model, pre)
+                x_hat = self.model.decode(f)
             term, pen = self.kind.loss_terms(self, x, x_hat, f, pre)
-        return x_hat.float(), f, term, pen, (f.detach() > 0).sum(dim=1, dtype=torch.int32)
+        fires = f.fires() if sparse else (f.detach() > 0).sum(dim=1, dtype=torch.int32)
+        return x_hat.float(), f, term, pen, fires
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
-        """Train every live member on one batch; per-member rows on logging steps, else None."""
+        """Train every live member on one batch; per-member rows on logging steps, else None.
+        CUDA matmuls of the step (forward and backward) may use TF32 (``TrainConfig.tf32``)."""
         if self.done:
             raise RuntimeError("training is already done; check EnsembleTrainer.done first")
+        with tf32_matmuls(self.cfg.tf32):
+            return self._step(x)
+
+    def _step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
         x, x_ok = self._prepare(x)
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr()
@@ -167,7 +172,8 @@ class EnsembleTrainer:
         if self.controlling():
             self._control(fires.sum(dim=-1) / x.shape[0])
         if self.step_count % self.cfg.log_every == 0 or self.done:
-            f = f.dense() if isinstance(f, ActiveFeatures) else f.detach().float()
+            sparse = isinstance(f, ActiveFeatures | FixedKFeatures)
+            f = (f.dense() if sparse else f.detach()).float()
             return self._log(x, x_hat.detach(), f, per.detach(), recon, pen.detach())
         return None
 
@@ -182,7 +188,7 @@ class EnsembleTrainer:
             p.grad.mul_(factor.view(-1, *[1] * (p.ndim - 1)))
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.device, torch.float32)
+        x = to_compute(x, self.device)  # the copy (non_blocking), then the conversion
         if x.ndim != 2 or x.shape[1] != self.cfg.sae.d_in:
             raise ValueError(f"activation batch has shape {tuple(x.shape)}; expected "
                              f"[batch, d_in={self.cfg.sae.d_in}]")
@@ -198,8 +204,8 @@ class EnsembleTrainer:
         return torch.where(x_ok, x, 0.0) * self.scale, x_ok
 
     def _control(self, batch_l0: torch.Tensor) -> None:
-        """Per-member integral control of ln(lambda), error clipped to +-1 (as Trainer)."""
-        error = torch.log(batch_l0.double().clamp_min(0.5) / self.target_t).clamp(-1.0, 1.0)
+        """Per-member integral control of ln(lambda), error clipped to +-1 ."""
+        error = self.kind.lambda_error(self, batch_l0).clamp(-1.0, 1.0)
         new = self.lam.clamp_min(1e-12) * torch.exp(self.cfg.control_gain * error)
         self.lam = torch.where(self.live, new, self.lam)
 
@@ -304,14 +310,7 @@ class EnsembleTrainer:
         except CheckpointError:
             raise
         except Exception as exc:  # torch raises several types for truncated/unsafe files
-            raise CheckpointError(f"ensemble checkpoint is unreadable or unsafe ({exc}); "
+            raise CheckpointError(f"ladder checkpoint is unreadable or unsafe ({exc}); "
                                   f"delete it to restart the trial from scratch") from None
         return trainer
 
-
-def train_ensemble(cfg: TrainConfig, targets: Sequence[float], batches: Iterable[torch.Tensor],
-                   *, trainer: EnsembleTrainer | None = None,
-                   on_log: Callable[[list[dict[str, float]], EnsembleTrainer], None] | None = None
-                   ) -> list[TrainResult]:
-    """Train the ladder until ``cfg.total_tokens`` or every member diverged."""
-    return drive(trainer or EnsembleTrainer(cfg, targets), batches, on_log)

@@ -18,16 +18,14 @@ has target L0 ``t_k``. Every kind is one registered class (``KINDS``, ``get_kind
   statistic of t_k * B values, so a short window is not noisy. Saved as SAELens
   ``jumprelu`` with theta_k for every feature (as SAELens converts BatchTopK), so
   inference L0 is measured with the threshold.
-- no ``jumprelu`` training kind (SAE loads and saves the jumprelu architecture): it fits
-  the batched step (theta [K, d_sae], straight-through functions broadcast over K), but with
-  dictionary_learning's settings (theta init 0.001, rectangle bandwidth 0.001, loss
-  (L0 / t - 1)^2) Adam moves theta by about lr per step, far too slowly for raysae's runs
-  of a few thousand steps, and the loss settles at about twice the target L0 (measured:
-  L0 16-22 for targets 4 and 8 after 600 steps; coefficient 30: 5.9 for 4).
+- ``jumprelu`` (raysae.core.jumprelu): learned per-feature thresholds, lambda * L0, made to
+  reach its target in short runs (SAELens's and dictionary_learning's settings do not).
 - ``panneal``: the power penalty with p annealed linearly from 1 to the penalty's p over the
   first half of the controller's window (``control_frac / 2`` of training; half of training
   when control_frac is 0), then held, so the controller has the other half to settle
   lambda at the final p. Needs ``penalty.name == "power"``. Saved as ``standard``.
+- ``matryoshka`` (raysae.core.matryoshka): BatchTopK (same selection, threshold and saving)
+  whose nested dictionary prefixes each also reconstruct x (their MSEs added to the loss).
 
 AuxK (TopK and BatchTopK, on by default as in dictionary_learning and SAELens): the
 top ``k_aux = d_in // 2`` relu(pre) among dead features (the trainer's dead window)
@@ -35,6 +33,9 @@ reconstruct the detached residual ``x - x_hat`` through W_dec (no bias); the los
 ``||e - e_aux||^2 / ||e - mean(e)||^2`` (OpenAI's normalisation) enters with ``AUXK_COEF``
 = 1/32; it is 0 for a member with no dead features. A subclass with ``auxk_coef = 0``
 registered under a new name turns it off.
+
+TopK and BatchTopK are ``fixed_k``: one topk of a size known on the host picks their kept
+values, so training may decode them by index (``activate_fixed``, raysae.core.fixed_k).
 
 Nothing here syncs with the host: masks and thresholds stay device tensors.
 """
@@ -46,28 +47,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from raysae.core.fixed_k import FixedKFeatures
+from raysae.core.kind_registry import *  # noqa: F403  (the registry's API, re-exported)
+from raysae.core.kind_registry import DEFAULT_KIND, register_kind
 from raysae.core.penalties import penalty_per_token
 
 if TYPE_CHECKING:
     from raysae.core.config import TrainConfig
 
 AUXK_COEF = 1 / 32
-KINDS: dict[str, SAEKind] = {}
-
-
-def register_kind(cls: type[SAEKind]) -> type[SAEKind]:
-    """Class decorator: register one instance under ``cls.name``."""
-    KINDS[cls.name] = cls()
-    return cls
-
-
-def get_kind(name: str) -> SAEKind:
-    """Look a kind up by name; the error lists the registered ones."""
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown SAE kind {name!r}; registered kinds: {sorted(KINDS)}") from None
-
 
 def _penalty(cfg: TrainConfig, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
     """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's
@@ -83,13 +71,25 @@ def _penalty(cfg: TrainConfig, f: torch.Tensor, params: dict[str, float]) -> tor
 class SAEKind:
     """Base kind (``relu`` + penalty); subclasses override what differs."""
 
-    name = "relu"
+    name = DEFAULT_KIND
     label = "ReLU"
     uses_penalty = True
+    """Whether the kind's sparsity term is a registered penalty (raysae.core.penalties)."""
+    uses_lambda = True
+    """Whether it has a sparsity coefficient lambda (else lambda is 0 and never moves)."""
     uses_controller = True
     sparse_step = True
     """Whether f is relu(pre), so the trainer may use raysae.core.sparse_step."""
+    fixed_k = False
+    """Whether one ``topk`` of a size known on the host picks f's kept values, so the trainer
+    may decode them by index with no host sync (``activate_fixed``, raysae.core.fixed_k)."""
     saelens_architecture = "standard"
+    baseline = False
+    """A reference frontier beside the penalties (no penalty to search; --baselines)."""
+    in_default_search = True
+    """A baseline a search trains when --baselines is not given."""
+    style: dict[str, Any] | None = None
+    """Matplotlib style (color, ls, marker) in figures; not inherited (None: a default)."""
 
     def check(self, cfg: TrainConfig) -> str | None:
         """A reason ``cfg`` cannot train this kind, or None."""
@@ -105,6 +105,16 @@ class SAEKind:
     def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
         """Features f [K, B, d_sae] from pre-activations (may modify ``pre`` in place)."""
         return pre.relu_()
+
+    def activate_fixed(self, model: nn.Module, pre: torch.Tensor) -> FixedKFeatures:
+        """``activate``'s kept values by position (kinds with ``fixed_k``; same state
+        updates as ``activate``)."""
+        raise NotImplementedError(f"kind {self.name!r} has no fixed-k features")
+
+    def fixed_k_l0(self, model: nn.Module) -> float:
+        """The most values a member keeps per token (on average over the batch): the
+        fixed-k decoder's cost per token (kinds with ``fixed_k``)."""
+        raise NotImplementedError(f"kind {self.name!r} has no fixed-k features")
 
     def penalty_params(self, trainer: Any) -> dict[str, float]:
         return trainer.cfg.penalty.params
@@ -140,6 +150,11 @@ class SAEKind:
         pen = active.per_member(rho) / active.shape[1]
         return trainer.current_lam().float() * pen, pen
 
+    def lambda_error(self, trainer: Any, batch_l0: torch.Tensor) -> torch.Tensor:
+        """[K] the L0 controller's error, float64: ln(batch L0 / target) (clipped by the
+        trainer); lambda grows while it is positive."""
+        return torch.log(batch_l0.double().clamp_min(0.5) / trainer.target_t)
+
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
         """After the optimiser step; ``trained`` [K] marks members that trained this step."""
 
@@ -162,6 +177,7 @@ class PAnneal(SAEKind):
     """The power penalty with p annealed from 1 to the penalty's p (see module doc)."""
 
     name, label = "panneal", "p-anneal"
+    style = {"color": "#0e8a8a", "ls": "--", "marker": "h"}
 
     def check(self, cfg: TrainConfig) -> str | None:
         if cfg.penalty.name != "power":
@@ -192,7 +208,7 @@ def _keep_sorted_head(values: torch.Tensor, idx: torch.Tensor, keep: torch.Tenso
 
 
 class _Sparse(SAEKind):
-    uses_penalty = uses_controller = sparse_step = False
+    uses_penalty = uses_lambda = uses_controller = sparse_step = False
     auxk_coef = AUXK_COEF
 
     def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +234,8 @@ class TopK(_Sparse):
     """Top k_k = max(1, round(t_k)) relu(pre) per token."""
 
     name, label, saelens_architecture = "topk", "TopK", "topk"
+    fixed_k = baseline = True
+    style = {"color": "#222222", "ls": "-", "marker": "s"}
 
     def setup(self, model: nn.Module, targets: list[float]) -> None:
         ks = [max(1, round(t)) for t in targets]
@@ -229,6 +247,17 @@ class TopK(_Sparse):
         vals, idx = pre.relu_().topk(model.topk_max, dim=-1)
         return _keep_sorted_head(vals, idx, model.topk_keep, pre.shape)
 
+    def activate_fixed(self, model: nn.Module, pre: torch.Tensor) -> FixedKFeatures:
+        """k_max values per token, token-major (each token's in topk order)."""
+        k, b, d = pre.shape
+        vals, idx = pre.relu_().topk(model.topk_max, dim=-1)  # [K, B, k_max]
+        index = idx + torch.arange(0, b * d, d, device=idx.device).unsqueeze(1)
+        return FixedKFeatures((vals * model.topk_keep).flatten(1), index.flatten(1),
+                              (k, b, d), model.topk_max)
+
+    def fixed_k_l0(self, model: nn.Module) -> float:
+        return float(model.topk_max)
+
     def export(self, model: nn.Module, k: int) -> dict[str, Any]:
         return {"architecture": "topk", "k": model.topk_ks[k]}
 
@@ -238,6 +267,8 @@ class BatchTopK(_Sparse):
     """The round(t_k * B) largest relu(pre) of the batch; an EMA inference threshold."""
 
     name, label, saelens_architecture = "batchtopk", "BatchTopK", "jumprelu"
+    fixed_k = baseline = True
+    style = {"color": "#8c8c8c", "ls": "-", "marker": "p"}
     beta = 0.9
 
     def setup(self, model: nn.Module, targets: list[float]) -> None:
@@ -247,19 +278,37 @@ class BatchTopK(_Sparse):
         model.register_buffer("batch_min", torch.zeros(k, dtype=torch.float64),
                               persistent=False)
 
-    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _top(model: nn.Module, pre: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(values [K, n_max] sorted descending, flat positions, keep mask [K, n_max]);
+        records each member's smallest kept positive value in ``batch_min``."""
         n_tok = pre.shape[1]
         if n_tok not in model.batchtopk_keep:  # host ints per batch size; cached
             ns = [max(1, round(t * n_tok)) for t in model.batchtopk_targets]
             keep = torch.arange(max(ns)).unsqueeze(0) < torch.tensor(ns).unsqueeze(1)
             model.batchtopk_keep[n_tok] = (max(ns), keep.to(pre.device))
         n_max, keep = model.batchtopk_keep[n_tok]
-        flat = pre.relu_().flatten(1)
-        vals, idx = flat.topk(n_max, dim=-1)
+        vals, idx = pre.relu_().flatten(1).topk(n_max, dim=-1)
         with torch.no_grad():
             kept = torch.where(keep & (vals > 0), vals, float("inf")).amin(dim=-1)
             model.batch_min.copy_(kept)
-        return _keep_sorted_head(vals, idx, keep, flat.shape).view_as(pre)
+        return vals, idx, keep
+
+    def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx, keep = self._top(model, pre)
+        k, b, d = pre.shape
+        return _keep_sorted_head(vals, idx, keep, torch.Size((k, b * d))).view_as(pre)
+
+    def activate_fixed(self, model: nn.Module, pre: torch.Tensor) -> FixedKFeatures:
+        """n_max values per member, sorted by position (so grouped by token); the sort
+        runs on int32 keys where positions fit (faster than int64)."""
+        vals, idx, keep = self._top(model, pre)
+        k, b, d = pre.shape
+        index, order = (idx.int() if b * d < 2**31 else idx).sort(dim=-1)
+        return FixedKFeatures((vals * keep).gather(-1, order), index.long(), (k, b, d))
+
+    def fixed_k_l0(self, model: nn.Module) -> float:
+        return max(model.batchtopk_targets)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:

@@ -1,12 +1,9 @@
-"""What every trainer shares: how training ended (``TrainResult`` and its statuses), the
-errors it raises, and ``drive``, the loop over batches."""
+"""How training ended (``TrainResult`` and its statuses) and the errors it raises; the loop
+over batches is raysae.core.training."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import torch
 
 from raysae.core.sae import SAE
 
@@ -38,14 +35,3 @@ class TrainResult:
     def final_metrics(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
 
-
-def drive(trainer, batches: Iterable[torch.Tensor], on_log=None):
-    """The training loop of any trainer with ``done``, ``step`` and ``result`` (a single SAE
-    or a ladder ensemble): step until done, hand every logged row(s) to ``on_log``."""
-    for x in batches:
-        if trainer.done:
-            break
-        logged = trainer.step(x)
-        if logged is not None and on_log is not None:
-            on_log(logged, trainer)
-    return trainer.result()

@@ -2,7 +2,7 @@
 
 A penalty maps feature activations ``f`` (ReLU output, ``f >= 0``) to one scalar per
 token, ``sum_i rho(f_i)`` over the last dimension, so ``f`` may be ``[tokens, d_sae]`` or
-``[K, tokens, d_sae]`` (a batched ensemble). Training minimises
+``[K, tokens, d_sae]`` (a ladder's K members). Training minimises
 ``lambda * mean_over_tokens(penalty(f))``; lambda is set by the L0 controller (or by the
 search). Adding a family is one decorated function with its parameters (allowed range,
 searched range, reference points); the CLI, the search space, the report and the tests

@@ -4,8 +4,8 @@
 - ``standard``: f = relu(pre) (the study's SAE; raysae kinds ``relu``, ``panneal``);
 - ``topk``: f = the k largest pre per token, relu'd, the rest 0 (kind ``topk``);
 - ``jumprelu``: f = relu(pre) * (pre > threshold), a per-feature threshold (kind
-  ``jumprelu``; kind ``batchtopk`` too, with its one learned threshold for every feature,
-  as SAELens converts BatchTopK).
+  ``batchtopk`` is saved so, with its one learned threshold for every feature, as SAELens
+  converts BatchTopK; raysae has no JumpReLU-trained kind yet).
 
 Saved in SAELens's layout, so ``sae_lens.SAE.load_from_disk`` reads it: a directory
 holding

@@ -16,6 +16,11 @@ everything:
 Features that never fired on the calibration set have no statistics and are never removed
 by methods 2 and 3. The calibration set defaults to the evaluator's own held-out
 activations. L0 never increases along a grid (thresholds only grow).
+
+Device work: calibration statistics are gathered on the SAE's device and copied to the host
+once; a transform moves its thresholds to the features' device on its first call, not per
+batch (a blocking copy waits for the device); ``removes_everything`` reads one flag for all
+batches. Each sweep point is one ``Evaluator.evaluate``, itself one host read.
 """
 
 from __future__ import annotations
@@ -95,8 +100,20 @@ class Calibration:
 
 def calibrate(source, sae, n_tokens: int | None = None) -> Calibration:
     """Statistics of ``sae``'s features on ``source`` (an Evaluator, tensor or batches)."""
-    return Calibration(NonzeroIndex.from_batches(
-        (f.cpu() for f in feature_batches(source, sae, n_tokens)), sae.cfg.d_sae))
+    return Calibration(NonzeroIndex.from_batches(feature_batches(source, sae, n_tokens),
+                                                 sae.cfg.d_sae))
+
+
+def _above_thresholds(thr: torch.Tensor) -> Transform:
+    """``above(f, thr)`` with ``thr`` moved to f's device once per device, not per call."""
+    moved: dict[torch.device, torch.Tensor] = {}
+
+    def transform(f: torch.Tensor) -> torch.Tensor:
+        if f.device not in moved:
+            moved[f.device] = thr.to(f.device)
+        return above(f, moved[f.device])
+
+    return transform
 
 
 def make_transform(method: str, parameter: float, calibration: Calibration) -> Transform:
@@ -117,7 +134,7 @@ def make_transform(method: str, parameter: float, calibration: Calibration) -> T
         return lambda f: global_threshold(f, parameter)
     else:
         raise ValueError(f"ablation method {method!r} is unknown; choose from {METHODS}")
-    return lambda f: above(f, thr.to(f.device))
+    return _above_thresholds(thr)
 
 
 def default_grid(method: str, calibration: Calibration, n_points: int = 10) -> list[float]:
@@ -163,8 +180,9 @@ def _frame(rows: list[dict], evaluator: Evaluator) -> pd.DataFrame:
 
 def removes_everything(evaluator: Evaluator, sae, transform: Transform) -> bool:
     """Whether ``transform`` leaves no active feature on the evaluator's tokens (an encode
-    pass, a few % of one CE evaluation)."""
-    return all(not transform(f).any() for f in feature_batches(evaluator, sae, None))
+    pass, a few % of one CE evaluation; one host read at the end)."""
+    left = [transform(f).any() for f in feature_batches(evaluator, sae, None)]
+    return not bool(torch.stack(left).any())
 
 
 def threshold_sweep(evaluator: Evaluator, sae, method: str = "global_threshold",

@@ -9,6 +9,13 @@
 Counts (dead, < 1e-5) and medians reuse ``raysae.core.metrics``. Per-feature medians and
 quantiles come from ``NonzeroIndex``: the nonzero activations grouped by feature and sorted,
 so nothing of size [tokens, d_sae] is ever held (nonzeros are ~L0 per token).
+
+Device work: features are computed, counted and collected on the SAE's device (an
+Evaluator's activations never leave it) and reach the host once, at the end: a host read per
+chunk would make the accelerator wait for that chunk. What remains per chunk is the
+compaction of its nonzeros (``nonzero`` must learn its output size, which waits for the
+chunk on an accelerator); the ``max_nonzero`` cap reuses that size instead of reading a
+count of its own.
 """
 
 from __future__ import annotations
@@ -49,21 +56,36 @@ class NonzeroIndex:
         return self.offsets[1:] - self.offsets[:-1]
 
     @classmethod
-    def from_batches(cls, batches: Iterable[torch.Tensor], d_sae: int) -> NonzeroIndex:
+    def from_batches(cls, batches: Iterable[torch.Tensor], d_sae: int,
+                     max_nonzero: int | None = None) -> NonzeroIndex:
+        """The index of feature activation ``batches`` [tokens, d_sae], built on their device
+        and copied to the host once. With ``max_nonzero``, only the first batches holding at
+        most that many activations > 0 in all are indexed (the rest are still consumed)."""
         feats, vals, l0s = [], [], []
+        nnz, bound, capped = None, 0, False
         for f in batches:
+            if capped:
+                continue
             tok, feat = f.nonzero(as_tuple=True)
-            feats.append(feat.to(torch.int64).cpu())
-            vals.append(f[tok, feat].float().cpu())
-            l0s.append((f > 0).sum(dim=-1).to(torch.int32).cpu())
-        feat = torch.cat(feats) if feats else torch.zeros(0, dtype=torch.int64)
-        val = torch.cat(vals) if vals else torch.zeros(0)
+            l0 = (f > 0).sum(dim=-1)
+            if max_nonzero is not None:
+                nnz = l0.sum() if nnz is None else nnz + l0.sum()
+                bound += len(tok)  # >= nnz (every f > 0 is nonzero) and known without a read
+                if bound > max_nonzero and int(nnz) > max_nonzero:  # read where it may bite
+                    capped = True
+                    continue
+            feats.append(feat.to(torch.int64))
+            vals.append(f[tok, feat].float())
+            l0s.append(l0.to(torch.int32))
+        if not feats:
+            return cls(torch.zeros(0), torch.zeros(d_sae + 1, dtype=torch.int64),
+                       torch.zeros(0, dtype=torch.int32))
+        feat, val = torch.cat(feats), torch.cat(vals)
         by_value = torch.argsort(val)
         order = by_value[torch.argsort(feat[by_value], stable=True)]
         counts = torch.bincount(feat, minlength=d_sae)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        token_l0 = torch.cat(l0s) if l0s else torch.zeros(0, dtype=torch.int32)
-        return cls(val[order], offsets, token_l0)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(val[order].cpu(), offsets.cpu(), torch.cat(l0s).cpu())
 
     def quantile(self, q: float) -> torch.Tensor:
         """Per-feature q-quantile of nonzero values (linear interpolation); NaN if never fired."""
@@ -82,10 +104,12 @@ class NonzeroIndex:
         return torch.where(fired, out, torch.full_like(out, float("nan"))).float()
 
 
-def _as_activation_batches(source, n_tokens: int | None) -> Iterator[torch.Tensor]:
-    """[tokens, d_in] chunks from an Evaluator, a tensor ([N, d] or [b, pos, d]) or batches."""
+def _as_activation_batches(source, n_tokens: int | None,
+                           device: torch.device) -> Iterator[torch.Tensor]:
+    """[tokens, d_in] chunks from an Evaluator (its activations moved to ``device`` at most
+    once), a tensor ([N, d] or [b, pos, d]) or batches."""
     if hasattr(source, "activations"):
-        source = source.activations()
+        source = source.activations(device)
     if isinstance(source, np.ndarray):
         source = torch.as_tensor(source)
     if isinstance(source, torch.Tensor):
@@ -109,7 +133,7 @@ def feature_batches(source, sae, n_tokens: int | None = DEFAULT_TOKENS) -> Itera
         raise ValueError(f"n_tokens={n_tokens} must be >= 1 (or None for all)")
     device = sae.W_enc.device
     with torch.no_grad():
-        for x in _as_activation_batches(source, n_tokens):
+        for x in _as_activation_batches(source, n_tokens, device):
             if x.shape[-1] != sae.cfg.d_in:
                 raise ValueError(f"activations have width {x.shape[-1]} but the SAE reads "
                                  f"d_in={sae.cfg.d_in}; use the SAE trained on this hook")
@@ -125,29 +149,25 @@ def feature_statistics(source, sae, n_tokens: int | None = DEFAULT_TOKENS,
     ``source``: an ``Evaluator`` (its held-out activations), a tensor, or an iterable of
     activation batches. ``attrs["n_tokens"]`` says how many tokens were actually seen
     (fewer than asked when the source is shorter); medians use the first tokens holding at most
-    ``max_nonzero`` nonzeros (``attrs["median_tokens"]``).
+    ``max_nonzero`` nonzeros (``attrs["median_tokens"]``; whole chunks of the source).
     """
-    counter = metrics.FiringCounter(sae.cfg.d_sae)
+    counter = metrics.FiringCounter(sae.cfg.d_sae, device=sae.W_enc.device)
     sample: list[torch.Tensor] = []
 
-    def observed() -> Iterator[torch.Tensor]:  # counts every token, passes on up to the cap
-        nnz = 0
+    def observed() -> Iterator[torch.Tensor]:  # counts every token and keeps the sample
         for f in feature_batches(source, sae, n_tokens):
-            f = f.cpu()
             counter.update(f)
             got = sum(s.shape[0] for s in sample)
             if got < sample_tokens:
                 sample.append(f[: sample_tokens - got])
-            nnz += int((f > 0).sum())
-            if nnz <= max_nonzero:
-                yield f
+            yield f
 
-    index = NonzeroIndex.from_batches(observed(), sae.cfg.d_sae)
-    freq = counter.frequency().double()
+    index = NonzeroIndex.from_batches(observed(), sae.cfg.d_sae, max_nonzero)
+    freq = counter.frequency().double().cpu()
     per_feature = pd.DataFrame({
         "feature": np.arange(sae.cfg.d_sae, dtype=np.int64),
         "frequency": freq.numpy(),
-        "fires": counter.counts.numpy().astype(np.int64),
+        "fires": counter.counts.cpu().numpy().astype(np.int64),
         "max_activation": index.quantile(1.0).nan_to_num(0.0).numpy().astype(np.float64),
         "median_nonzero": index.quantile(0.5).numpy().astype(np.float64),
         "log10_frequency": np.where(freq.numpy() > 0, np.log10(np.maximum(freq.numpy(), 1e-300)),
@@ -159,10 +179,11 @@ def feature_statistics(source, sae, n_tokens: int | None = DEFAULT_TOKENS,
 
 
 def _sample_frame(f: torch.Tensor) -> pd.DataFrame:
+    """The nonzeros of ``f`` (on any device; only they are copied to the host)."""
     tok, feat = f.nonzero(as_tuple=True)
-    df = pd.DataFrame({"token": tok.numpy().astype(np.int64),
-                       "feature": feat.numpy().astype(np.int64),
-                       "activation": f[tok, feat].numpy().astype(np.float64)})
+    df = pd.DataFrame({"token": tok.cpu().numpy().astype(np.int64),
+                       "feature": feat.cpu().numpy().astype(np.int64),
+                       "activation": f[tok, feat].cpu().numpy().astype(np.float64)})
     df.attrs.update(n_tokens=int(f.shape[0]))
     return df
 

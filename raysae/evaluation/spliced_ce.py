@@ -18,6 +18,15 @@ the hook on the patched activation: the HF model runs itself with its layer list
 layers after the hook (``inputs_embeds`` = patched residual), checked at construction to
 reproduce the clean logits. Hooks other than a block's resid_pre/resid_post, or a failed
 check, fall back to a full forward with a replacing hook (same numbers, slower).
+
+Device work: the blocks, their cached activations and everything computed per batch stay on
+the model's / SAE's device. Per-block CE sums and the reconstruction sums (one per per-token
+function of the metrics table, ``raysae.core.metrics.token_sums``) add up as device tensors
+and reach the host in one read per evaluation: a host read per batch (``.item()``,
+``.cpu()``, a blocking copy) waits for the device to finish that batch, so the accelerator
+would idle once per batch.
+fvu's denominator (the spread of x about its mean) does not depend on the SAE: it is computed
+once, at construction.
 """
 
 from __future__ import annotations
@@ -41,17 +50,20 @@ _RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|ho
 _CHECK_TOL = 1e-4
 
 
-def next_token_ce_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Sum of next-token CE over positions 0..ctx-2 (logits [b, ctx, V], tokens [b, ctx])."""
-    return float(next_token_ce_blocks(logits, tokens).sum())
-
-
-def next_token_ce_blocks(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
-    """Per-block sum of next-token CE over positions 0..ctx-2: float64 array [b]."""
+def next_token_ce_blocks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-block sum of next-token CE over positions 0..ctx-2 (logits [b, ctx, V], tokens
+    [b, ctx]): float64 [b] on the logits' device."""
     v = logits.shape[-1]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(),
                          tokens[:, 1:].reshape(-1).to(logits.device), reduction="none")
-    return ce.view(tokens.shape[0], -1).sum(1).double().cpu().numpy()
+    return ce.view(tokens.shape[0], -1).sum(1).double()
+
+
+def _to_host(*parts: torch.Tensor) -> np.ndarray:
+    """Tensors flattened into one float64 array: one copy to the host (after gathering them
+    on the first one's device)."""
+    device = parts[0].device
+    return torch.cat([p.reshape(-1).to(device, torch.float64) for p in parts]).cpu().numpy()
 
 
 def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
@@ -110,18 +122,18 @@ class Evaluator:
         self.device = next(model.parameters()).device
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         clean, first_logits = [], None
-        for toks in self.tokens.split(batch_size):
-            toks = toks.to(self.device)
+        for toks in self.tokens.to(self.device).split(batch_size):  # one copy, not per batch
             logits, acts = self._clean_forward(toks)
             clean.append(next_token_ce_blocks(logits, toks))
             self._batches.append((toks, acts.detach()))
             first_logits = logits if first_logits is None else first_logits
         self.n_predictions = self.tokens.shape[0] * (self.tokens.shape[1] - 1)
-        clean_sums = np.concatenate(clean)
+        clean_sums = _to_host(*clean)
         self.ce_clean = float(clean_sums.sum()) / self.n_predictions
         #: Clean CE of each held-out block (mean over its ctx-1 predictions), block order.
         self.ce_clean_blocks: list[float] = self._block_means(clean_sums)
         self.d_in = self._batches[0][1].shape[-1]
+        self._spread = self._total_spread()
         self._suffix = self._make_suffix(first_logits) if resume else None
         del first_logits
         self.ce_zero = self.ce_with(torch.zeros_like)
@@ -129,6 +141,18 @@ class Evaluator:
     def _block_means(self, sums: np.ndarray) -> list[float]:
         """Per-block CE sums -> per-block mean CE (every block has ctx-1 predictions)."""
         return (sums / (self.tokens.shape[1] - 1)).tolist()
+
+    def _replaced(self, acts: torch.Tensor) -> torch.Tensor:
+        """A batch's activations at the replaced positions, [tokens, d_in]."""
+        return acts[:, self.first:].reshape(-1, self.d_in)
+
+    def _total_spread(self) -> torch.Tensor:
+        """sum ||x - mean(x)||^2 over the replaced positions (fvu's denominator in
+        ``raysae.core.metrics``), a float64 device scalar: two passes over the batches, x
+        never concatenated."""
+        xs = [self._replaced(acts) for _, acts in self._batches]
+        mean = sum(x.double().sum(dim=0) for x in xs) / self.n_tokens
+        return sum((x.double() - mean).pow(2).sum() for x in xs)
 
     @property
     def n_tokens(self) -> int:
@@ -192,20 +216,22 @@ class Evaluator:
     @torch.no_grad()
     def ce_with(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """CE with the replaced positions' activations [b, pos, d] mapped through ``replace``."""
-        total = 0.0
+        sums = []
         for toks, acts in self._batches:
             patched = self._patch(acts, replace(acts[:, self.first:]))
-            total += next_token_ce_sum(self._logits(toks, patched), toks)
-        return total / self.n_predictions
+            sums.append(next_token_ce_blocks(self._logits(toks, patched), toks))
+        return float(_to_host(*sums).sum()) / self.n_predictions
 
-    def activations(self) -> torch.Tensor:
-        """The cached activations at the replaced positions, [n_tokens, d_in], on CPU."""
-        return torch.cat([a[:, self.first:].reshape(-1, self.d_in).float().cpu()
-                          for _, a in self._batches])
+    def activations(self, device: str | torch.device | None = "cpu") -> torch.Tensor:
+        """The cached activations at the replaced positions, [n_tokens, d_in] float32, on
+        ``device`` (None: where they are cached, the model's device)."""
+        x = torch.cat([self._replaced(a).float() for _, a in self._batches])
+        return x if device is None else x.to(device)
 
     @torch.no_grad()
     def evaluate(self, sae, transform: Transform | None = None) -> dict[str, float | list[float]]:
-        """CE and reconstruction metrics with the hook replaced by the SAE's reconstruction.
+        """CE and the metrics table's reconstruction metrics with the hook replaced by the
+        SAE's reconstruction.
 
         ``transform`` maps feature activations [tokens, d_sae] before decoding (ablations).
         Every value is a float except ``ce_sae_blocks``: the CE of each held-out block (block
@@ -215,25 +241,23 @@ class Evaluator:
             raise ValueError(f"SAE reads d_in={sae.cfg.d_in} but {self.hook_name} has width "
                              f"{self.d_in}; use an SAE trained on this hook")
         sae_device = sae.W_enc.device
-        sums, l0_sum, recons = [], 0.0, []
+        sums, recon = [], 0  # recon: the table's per-token sums (a device tensor)
         for toks, acts in self._batches:
-            x = acts[:, self.first:].reshape(-1, self.d_in).to(sae_device, torch.float32)
+            x = self._replaced(acts).to(sae_device, torch.float32)
             f = sae.encode(x)
             if transform is not None:
                 f = transform(f)
             x_hat = sae.decode(f)
-            l0_sum += metrics.l0(f) * x.shape[0]
-            recons.append(x_hat.cpu())
+            recon = recon + metrics.token_sums(x, x_hat, f)
             sums.append(next_token_ce_blocks(self._logits(toks, self._patch(acts, x_hat)), toks))
-        x, x_hat = self.activations(), torch.cat(recons)
-        block_sums = np.concatenate(sums)
+        host = _to_host(*sums, recon, self._spread)  # the one read of this evaluation
+        k = len(recon) + 1
+        block_sums, recon_sums, spread = host[:-k], host[-k:-1].tolist(), float(host[-1])
         ce_sae = float(block_sums.sum()) / self.n_predictions
         return {"ce_clean": self.ce_clean, "ce_sae": ce_sae,
                 "ce_sae_blocks": self._block_means(block_sums), "ce_zero": self.ce_zero,
                 "ce_recovered": ce_recovered(self.ce_clean, ce_sae, self.ce_zero),
-                "l0": l0_sum / x.shape[0], "mse": metrics.mse(x, x_hat),
-                "fvu": metrics.fvu(x, x_hat), "cos_sim": metrics.cos_sim(x, x_hat),
-                "l2_ratio": metrics.l2_ratio(x, x_hat)}
+                **metrics.from_sums(recon_sums, self.n_tokens, self.d_in, spread)}
 
 
 def heldout_evaluator(model, hook_name: str, n_blocks: int = 64, context_length: int = 128,

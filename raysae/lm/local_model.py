@@ -26,7 +26,7 @@ import torch
 from raysae.lm import corpus
 
 METADATA = "raysae_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the stdlib read in corpus.STDLIB_ORDER, not alphabetically
 SPECIAL = "<|endoftext|>"
 
 

@@ -11,25 +11,40 @@ AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 RAYSAE_AUTOSCALER_CONFIG overrides): its node types are what the cluster could get."""
 
 
-def autoscaler_node_types() -> list[dict] | None:
-    """Resources of each node type the autoscaler may launch ([] without an autoscaler
-    config; None when a type leaves its CPU/GPU count to detection, i.e. unknown here)."""
+def _autoscaler_config() -> dict | None:
+    """The autoscaler config ({} without one; None when it cannot be read)."""
     path = Path(os.path.expanduser(os.environ.get("RAYSAE_AUTOSCALER_CONFIG",
                                                   AUTOSCALER_CONFIG)))
     if not path.is_file():
-        return []
+        return {}
     try:
         import yaml
 
-        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+        return yaml.safe_load(path.read_text()) or {}
     except Exception:  # an unreadable config: what it allows is unknown
         return None
+
+
+def autoscaler_node_types(with_counts: bool = False,
+                          config: dict | None = None) -> list[dict] | None:
+    """Resources of each node type the autoscaler may launch ([] without an autoscaler
+    config; None when a type leaves its CPU/GPU count to detection, i.e. unknown here).
+    ``with_counts``: each as {"resources": ..., "max_workers": how many it may launch,
+    "head": whether it is the head's type}. ``config``: the config already read."""
+    config = _autoscaler_config() if config is None else config
+    if config is None:
+        return None
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    cap = int(config.get("max_workers", 0) or 0)
     out = []
-    for spec in types.values():
+    for name, spec in types.items():
         resources = dict((spec or {}).get("resources") or {})
         if "CPU" not in resources:
             return None
-        out.append(resources)
+        count = int((spec or {}).get("max_workers", cap) or 0) if name != head else 1
+        out.append({"resources": resources, "max_workers": count, "head": name == head}
+                   if with_counts else resources)
     return out
 
 
@@ -44,6 +59,39 @@ def default_gpus_per_trial(alive: dict) -> float:
     types = autoscaler_node_types() or []
     can_launch = any(float(t.get("GPU", 0) or 0) > 0 for t in types)
     return GPU_SHARE if float(alive.get("GPU", 0) or 0) > 0 or can_launch else 0.0
+
+
+def trials_per_node(resources: dict, cpus: float, gpus: float) -> int:
+    """How many trials asking ``cpus`` CPUs and ``gpus`` GPUs fit on one node at once."""
+    fit = int(float(resources.get("CPU", 0) or 0) / cpus + 1e-9)  # cpus > 0 (SearchConfig)
+    if gpus > 0:
+        fit = min(fit, int(float(resources.get("GPU", 0) or 0) / gpus + 1e-9))
+    return max(fit, 0)
+
+
+def default_concurrency(alive: list[dict], cpus: float, gpus: float) -> int:
+    """Trials that can run at once on the cluster at its largest: what fits on the live
+    nodes plus, with an autoscaler config, on every worker it may launch (each type up to
+    its max_workers, all types up to the cluster's max_workers); at least 1. On the
+    documented cluster (4 GPU workers of {CPU: 4, GPU: 1}, trials of 1 CPU and 0.25 GPU)
+    that is 16, though no worker exists when the driver starts."""
+    config = _autoscaler_config() or {}
+    types = autoscaler_node_types(with_counts=True, config=config) or []
+    live = sum(trials_per_node(dict(n.get("Resources") or {}), cpus, gpus) for n in alive
+               if n.get("Alive", True))
+    if not types:
+        return max(1, live)
+    # The head as it is, every worker type at its max_workers (within the cluster's cap,
+    # the types that fit most trials first); live workers are among those.
+    workers = sorted((t for t in types if not t["head"]),
+                     key=lambda t: -trials_per_node(t["resources"], cpus, gpus))
+    left = int(config.get("max_workers", 0) or 0) or sum(t["max_workers"] for t in workers)
+    most = sum(trials_per_node(t["resources"], cpus, gpus) for t in types if t["head"])
+    for t in workers:
+        n = min(t["max_workers"], left)
+        most += n * trials_per_node(t["resources"], cpus, gpus)
+        left -= n
+    return max(1, live, most)
 
 
 def trial_memory_bytes(d_in: int, d_sae: int, members: int, batch_size: int) -> int:

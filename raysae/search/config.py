@@ -23,8 +23,9 @@ from typing import Any
 
 from raysae.activations.source import DTYPES
 from raysae.core.config import TrainConfig
+from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
 from raysae.core.penalties import PENALTIES, get_penalty
-from raysae.search.run_settings import NAME_PATTERN, RunSettings, SweepSettings  # noqa: F401
+from raysae.search.run_settings import RunSettings, SweepSettings
 from raysae.settings import (
     SettingError,
     is_int,
@@ -84,7 +85,8 @@ class ActivationSettings:
     share; the node's other trials wait for it at most this long, then fail naming the
     lock file."""
     live: bool = False
-    """Stream activations from the Ray Data pipeline into each trial (no cache)."""
+    """No cache: each trial runs the model on its own device and streams activations as it
+    trains, each epoch the corpus's next cache_tokens tokens."""
     eval_blocks: int = 64
     """Held-out token blocks for the spliced CE of every SAE."""
     feature_tokens: int = 25_000
@@ -109,14 +111,17 @@ class SearchConfig:
     penalty: tuple[str, ...] = ("power",)
     """Penalty families to search (registry names); several: Optuna chooses the family too.
     The study's references (L1, sqrt, sqrt(sqrt)) are trained in every search."""
-    kind: str = "relu"
-    """SAE kind of Optuna's proposals: relu (+ the penalty) or panneal (the power family
-    with p annealed from 1 to the proposed p; raysae.core.kinds)."""
-    baselines: tuple[str, ...] = ("topk", "batchtopk")
-    """SAE kinds trained as reference frontiers on the same ladder and seeds (none: [])."""
+    kind: str = DEFAULT_KIND
+    """SAE kind of Optuna's proposals, one that uses a penalty: relu (the penalty as is),
+    panneal (the power family with p annealed from 1 to the proposed p; raysae.core.kinds)."""
+    baselines: tuple[str, ...] = field(default_factory=default_baselines)
+    """SAE kinds trained as reference frontiers on the same ladder and seeds (default: the
+    registered baseline kinds with ``in_default_search``, TopK and BatchTopK; JumpReLU and
+    Matryoshka are one flag away, as they would add a third to the default job's time;
+    none: [])."""
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Searched range per penalty parameter (flags --PARAM-range LOW HIGH); default: the
-    registry's."""
+    """Searched range per family and parameter, keyed "family.param" (flags
+    --FAMILY-PARAM-range LOW HIGH, e.g. --power-eps-range); default: the registry's."""
     objective: str = "target"
     """target: CE at each target L0 (one Optuna study per target); pareto: minimise
     [ce_sae, l0] (needs lambda_mode search)."""
@@ -131,14 +136,20 @@ class SearchConfig:
     seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
     confirm_best: int = 2
     """How many of the best proposals (by the search objective) the confirmation retrains."""
+    budget_check: float = 0.0
+    """After the confirmation, retrain the references and the best proposal with this many
+    times the training tokens (fresh tokens: the cache grows to match), paired seeds as in
+    the confirmation; the report says whether each claim keeps its sign and significance.
+    0: off."""
     lam_range: tuple[float, float] = (1e-2, 1e2)
     """Lambda range, log scale: searched with lambda_mode search; the sweep's grid."""
     beta: float = 1.0
     """Objective weight of missing the target L0 (nats per unit |ln(l0/target)|)."""
     tol: float = 0.15
     """Relative L0 miss that costs nothing in the objective."""
-    max_concurrent: int = 2
-    """Trials running at once."""
+    max_concurrent: int | None = None
+    """Trials running at once (default: as many as fit on the cluster at its largest, the
+    autoscaler's node types included; see capacity.default_concurrency)."""
     cpus_per_trial: float = 1.0
     """CPU share per trial; fractions (e.g. 0.25) let more trials share a core."""
     gpus_per_trial: float | None = None
@@ -151,14 +162,11 @@ class SearchConfig:
         for name in self.penalty:
             require(name in PENALTIES, "penalty", name, f"registered penalties: "
                     f"{sorted(PENALTIES)}", "pass {penalty} with registered names")
-        from raysae.core.kinds import KINDS
-
-        require(self.kind in ("relu", "panneal"), "kind", self.kind,
-                "Optuna proposes penalties for relu or panneal SAEs", "pass one of them")
+        require(self.kind in penalty_kinds(), "kind", self.kind, "Optuna proposes penalties "
+                f"for kinds that use one: {list(penalty_kinds())}", "pass one of them")
         for name in self.baselines:
-            require(name in KINDS and not KINDS[name].uses_penalty, "baselines", name,
-                    f"baselines are penalty-free SAE kinds: "
-                    f"{sorted(k for k, v in KINDS.items() if not v.uses_penalty)}",
+            require(name in baseline_kinds(), "baselines", name, "baselines are the "
+                    f"registered baseline SAE kinds: {list(baseline_kinds())}",
                     "pass {baselines} with some of them")
         require(self.objective in OBJECTIVES, "objective", self.objective,
                 f"allowed {list(OBJECTIVES)}", "pass one of them")
@@ -167,10 +175,16 @@ class SearchConfig:
         if self.objective == "pareto" and self.lambda_mode == "control":
             raise SettingError("objective", "pareto", "needs {lambda_mode} search: lambda "
                                "must vary to trace a frontier", "add {lambda_mode} search")
-        positive_int(self, "num_trials", "max_concurrent", "confirm_best")
+        positive_int(self, "num_trials", "confirm_best")
+        if self.max_concurrent is not None:
+            positive_int(self, "max_concurrent")
         require(is_int(self.seeds) and self.seeds >= 0, "seeds", self.seeds,
                 "must be an integer >= 0", "pass e.g. {seeds} 3 (0 turns it off)")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        require(is_number(self.budget_check) and (self.budget_check == 0
+                                                  or self.budget_check > 1),
+                "budget_check", self.budget_check, "must be 0 (off) or a factor > 1",
+                "pass e.g. {budget_check} 2")
         require(bool(self.targets), "targets", "", "give at least one target L0")
         for t in self.targets:
             require(is_number(t) and t > 0, "targets", t, "a target L0 must be > 0 (and "
@@ -187,26 +201,39 @@ class SearchConfig:
         for name, pair in self.ranges.items():
             self._check_param_range(name, tuple(pair))
 
-    def _check_param_range(self, name: str, pair: tuple[float, float]) -> None:
-        flag = f"{name}_range"
-        owners = [spec for fam in self.penalty for spec in [get_penalty(fam)]
-                  if name in spec.param_names()]
-        require(bool(owners), flag, pair, f"no searched penalty ({', '.join(self.penalty)}) "
-                f"has a parameter {name!r}", "drop it or pass {penalty} with a family that has")
-        for spec in owners:
-            param = spec.param(name)
-            for end, value in zip(("LOW", "HIGH"), pair):
-                require(param.contains(value), flag, f"{end} = {value:g}",
-                        f"{name} of penalty {spec.name!r} must be in {param.range_text()}",
-                        f"pass {{{flag}}} LOW HIGH inside that range")
-            if param.log:
-                check_log_range(flag, pair, name)
+    def _check_param_range(self, key: str, pair: tuple[float, float]) -> None:
+        family, _, name = key.partition(".")
+        flag = range_field(family, name)
+        require(family in self.penalty, flag, pair, f"penalty {family!r} is not searched "
+                f"(searched: {', '.join(self.penalty)})",
+                "drop it or add the family to {penalty}")
+        param = get_penalty(family).param(name)
+        for end, value in zip(("LOW", "HIGH"), pair):
+            require(param.contains(value), flag, f"{end} = {value:g}",
+                    f"{name} of penalty {family!r} must be in {param.range_text()}",
+                    f"pass {{{flag}}} LOW HIGH inside that range")
+        if param.log:
+            check_log_range(flag, pair, name)
         require(pair[0] <= pair[1], flag, pair, "LOW is above HIGH",
                 f"pass {{{flag}}} LOW HIGH with LOW <= HIGH")
 
     def searched_range(self, penalty: str, param: str) -> tuple[float, float]:
         """The range Optuna searches for one parameter of one family."""
-        return tuple(self.ranges.get(param, get_penalty(penalty).param(param).search))
+        return tuple(self.ranges.get(f"{penalty}.{param}",
+                                     get_penalty(penalty).param(param).search))
+
+
+def range_field(family: str, param: str) -> str:
+    """The setting (and, as --family-param-range, the flag) of one searched range."""
+    return f"{family}_{param}_range"
+
+
+def range_fields() -> dict[str, str]:
+    """Every searchable range setting -> its "family.param" key, from the registry."""
+    from raysae.core.penalties import PENALTIES
+
+    return {range_field(spec.name, p.name): f"{spec.name}.{p.name}"
+            for spec in PENALTIES.values() for p in spec.searched_params()}
 
 
 def check_log_range(field_name: str, pair, what: str) -> None:
@@ -263,15 +290,15 @@ SWEEP_DEFAULTS = {"lam_range": (0.3, 10.0)}
 
 def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) -> JobConfig:
     """Defaults, then the preset's overrides, then ``overrides`` (field name -> value; None
-    means "not given"; ``<param>_range`` sets a searched penalty range). Validated whole."""
+    means "not given"; ``<family>_<param>_range`` sets a searched range). Validated whole."""
     require(preset in PRESETS, "preset", preset, f"allowed {sorted(PRESETS)}",
             "pass one of them")
     values = {**(SWEEP_DEFAULTS if sweep else {}), **PRESETS[preset],
               **{k: v for k, v in overrides.items() if v is not None}}
     known = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
-    ranges = {k[:-6]: tuple(v) for k, v in values.items()
-              if k.endswith("_range") and k not in known}
-    unknown = sorted(k for k in values if k not in known and k[:-6] not in ranges)
+    searchable = range_fields()
+    ranges = {searchable[k]: tuple(v) for k, v in values.items() if k in searchable}
+    unknown = sorted(k for k in values if k not in known and k not in searchable)
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; see raysae.search.config")
     if ranges:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from raysae.analysis import contract
 from raysae.core.config import TrainConfig
-from raysae.core.train import DIVERGED, FINISHED
+from raysae.core.outcome import DIVERGED, FINISHED
 from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, member_objective
 
 SAE_DIR = "sae"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raysae.core.kinds import DEFAULT_KIND
 from raysae.core.penalties import get_penalty, reference_points
 from raysae.search.config import SearchConfig
 
@@ -41,7 +42,7 @@ class SearchSpace:
             trial.suggest_float(param_key(family, name), low, high, log=log)
         if self.search_lambda:
             trial.suggest_float("lam", *self.lam_range, log=True)
-        return {"penalty": family, **({"kind": self.kind} if self.kind != "relu" else {})}
+        return {"penalty": family, **({"kind": self.kind} if self.kind != DEFAULT_KIND else {})}
 
     def describe(self) -> list[dict[str, Any]]:
         """The proposed parameters (for search.json and the report's importances)."""
@@ -55,7 +56,7 @@ class SearchSpace:
 
 def reference_configs(baselines: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The reference penalties (registry order, L1 first), then the baseline SAE kinds
-    (TopK, BatchTopK: no penalty), as trial configs."""
+    (no penalty; raysae.core.kind_registry), as trial configs."""
     refs = [{"penalty": name, **{param_key(name, k): float(v) for k, v in params.items()}}
             for _label, name, params in reference_points()]
     return refs + [{"kind": kind, **refs[0]} for kind in baselines]

@@ -15,21 +15,26 @@ The objective Optuna minimises (one number per trial, the whole frontier):
 first; it is one constant per search, so it changes no ranking: it makes the score read as
 "nats better (< 0) or worse than L1, averaged over the ladder"). A diverged member counts
 as ``BAD_OBJECTIVE`` nats.
+Defaults are the job's settings' own (raysae.search.config), stated there once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from raysae.core.config import PenaltyConfig, TrainConfig
+from raysae.core.kind_registry import plugin_modules
+from raysae.search.config import LAMBDA_MODES, ActivationSettings, ModelSettings, SearchConfig
+from raysae.search.run_settings import RunSettings
 from raysae.search.space import penalty_of
 
 BAD_OBJECTIVE = 1e3
-LAMBDA_MODES = ("search", "control", "fixed")
+TRIAL_LAMBDA_MODES = (*LAMBDA_MODES, "fixed")
+"""A search's lambda modes, and the sweep's fixed lambda (each trial one given lambda)."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,9 @@ class TrialSpec:
     activation_source: dict | None = None
     """The ActivationSource the cache was built from: a node that lacks the cache folder
     (a fresh cluster worker) builds it from this, once per node (file-locked)."""
-    context_length: int = 128
+    context_length: int = ModelSettings.context_length
     """Tokens per held-out block."""
-    corpus: str = "stdlib"
+    corpus: str = ModelSettings.corpus
     """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
     lambda_mode: str = "control"
     """control: each member's controller drives its L0 to its target; search: Optuna
@@ -59,19 +64,24 @@ class TrialSpec:
     """The L0 ladder (control mode): one SAE per target."""
     reference_ce: tuple[float, ...] | None = None
     """The L1 reference's ce_sae per target, once known (subtracted in the score)."""
-    beta: float = 1.0
+    beta: float = SearchConfig.beta
     """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
-    tol: float = 0.15
+    tol: float = SearchConfig.tol
     """Relative L0 miss that costs nothing in the objective."""
-    cache_wait_seconds: float = 7200.0
+    cache_wait_seconds: float = ActivationSettings.cache_wait_seconds
     """How long a trial waits for its node's cache builder (ActivationSettings)."""
-    checkpoint_seconds: float = 300.0
+    checkpoint_seconds: float = RunSettings.checkpoint_seconds
     """Checkpoint at the first report this many seconds after the last checkpoint (and
     always at the end); 0: at every report (RunSettings.checkpoint_seconds)."""
-    eval_blocks: int = 64
-    feature_tokens: int = 100_000
+    eval_blocks: int = ActivationSettings.eval_blocks
+    """Held-out blocks of every SAE's spliced CE."""
+    feature_tokens: int = ActivationSettings.feature_tokens
+    """Activation rows of every SAE's feature statistics."""
     threshold_sweep: bool = False
     sweep_points: int = 10
+    plugins: tuple[str, ...] = field(default_factory=plugin_modules)
+    """Modules each trial imports first (the driver's RAYSAE_PLUGINS): the kinds,
+    penalties and metrics they register exist in every trial's worker too."""
     torch_threads: int = 1
     inject_failure_at_step: int | None = None
     """Fault injection for reliability tests: fail once at this step (first attempt only)."""
@@ -81,9 +91,9 @@ class TrialSpec:
     def __post_init__(self) -> None:
         if self.train.sae is None:
             raise ValueError("TrialSpec.train.sae is None: set the SAE shape before the search")
-        if self.lambda_mode not in LAMBDA_MODES:
+        if self.lambda_mode not in TRIAL_LAMBDA_MODES:
             raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
-                             f"{LAMBDA_MODES}")
+                             f"{TRIAL_LAMBDA_MODES}")
         if self.lambda_mode == "control" and not self.targets:
             raise ValueError("lambda_mode 'control' needs targets: give the L0 ladder")
         d_sae = self.train.sae.d_sae

@@ -7,7 +7,11 @@
 3. ``<name>_confirm`` (``seeds`` R > 1): the best ``confirm_best`` proposals and every
    reference retrained with seeds 1 .. R-1. Paired design: seed r gives every penalty the same
    SAE initialisation and the same activation order, so stage 1-2's seed-0 SAEs are the
-   first replicate and differences are taken seed by seed (raysae.analysis.confidence).
+   first replicate and differences are taken seed by seed (raysae.analysis.confidence; a
+   proposal's own seed-0 replicate, which chose it, is left out of its comparisons).
+4. ``<name>_budget`` (``budget_check`` k): the references and the best proposal retrained
+   with k times the training tokens, seeds 0 .. R-1; their rows carry ``budget`` k (1 for
+   the others) and comparisons are made within each budget.
 
 A sweep is one grid stage. Results always come from Tune's ResultGrids (raysae.search.results).
 """
@@ -24,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from raysae.analysis import contract, provenance
+from raysae.core.kinds import DEFAULT_KIND, baseline_labels
 from raysae.search import interrupt
 from raysae.search.results import _clean, collect_artifacts, results_frame
 from raysae.search.space import penalty_of
@@ -61,23 +66,33 @@ def confirmation_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, .
     seeds = plan.search.seeds
     if seeds <= 1:
         return ()
+    configs = list(reference_grid(plan)) + best_configs(plan, searched, plan.search.confirm_best)
+    return tuple({**c, "seed": s} for s in range(1, seeds) for c in configs)
+
+
+def budget_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
+    """(the best proposal + references) x seeds 0 .. R-1, as trial configs."""
+    configs = list(reference_grid(plan)) + best_configs(plan, searched, 1)
+    return tuple({**c, "seed": s} for s in range(max(plan.search.seeds, 1)) for c in configs)
+
+
+def best_configs(plan: SearchPlan, searched: pd.DataFrame, n: int) -> list[dict]:
+    """The ``n`` best proposals (by the search objective) as trial configs."""
     best = []
     if len(searched) and "trial_objective" in searched:
         ok = searched[searched["status"].isin(["finished", "partial"])]
-        per_trial = ok.drop_duplicates("tune_trial_id").nsmallest(plan.search.confirm_best,
-                                                                  "trial_objective")
+        per_trial = ok.drop_duplicates("tune_trial_id").nsmallest(n, "trial_objective")
         for _, row in per_trial.iterrows():
             name = row["penalty"]
             params = {k: float(row[k]) for k in _param_names(name) if k in row}
             config = {"penalty": name, **{f"{name}.{k}": v for k, v in params.items()}}
-            if row.get("kind", "relu") not in ("relu", None) and row.get("kind") == row.get(
-                    "kind"):
-                config["kind"] = row["kind"]
+            kind = row.get("kind")
+            if isinstance(kind, str) and kind != DEFAULT_KIND:  # not missing (NaN/None)
+                config["kind"] = kind
             if plan.spec.lambda_mode == "search":
                 config["lam"] = float(row["lam"])
             best.append(config)
-    configs = list(reference_grid(plan)) + best
-    return tuple({**c, "seed": s} for s in range(1, seeds) for c in configs)
+    return best
 
 
 def _param_names(penalty: str) -> list[str]:
@@ -91,6 +106,7 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     """Run (or resume) every stage of the search; write the tables and search.json
     (``settings``: the job's whole config, for the report); return the folder."""
     frames, fetch = [], Path(results_dir) / contract.FETCHED_DIR
+    STAGE_SECONDS.clear()  # this search's stages only (a process may run several searches)
     if plan.grid:
         frames.append(_fit(plan, plan.name, plan.spec, plan.grid, 0, resume, fetch))
     else:
@@ -105,7 +121,15 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
         grid = confirmation_grid(plan, searched)
         if grid:
             frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))
+        factor = plan.search.budget_check
+        if factor:
+            longer = replace(spec, train=replace(
+                spec.train, total_tokens=int(round(spec.train.total_tokens * factor))))
+            frames.append(_fit(plan, f"{plan.name}_budget", longer, budget_grid(plan, searched),
+                               3, resume, fetch).assign(budget=float(factor)))
     trials = _clean(pd.concat(frames, ignore_index=True))
+    if "budget" in trials:
+        trials["budget"] = trials["budget"].fillna(1.0)
     out = Path(results_dir)
     if resume:
         trials = keep_earlier_rows(trials, out)
@@ -116,10 +140,23 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     comparisons = compare_trials(trials)
     if comparisons is not None:
         contract.write_comparisons(comparisons, out)
-    record = contract.search_record(plan, settings or {})
-    record["provenance"] = provenance.collect(dict(STAGE_SECONDS))
+    record = plan.record(settings or {})
+    search = plan.search  # a trial holds cpus_per_trial cores (and its GPU share) throughout
+    record["provenance"] = provenance.collect(dict(STAGE_SECONDS), provenance.time_breakdown(
+        trials, dict(STAGE_SECONDS), trial_slots(search), search.cpus_per_trial))
     contract.write_search_json(out, record)
     return out
+
+
+def trial_slots(search) -> int:
+    """How many trials could run at once: the job's resolved --max-concurrent, else (a plan
+    built without the job) what the Ray cluster's CPUs hold."""
+    if search.max_concurrent:
+        return int(search.max_concurrent)
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return max(int(cpus // search.cpus_per_trial), 1)
 
 
 def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
@@ -138,16 +175,18 @@ def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 
 def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:
-    """comparisons.parquet: every label against L1 and sqrt, per target and over the ladder
-    (None for a sweep, whose SAEs have no targets)."""
-    from raysae.analysis.confidence import compare
+    """comparisons.parquet: every label against L1 and sqrt and the baseline kinds, per
+    target and over the ladder (None for a sweep, whose SAEs have no targets)."""
+    from raysae.analysis.confidence import REFERENCES, compare
 
     laddered = trials[trials["target_l0"].notna()]
     if not len(laddered):
         return None
     present = set(laddered["label"])
-    refs = [r for r in ("L1", "sqrt", "TopK", "BatchTopK") if r in present]
-    return compare(laddered, references=refs)
+    refs = [r for r in (*REFERENCES, *baseline_labels()) if r in present]
+    budgets = laddered["budget"] if "budget" in laddered else pd.Series(1.0, laddered.index)
+    return pd.concat([compare(laddered[budgets == b], references=refs).assign(budget=b)
+                      for b in sorted(set(budgets))], ignore_index=True)
 
 
 __all__ = ["run_search", "confirmation_grid", "reference_ce", "penalty_of"]

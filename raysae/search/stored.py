@@ -4,7 +4,7 @@ At start the job writes its whole config to ``STORAGE/NAME/job_settings.json`` (
 for a remote --storage, next to the results). A resumed search compares the settings that
 change results (everything but where and how it runs: folders, Ray address, report, resources,
 retries) with the stored ones; a difference is refused with the list of them, unless
---resume-changed (raysae.search.config.RunSettings) accepts it.
+--resume-changed (raysae.search.run_settings.RunSettings) accepts it.
 """
 
 from __future__ import annotations

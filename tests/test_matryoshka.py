@@ -1,0 +1,178 @@
+"""Matryoshka BatchTopK: one level is BatchTopK exactly, the prefix losses match a plain
+member-by-member reference (dense and fixed-k decoders), a trained member saves as a SAELens
+jumprelu SAE whose formulas (written here) match raysae's, and a short planted run trains
+without NaN to its target L0 with the inference threshold."""
+
+import json
+
+import pytest
+import torch
+from planted import planted_batches
+from safetensors.torch import load_file
+
+from raysae.core.batched import BatchedSAE
+from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.kinds import BatchTopK, baseline_kinds, get_kind, kind_styles
+from raysae.core.matryoshka import MatryoshkaBatchTopK, matryoshka_widths
+from raysae.core.outcome import FINISHED
+from raysae.core.sae import SAE
+from raysae.core.training import train_ensemble
+
+D_IN, D_SAE, N_TRUE, K_ACTIVE = 32, 128, 64, 6
+TARGETS = [4.0, 8.0]
+HELD_OUT = next(planted_batches(D_IN, N_TRUE, K_ACTIVE, 4096, seed=99))
+
+
+def _planted(steps=None, seed=1):
+    return planted_batches(D_IN, N_TRUE, K_ACTIVE, 256, seed, steps)
+
+
+def _cfg(kind="matryoshka", **kw):
+    base = dict(sae=SAEConfig(D_IN, D_SAE), penalty=PenaltyConfig.power(p=0.5), kind=kind,
+                lam=0.3, total_tokens=256 * 300, batch_size=256, lr=3e-3, log_every=50, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_registered_with_default_widths_and_checks_them():
+    kind = get_kind("matryoshka")
+    assert isinstance(kind, MatryoshkaBatchTopK) and isinstance(kind, BatchTopK)
+    assert (kind.label, kind.saelens_architecture, kind.uses_penalty) == (
+        "Matryoshka", "jumprelu", False)
+    assert kind.baseline and "matryoshka" in baseline_kinds()
+    assert kind_styles()["Matryoshka"] != kind_styles()["BatchTopK"]
+    assert matryoshka_widths(512) == [128, 256, 512]  # local default: targets up to 128
+    assert matryoshka_widths(2048) == [512, 1024, 2048]  # pythia-70m: targets up to 256
+    assert BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 1], kind="matryoshka",
+                      targets=TARGETS).matryoshka_widths == [32, 64, 128]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        matryoshka_widths(128, (0.5, 0.5, 1.0))
+    with pytest.raises(ValueError, match="end at d_sae"):
+        matryoshka_widths(128, (0.25, 0.5))
+    with pytest.raises(ValueError, match="smallest prefix"):
+        EnsembleTrainer(_cfg(), [4.0, 40.0])  # 40 > 128 / 4
+
+
+@pytest.mark.parametrize("sparse_step", ["off", "on"])
+def test_one_level_trains_exactly_as_batchtopk(monkeypatch, sparse_step):
+    monkeypatch.setattr(MatryoshkaBatchTopK, "fractions", (1.0,))
+    cfg = dict(total_tokens=256 * 25, log_every=8, sparse_step=sparse_step)
+    mat, btk = EnsembleTrainer(_cfg(**cfg), TARGETS), EnsembleTrainer(_cfg("batchtopk", **cfg),
+                                                                      TARGETS)
+    assert mat.model.matryoshka_widths == [D_SAE]
+    for x in _planted(steps=25):
+        mat.step(x), btk.step(x)
+    for name, p in btk.model.named_parameters():
+        assert torch.equal(getattr(mat.model, name), p), name
+    assert torch.equal(mat.model.threshold, btk.model.threshold)
+    for ours, theirs in zip(mat.history, btk.history, strict=True):
+        for row, ref in zip(ours, theirs, strict=True):
+            assert row["loss"] == ref["loss"] and row["penalty_loss"] == ref["penalty_loss"]
+            assert row["inner_loss"] == 0.0
+
+
+def _reference_inner(model, x, f, widths):
+    """Each member alone, each prefix from scratch: [K, L - 1]."""
+    out = torch.zeros(model.k, len(widths) - 1)
+    for k in range(model.k):
+        for i, w in enumerate(widths[:-1]):
+            x_hat = f[k][:, :w] @ model.W_dec[k][:w] + model.b_dec[k]
+            out[k, i] = (x - x_hat).pow(2).sum(dim=-1).mean()
+    return out
+
+
+def test_inner_losses_match_a_member_by_member_reference():
+    kind = get_kind("matryoshka")
+    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 1, 2], kind="matryoshka",
+                       targets=[2.0, 4.0, 8.0])
+    with torch.no_grad():
+        model.b_dec.normal_(0, 0.1), model.b_enc.normal_(0, 0.1)
+    x = next(_planted())
+    with torch.no_grad():
+        f = kind.activate(model, model.pre_acts(x))
+        ref_f = get_kind("batchtopk").activate(model, model.pre_acts(x))
+        assert torch.equal(f, ref_f)  # the selection is BatchTopK's, one per member
+        dense = kind.inner_losses(model, x, f)
+        fixed = kind.inner_losses(model, x, kind.activate_fixed(model, model.pre_acts(x)))
+    ref = _reference_inner(model, x, f, [32, 64, 128])
+    assert dense.shape == (3, 2)
+    torch.testing.assert_close(dense, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fixed, ref, atol=1e-4, rtol=1e-5)
+    assert (ref[:, 0] >= ref[:, 1]).all()  # a wider prefix reconstructs at least as well
+
+
+def test_loss_term_is_auxk_plus_the_summed_prefix_losses_and_trains_the_prefixes():
+    trainer = EnsembleTrainer(_cfg(total_tokens=256 * 10), TARGETS)
+    x = next(_planted())
+    trainer.step(x)  # sets the activation scale
+    trainer.opt.zero_grad(set_to_none=True)
+    x = x * trainer.scale
+    model, kind = trainer.model, trainer.kind
+    pre = model.pre_acts(x)
+    f = kind.activate(model, pre)
+    x_hat = model.decode(f)
+    term, logged = kind.loss_terms(trainer, x, x_hat, f, pre)
+    aux = kind.auxk(trainer, x, x_hat, pre)
+    inner = _reference_inner(model, x, f.detach(), model.matryoshka_widths)
+    torch.testing.assert_close(logged, aux)
+    torch.testing.assert_close(term.detach(), aux.detach() + inner.sum(dim=1), atol=1e-4,
+                               rtol=1e-5)
+    term.sum().backward()  # the prefix losses reach the encoder (through f) and the decoder
+    assert model.W_enc.grad.abs().sum() > 0
+    assert model.W_dec.grad[:, : model.matryoshka_widths[0]].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_ensemble(_cfg(), TARGETS, _planted())
+
+
+def test_planted_run_trains_without_nan_to_its_target_l0(trained):
+    for target, res in zip(TARGETS, trained, strict=True):
+        assert res.status == FINISHED
+        rows = res.history
+        assert all(torch.isfinite(torch.tensor([r["loss"], r["inner_loss"]])).all()
+                   for r in rows)
+        last = rows[-1]
+        assert last["recon_loss_w32"] >= last["recon_loss_w64"] >= last["recon_loss"]
+        assert last["inner_loss"] == pytest.approx(
+            last["recon_loss_w32"] + last["recon_loss_w64"])
+        sae = res.sae
+        assert sae.architecture == "jumprelu" and (sae.threshold == sae.threshold[0]).all()
+        assert sae.threshold[0].item() == pytest.approx(last["threshold"], rel=1e-6)
+        l0 = (sae.encode(HELD_OUT) > 0).float().sum(dim=-1).mean().item()
+        assert abs(l0 / target - 1) <= 0.10, (target, l0)
+
+
+def _saelens_jumprelu(path, x):
+    """SAELens's JumpReLUSAE.encode / decode from the saved files alone (sae_lens is not
+    installed): sae_in = x - b_dec (apply_b_dec_to_input), hidden_pre = sae_in W_enc + b_enc,
+    f = relu(hidden_pre) * (hidden_pre > threshold), x_hat = f W_dec + b_dec."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    t = load_file(str(path / "sae_weights.safetensors"))
+    sae_in = x - t["b_dec"] * cfg["apply_b_dec_to_input"]
+    hidden_pre = sae_in @ t["W_enc"] + t["b_enc"]
+    f = torch.relu(hidden_pre) * (hidden_pre > t["threshold"]).to(hidden_pre.dtype)
+    return f, f @ t["W_dec"] + t["b_dec"]
+
+
+def test_saved_member_is_a_saelens_jumprelu_sae(trained, tmp_path):
+    for k, res in enumerate(trained):
+        path = res.sae.save(tmp_path / f"m{k}")
+        cfg = json.loads((path / "cfg.json").read_text())
+        assert cfg["architecture"] == "jumprelu"
+        assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, D_SAE, "float32")
+        assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+        tensors = load_file(str(path / "sae_weights.safetensors"))
+        assert {n: tuple(t.shape) for n, t in tensors.items()} == {
+            "W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,),
+            "b_dec": (D_IN,), "threshold": (D_SAE,)}
+        theta = tensors["threshold"]
+        assert (theta == theta[0]).all() and theta[0] > 0
+        loaded = SAE.load(path)
+        x_hat, f = loaded(HELD_OUT)
+        f_ref, x_hat_ref = _saelens_jumprelu(path, HELD_OUT)
+        torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x_hat, x_hat_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f, res.sae.encode(HELD_OUT))
