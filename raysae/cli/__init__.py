@@ -1,6 +1,6 @@
 """`raysae` command line: one entry point, one subcommand per stage.
 
-    raysae search | sweep | report | ablation | cache | build-model   (or python -m raysae)
+    raysae search | sweep | report | export | ablation | cache | build-model   (or python -m raysae)
 
 Every bad input, from argparse or from the configs and pre-flight checks, ends the same
 way: one line ``raysae <command>: error: <what and the fix>`` on stderr, exit status 2.
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     from raysae.cli.ablation import add_ablation_parser
     from raysae.cli.cache import add_build_model_parser, add_cache_parser
+    from raysae.cli.export import add_export_parser
     from raysae.cli.report import add_report_parser
     from raysae.cli.search import add_parsers
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=Parser)
     add_parsers(sub)
     add_report_parser(sub)
+    add_export_parser(sub)
     add_ablation_parser(sub)
     add_build_model_parser(sub)
     add_cache_parser(sub)

@@ -64,6 +64,8 @@ def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
         extra: dict[str, Any] = {"nargs": "+"} if many else {}
         if many and isinstance(default, tuple) and len(default) == 2 and "range" in field.name:
             extra = {"nargs": 2, "metavar": ("LOW", "HIGH")}
+        if "const" in field.metadata:  # the flag alone means this value (--wandb)
+            extra.update(nargs="?", const=field.metadata["const"])
         if choices and field.name in choices:
             extra["choices"] = choices[field.name]
         group.add_argument(flag_name(field.name), dest=field.name, type=kind, default=None,
@@ -71,11 +73,12 @@ def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
 
 
 def add_range_flags(parser: argparse.ArgumentParser, params: dict[str, str]) -> None:
-    """``--NAME-range LOW HIGH`` per searchable penalty parameter (name -> help)."""
+    """``--FAMILY-PARAM-range LOW HIGH`` per searchable penalty parameter ("family_param"
+    -> help)."""
     group = parser.add_argument_group("searched penalty ranges (from the penalty registry)")
     for name, help_text in params.items():
-        group.add_argument(f"--{name}-range", dest=f"{name}_range", type=float, nargs=2,
-                           metavar=("LOW", "HIGH"), default=None,
+        group.add_argument(flag_name(f"{name}_range"), dest=f"{name}_range", type=float,
+                           nargs=2, metavar=("LOW", "HIGH"), default=None,
                            help=help_text.replace("%", "%%"))
 
 

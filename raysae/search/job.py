@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 from raysae.core.config import SAEConfig
-from raysae.search import capacity, interrupt, preflight, stored
+from raysae.search import capacity, interrupt, preflight, stored, tracking
 from raysae.search.config import JobConfig
 from raysae.search.spec import TrialSpec
 from raysae.search.stages import run_search
-from raysae.search.tune_setup import SearchPlan, grid_points, live_concurrency
+from raysae.search.tracking import study_path
+from raysae.search.tune_setup import SearchPlan, grid_points
 
 
 def job_name(cfg: JobConfig, sweep: bool) -> str:
@@ -39,6 +40,8 @@ def check_inputs(cfg: JobConfig, results: Path, sweep: bool) -> tuple[str, int]:
                           f"--cache {acts.cache}" if manifest else "--cache-tokens")
     preflight.check_model_name(m.model)
     preflight.check_corpus(m.corpus, m.text_column)
+    if cfg.run.wandb:
+        tracking.check_wandb()
     preflight.preflight_writable(results)
     if "://" not in cfg.run.storage:
         preflight.preflight_writable(Path(cfg.run.storage), flag="--storage")
@@ -66,7 +69,7 @@ def prepare_activations(cfg: JobConfig, model: str, on_cluster: bool):
     m, acts = cfg.model, cfg.activations
     src = ActivationSource(model=model, hook=m.hook, dataset=m.corpus,
                            text_column=m.text_column, context_length=m.context_length,
-                           n_tokens=acts.cache_tokens, dtype=acts.cache_dtype)
+                           n_tokens=cache_rows(cfg), dtype=acts.cache_dtype)
     if acts.live:
         return dataclasses.asdict(src), None
     if acts.cache:
@@ -74,6 +77,13 @@ def prepare_activations(cfg: JobConfig, model: str, on_cluster: bool):
     if on_cluster:
         return str(default_cache_root() / src.cache_key()), dataclasses.asdict(src)
     return str(build_cache(src, progress=True)), dataclasses.asdict(src)
+
+
+def cache_rows(cfg: JobConfig) -> int:
+    """Rows of the cache to build: --cache-tokens, grown to the budget check's longer
+    training so that its SAEs see fresh rows, not the same rows twice."""
+    factor = cfg.search.budget_check or 1.0
+    return max(cfg.activations.cache_tokens, int(round(cfg.train.total_tokens * factor)))
 
 
 def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
@@ -86,6 +96,9 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
         print(f"raysae: --resume-changed: continuing {name!r} with changed settings: "
               f"{'; '.join(changed)}", flush=True)
     acts, total = cfg.activations, cfg.train.total_tokens
+    if cache_rows(cfg) > acts.cache_tokens and not (acts.live or acts.cache):
+        print(f"raysae: --budget-check {cfg.search.budget_check:g}: the cache holds "
+              f"{cache_rows(cfg)} rows, so the longer SAEs see each row once", flush=True)
     if not (acts.live or acts.cache) and acts.cache_tokens < total:
         print(f"raysae: note: each SAE trains on {total} tokens from a cache of "
               f"{acts.cache_tokens} rows, so it sees rows {total / acts.cache_tokens:.1f} "
@@ -153,22 +166,9 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
           f"{info.get('dashboard_url') or 'off'}", flush=True)
     interrupt.reinstall()  # after ray.init, whose SIGTERM handler would kill the driver
     check_cluster(cfg, sweep, info, d_in)
-    if cfg.activations.live and info["mode"] == "cluster":
-        raise ValueError("--live runs on a local Ray only: on a cluster its concurrency would "
-                         "come from the CPUs alive at start and every epoch would re-harvest "
-                         "the same tokens; drop --live (each node builds its own cache)")
     activations, source = prepare_activations(cfg, model, on_cluster=info["mode"] == "cluster")
-    plan = _plan(cfg, sweep, name, info.get("resources", {}), TrialSpec(
-        activations=activations, activation_source=source, model=model, hook=cfg.model.hook,
-        train=dataclasses.replace(cfg.train, sae=SAEConfig(d_in, cfg.model.expansion * d_in)),
-        context_length=cfg.model.context_length, corpus=cfg.model.corpus,
-        lambda_mode="fixed" if sweep else cfg.search.lambda_mode, beta=cfg.search.beta,
-        tol=cfg.search.tol, eval_blocks=cfg.activations.eval_blocks,
-        feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
-        checkpoint_seconds=cfg.run.checkpoint_seconds,
-        cache_wait_seconds=cfg.activations.cache_wait_seconds,
-        targets=() if sweep or cfg.search.lambda_mode != "control"
-        else tuple(cfg.search.targets)))
+    plan = _plan(cfg, sweep, name, info.get("resources", {}),
+                 trial_spec(cfg, sweep, activations, source, model, d_in), results)
     stored.store(cfg, name, results, sweep)  # what a later --resume is checked against
     out = run_search(plan, results, resume=cfg.run.resume, settings=cfg.to_dict())
     print(f"raysae: trials table: {out / 'trials.parquet'}")
@@ -179,22 +179,26 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
         print(f"raysae: report: {write_report(out)}")
     print(f"raysae: Tune experiments under {plan.storage}; finished in "
           f"{time.time() - start:.0f} s", flush=True)
+    print(tracking.where(plan.storage, study_path(out, name) if not sweep else None,
+                         out if cfg.run.wandb else None), flush=True)
     return out
 
 
 def _plan(cfg: JobConfig, sweep: bool, name: str, resources: dict,
-          spec: TrialSpec) -> SearchPlan:
+          spec: TrialSpec, results: Path | None = None) -> SearchPlan:
     """The SearchPlan: resources resolved against the cluster, the sweep's grid."""
     search = cfg.search
     gpus = search.gpus_per_trial
     if gpus is None:
         gpus = capacity.default_gpus_per_trial(resources)
-    cpus, concurrent = search.cpus_per_trial, search.max_concurrent
-    if cfg.activations.live:  # each trial's harvest actor needs a CPU outside its share
-        cpus = min(cpus, 0.5)
-        concurrent = live_concurrency(resources.get("CPU", 1), concurrent, cpus)
-    search = dataclasses.replace(search, gpus_per_trial=gpus, cpus_per_trial=cpus,
-                                 max_concurrent=concurrent)
+    concurrent = search.max_concurrent
+    if concurrent is None:
+        import ray
+
+        concurrent = capacity.default_concurrency(ray.nodes(), search.cpus_per_trial, gpus)
+        print(f"raysae: up to {concurrent} trials at once ({search.cpus_per_trial:g} CPU, "
+              f"{gpus:g} GPU each; --max-concurrent overrides)", flush=True)
+    search = dataclasses.replace(search, gpus_per_trial=gpus, max_concurrent=concurrent)
     grid: tuple[dict, ...] = ()
     if sweep:
         import numpy as np
@@ -203,4 +207,22 @@ def _plan(cfg: JobConfig, sweep: bool, name: str, resources: dict,
                                                  cfg.sweep.n_lambdas).tolist()
         grid = grid_points(cfg.sweep.exponents, lams)
     return SearchPlan(name=name, storage=cfg.run.storage, search=search, spec=spec,
-                      grid=grid)
+                      grid=grid, results=None if results is None else str(results),
+                      wandb=cfg.run.wandb)
+
+
+def trial_spec(cfg: JobConfig, sweep: bool, activations, source, model: str,
+               d_in: int) -> TrialSpec:
+    """What every trial of the job shares: its training template is the job's ``train``
+    section (every flag of it, precision included) at the activations' width."""
+    return TrialSpec(
+        activations=activations, activation_source=source, model=model, hook=cfg.model.hook,
+        train=dataclasses.replace(cfg.train, sae=SAEConfig(d_in, cfg.model.expansion * d_in)),
+        context_length=cfg.model.context_length, corpus=cfg.model.corpus,
+        lambda_mode="fixed" if sweep else cfg.search.lambda_mode, beta=cfg.search.beta,
+        tol=cfg.search.tol, eval_blocks=cfg.activations.eval_blocks,
+        feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
+        checkpoint_seconds=cfg.run.checkpoint_seconds,
+        cache_wait_seconds=cfg.activations.cache_wait_seconds,
+        targets=() if sweep or cfg.search.lambda_mode != "control"
+        else tuple(cfg.search.targets))

@@ -18,7 +18,7 @@ import pandas as pd
 from raysae.analysis import contract
 from raysae.search.spec import BAD_OBJECTIVE
 
-PER_TRIAL = ("members", "members_l0", "objective")
+PER_TRIAL = ("members", "members_l0", "objective", "ladder")
 
 
 def local_checkpoint(checkpoint, fetch_to: Path | None) -> str:
@@ -55,7 +55,8 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
         config = dict(result.config or {})
         config.update(config.pop("point", {}))
         trial = {"experiment": experiment,
-                 **{k: v for k, v in metrics.items() if k not in PER_TRIAL},
+                 **{k: v for k, v in metrics.items()
+                    if k not in PER_TRIAL and not k.startswith("ladder/")},
                  "trial_objective": metrics.get("objective", math.nan)}
         trial.setdefault("penalty", config.get("penalty"))
         trial["tune_trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
@@ -83,7 +84,7 @@ def _error_reason(error: BaseException) -> str:
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
     """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
-    for col in contract.TRIAL_COLUMNS:
+    for col in contract.trial_columns():
         if col not in df:
             df[col] = math.nan
     if "status" in df:

@@ -77,6 +77,10 @@ class RunSettings:
     pythia-70m preset one is about 150 MB. 0: at every logging report."""
     report: bool = True
     """Write report.html at the end (--no-report skips it)."""
+    wandb: str | None = field(default=None, metadata={"const": "raysae"})
+    """Log every trial to Weights & Biases in this project (--wandb alone: project raysae),
+    one run per trial grouped by search and stage; offline in RESULTS/wandb when no API key
+    is set (upload later with `wandb sync`)."""
     monitor: bool = False
     """Start Prometheus on 127.0.0.1 (a free port) scraping this job's Ray, print its URL,
     stop it when the job ends (needs a `prometheus` binary: apt-get install prometheus)."""

@@ -1,14 +1,14 @@
 """The Ray Tune function trainable: train a trial's SAEs (an L0 ladder), report, checkpoint,
 evaluate.
 
-Training reports (every ``log_every`` steps) carry the ladder's mean l0, mse, fvu and
-tokens_seen with ``objective = NaN``; the final report adds ``objective`` (the trial's
-frontier score, raysae.search.spec), ``status`` and ``members``: one row per SAE (its
-target, l0, ce_clean/ce_sae/ce_zero, ce_recovered, fvu, cos_sim, l2_ratio, dead and
-low-frequency fractions, lambda, status), which the results table expands into one row per
+Training reports (every ``log_every`` steps) carry the ladder's mean lambda, metrics (the
+metrics table's columns the trainer reports) and tokens_seen with ``objective = NaN``; the
+final report adds ``objective`` (the trial's frontier score, raysae.search.spec), ``status``,
+the members' mean metrics and ``members``: one row per SAE (its target, lambda, status and
+the evaluator's metrics-table columns), which the results table expands into one row per
 (trial, target). One diverging member does not end the others.
 
-Checkpoints hold the whole ensemble state (weights, Adam moments, step, lambdas, scale) in a
+Checkpoints hold the whole ladder state (weights, Adam moments, step, lambdas, scale) in a
 ``weights_only``-loadable file, so a restarted trial resumes every member at the step it
 stopped. The final checkpoint also holds every member's SAE (SAELens layout, ``sae/<k>``),
 feature statistics and, optionally, global-threshold removal curves.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -28,16 +29,12 @@ from typing import Any
 import torch
 
 from raysae.core.config import TrainConfig
-from raysae.core.ensemble import EnsembleTrainer, keep_freed_memory, train_ensemble
+from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.memory import keep_freed_memory
+from raysae.core.metrics import metric_names
+from raysae.core.training import train_ensemble
 from raysae.search.members import evaluate_members
-from raysae.search.spec import (  # noqa: F401  (re-exported: the trial's public names)
-    BAD_OBJECTIVE,
-    LAMBDA_MODES,
-    TrialSpec,
-    frontier_score,
-    objective,
-    train_config,
-)
+from raysae.search.spec import TrialSpec, frontier_score, train_config
 
 STATE_FILE = "trainer_state.pt"
 CKPT_PREFIX = ".raysae-ckpt-"
@@ -101,10 +98,8 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
     from raysae.activations.source import ActivationSource
 
     source = spec.activations
-    if not isinstance(source, str):
-        # Live streaming: one harvest actor per trial, so trials cannot starve each other's
-        # Ray Data pipelines of CPUs (see tune_setup.live_concurrency).
-        source = ActivationSource(**{**source, "num_actors": 1})
+    if not isinstance(source, str):  # live: the trial runs the model on its own device
+        source = ActivationSource(**source)
     elif not os.path.isdir(source) and spec.activation_source is not None:
         from raysae.activations.cache import build_cache
 
@@ -171,7 +166,9 @@ def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
 
 
 def _mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = ("l0", "mse", "fvu", "cos_sim", "lam", "dead_fraction")
+    """The ladder's mean of lambda and of every metrics-table column all rows have: the
+    trial's row in the progress table."""
+    keys = ("lam", *metric_names())
     out = {k: sum(r[k] for r in rows) / len(rows) for k in keys if all(k in r for r in rows)}
     out.update(step=max(r.get("step", r.get("steps", 0)) for r in rows),
                tokens_seen=max(r.get("tokens_seen", 0) for r in rows),
@@ -179,11 +176,25 @@ def _mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def ladder_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each ladder member's lambda and metrics-table values, keyed by its target
+    (``L0_16``; a ladder without targets: ``m0``, ``m1``...): reported nested, so Tune's
+    TensorBoard and W&B loggers show ``ladder/L0_16/l0`` per member (raysae.search.tracking)."""
+    out = {}
+    for r in rows:
+        target = r.get("target_l0")
+        key = (f"L0_{target:g}" if isinstance(target, (int, float)) and math.isfinite(target)
+               else f"m{int(r.get('member', len(out)))}")
+        out[key] = {k: float(r[k]) for k in ("lam", *metric_names())
+                    if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
+    return out
+
+
 def permanent_errors() -> tuple[type[BaseException], ...]:
     """Errors a retry cannot heal: a corrupt/NaN cache shard, a bad setting, NaN
     activations from the model, an unreadable checkpoint."""
     from raysae.activations.cache import CacheError
-    from raysae.core.train import CheckpointError, NonFiniteActivationsError
+    from raysae.core.outcome import CheckpointError, NonFiniteActivationsError
     from raysae.settings import SettingError
 
     return (CacheError, SettingError, NonFiniteActivationsError, CheckpointError)
@@ -193,6 +204,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function trainable (bind ``spec`` with ``tune.with_parameters``). An error no
     retry can heal ends the trial once, without Tune's retries: a final report with
     ``status = "error"`` and the error as ``status_reason`` (also in the trial's error.txt)."""
+    from raysae.core.kinds import load_plugins
+
+    load_plugins(spec.plugins)  # the driver's plugin kinds, before any config names one
     try:
         _train_trial(config, spec)
     except permanent_errors() as err:
@@ -222,6 +236,7 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
 
 def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Train, evaluate and report one trial (``run_trial`` without its error handling)."""
+    entered = time.monotonic()
     torch.set_num_threads(spec.torch_threads)
     _remove_stale_checkpoint_folders()  # left by an attempt killed mid-report
     keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ensemble.py
@@ -231,14 +246,19 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
+    last = {"tokens": trainer.tokens, "at": time.monotonic()}
 
     def on_log(rows: list[dict[str, float]], live: EnsembleTrainer) -> None:
         if not rows:
             return
-        row = _mean_row(rows)
+        now = time.monotonic()
+        row = {**_mean_row(rows), "tokens_per_second": (live.tokens - last["tokens"])
+               / max(now - last["at"], 1e-9)}
+        last.update(tokens=live.tokens, at=now)
         dashboard.record(row)
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
-               "status": "running", "checkpoint_bytes": written["bytes"]}
+               "status": "running", "checkpoint_bytes": written["bytes"],
+               "ladder": ladder_scalars(rows)}
         due = (time.monotonic() - written["at"] >= spec.checkpoint_seconds
                and not live.done)
         written["bytes"] += _report(out, live if due else None)
@@ -247,14 +267,22 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         _maybe_inject_failure(spec, live.step_count)
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
+    started, first_token = time.monotonic(), trainer.tokens
     results = train_ensemble(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+    trained = time.monotonic()
     members, write_artifacts = evaluate_members(spec, cfg, results)
+    # this attempt's own times (a restored trial counts from its checkpoint on)
+    timing = {"setup_seconds": started - entered, "train_seconds": trained - started,
+              "eval_seconds": time.monotonic() - trained,
+              "train_tokens_per_second": (trainer.tokens - first_token)
+              / max(trained - started, 1e-9)}
     status = "finished" if all(m["status"] == "finished" for m in members) else (
         "diverged" if all(m["status"] == "diverged" for m in members) else members[0]["status"]
         if len({m["status"] for m in members}) == 1 else "partial")
     final = {**base, **_mean_row([m for m in members if "l0" in m] or members),
              "objective": frontier_score(members, spec), "status": status,
-             "members": json.dumps(members), "checkpoint_bytes": written["bytes"]}
+             "members": json.dumps(members), "checkpoint_bytes": written["bytes"], **timing,
+             "ladder": ladder_scalars(members)}
     _report(final, trainer, write_artifacts)
     dashboard.finished(status)
 
@@ -286,13 +314,13 @@ def _node_id() -> str:
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
     """The penalty's columns (name, family, label, each parameter), the kind and the seed.
-    A baseline kind (TopK, BatchTopK) is its own family and label; p-anneal labels its
-    final penalty."""
-    from raysae.core.kinds import get_kind
+    A baseline kind is its own family and label (kind.label); another penalised kind
+    (p-anneal) labels its final penalty."""
+    from raysae.core.kinds import DEFAULT_KIND, get_kind
 
     kind = get_kind(cfg.kind)
     family = kind.family(cfg)
-    label = cfg.penalty.label if kind.name == "relu" else (
+    label = cfg.penalty.label if kind.name == DEFAULT_KIND else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
     from raysae.core.recipes import UNIT_NORM
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from raysae.core.metrics import progress_columns
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
 from raysae.search.spec import TrialSpec
@@ -31,6 +32,11 @@ class SearchPlan:
     """What every trial shares."""
     grid: tuple[dict, ...] = ()
     """Sweep mode: the fixed trial configs (one trial each), no Optuna, no references."""
+    results: str | None = None
+    """The results folder on this machine: the Optuna study's journal and W&B's offline runs
+    go there (raysae.search.tracking); None keeps the study in memory."""
+    wandb: str | None = None
+    """W&B project every trial logs to (RunSettings.wandb); None: no W&B."""
 
     def __post_init__(self) -> None:
         d_sae = self.spec.train.sae.d_sae
@@ -50,9 +56,25 @@ class SearchPlan:
         return {"name": self.name, "storage": self.storage, "kind": self.kind,
                 "grid": list(self.grid)}
 
+    def record(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """search.json's content (raysae.analysis.contract.SEARCH_KEYS): what the search
+        was, for the analysis, which never imports the search."""
+        from raysae.core.penalties import reference_points
 
-def build_searcher(plan: SearchPlan, seed_offset: int = 0):
-    """OptunaSearch (TPE with a seed) behind a ConcurrencyLimiter."""
+        search, grid = self.search, bool(self.grid)
+        return {"name": self.name, "kind": self.kind, "objective": search.objective,
+                "lambda_mode": self.spec.lambda_mode,
+                "targets": [] if grid or search.objective != "target" else list(search.targets),
+                "penalties": list(search.penalty),
+                "space": [] if grid else SearchSpace(search).describe(),
+                "references": [] if grid else [list(r) for r in reference_points()],
+                "settings": settings}
+
+
+def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False):
+    """OptunaSearch (TPE with a seed) behind a ConcurrencyLimiter; its study is kept in the
+    results folder's journal when the plan has one (``resume``: the earlier journal is
+    continued, else replaced)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -63,8 +85,13 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0):
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
     sampler = optuna.samplers.TPESampler(seed=plan.spec.train.seed + seed_offset,
                                          n_startup_trials=min(4, plan.search.num_trials))
+    storage = None
+    if plan.results is not None:
+        from raysae.search.tracking import study_path, study_storage
+
+        storage = study_storage(study_path(plan.results, plan.name), fresh=not resume)
     searcher = OptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
-                            sampler=sampler)
+                            sampler=sampler, storage=storage, study_name=plan.name)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
 
 
@@ -78,14 +105,6 @@ def reference_grid(plan: SearchPlan) -> tuple[dict, ...]:
 
     lams = np.geomspace(*plan.search.lam_range, 3).tolist()
     return tuple({**ref, "lam": float(lam)} for ref in refs for lam in lams)
-
-
-def live_concurrency(total_cpus: float, requested: int, cpus_per_trial: float = 0.5,
-                     cpus_per_actor: float = 1.0) -> int:
-    """Trials that may stream live at once: each holds ``cpus_per_trial`` and its harvest
-    actor needs ``cpus_per_actor`` more outside the trial's reservation, so more trials than
-    this would leave their Ray Data actors waiting forever (a deadlock on 2 CPUs)."""
-    return max(1, min(requested, int(total_cpus // (cpus_per_trial + cpus_per_actor))))
 
 
 def _label(target: float) -> str:
@@ -102,6 +121,8 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
     """A new Tuner, or the restored one when ``resume`` and the experiment exists."""
     from ray import tune
 
+    from raysae.search.tracking import tune_callbacks
+
     search = plan.search
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec),
@@ -114,8 +135,11 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         searcher, num_samples = None, 1
         param_space: dict[str, Any] = {"point": tune.grid_search(list(grid))}
     else:
-        searcher, num_samples, param_space = build_searcher(plan, index), search.num_trials, {}
+        searcher, num_samples, param_space = (build_searcher(plan, index, resume),
+                                              search.num_trials, {})
+    stage = name[len(plan.name) + 1:] or "grid"
     run_config = tune.RunConfig(
+        callbacks=tune_callbacks(plan.name, stage, plan.results, plan.wandb),
         name=name, storage_path=storage_root(plan.storage),
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -128,7 +152,8 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
 
 def progress_table(plan: SearchPlan, grid: bool):
     """Tune's classic table, one row per trial with the columns a researcher watches (the
-    searched parameters come from the registry), every 30 s."""
+    searched parameters come from the registry, the metrics from the metrics table), every
+    30 s."""
     from ray.tune import CLIReporter
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -139,8 +164,8 @@ def progress_table(plan: SearchPlan, grid: bool):
         params[prefix + item["name"]] = item["name"]
     if grid:
         params.update({"point/power.p": "power.p", "point/lam": "lambda"})
-    metrics = {"tokens_seen": "tokens", "l0": "L0", "fvu": "FVU", "ce_sae": "CE",
-               "objective": "objective", "status": "status"}
+    metrics = {"tokens_seen": "tokens", **progress_columns(), "objective": "objective",
+               "status": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics,
                        max_report_frequency=30, sort_by_metric=False)
 
