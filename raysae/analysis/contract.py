@@ -26,6 +26,8 @@ FIGURES_DIR = "figures"
 FETCHED_DIR = "checkpoints"
 """Under the results folder: trials' final checkpoints fetched from remote storage (each
 SAE in SAELens layout under ``<checkpoint>/sae/<member>``, its tables beside it)."""
+SAE_DIR = "sae"
+"""In a trial's final checkpoint: each member's SAE in SAELens layout, ``sae/<member>``."""
 ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
                   "feature_stats": "feature_stats.parquet",
                   "activation_samples": "activation_samples.parquet"}

@@ -171,7 +171,6 @@ def sae_folder(row: pd.Series, root: Path) -> Path | None:
     """The SAE's SAELens folder, ``<checkpoint>/sae/<member>``: the checkpoint where
     trials.parquet says, else fetched under ``RESULTS/checkpoints``; None if neither."""
     from raysae.core.sae import CONFIG_FILE
-    from raysae.search.members import SAE_DIR
 
     checkpoint = row.get("checkpoint_path")
     if not isinstance(checkpoint, str) or not checkpoint or "://" in checkpoint:
@@ -179,7 +178,7 @@ def sae_folder(row: pd.Series, root: Path) -> Path | None:
     member = _number(row.get("member"))
     ck = Path(checkpoint)
     for base in (ck, root / contract.FETCHED_DIR / ck.parent.name / ck.name):
-        folder = base / SAE_DIR / str(int(member or 0))
+        folder = base / contract.SAE_DIR / str(int(member or 0))
         if (folder / CONFIG_FILE).is_file():
             return folder
     return None

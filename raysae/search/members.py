@@ -14,7 +14,6 @@ from raysae.core.config import TrainConfig
 from raysae.core.outcome import DIVERGED, FINISHED
 from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, member_objective
 
-SAE_DIR = "sae"
 SWEEP_FILE = contract.ARTIFACT_FILES["ablations"]
 FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
 
@@ -72,7 +71,7 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
 
     def write_artifacts(folder: Path) -> None:
         for k in live:
-            results[k].sae.save(folder / SAE_DIR / str(k),
+            results[k].sae.save(folder / contract.SAE_DIR / str(k),
                                 metadata={"model_name": spec.model, "hook_name": spec.hook},
                                 raysae={"train_config": cfg.to_dict(), "member": k,
                                         "target_l0": rows[k]["target_l0"],
