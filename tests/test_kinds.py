@@ -137,6 +137,35 @@ def test_k_members_equal_k_single_member_ensembles(kind):
         assert ens.history[k][-1]["l0"] == pytest.approx(one.history[0][-1]["l0"], abs=0.05)
 
 
+@pytest.mark.parametrize("kind", ["relu", "panneal", "topk", "jumprelu"])
+def test_kind_hooks_see_a_step_context_never_the_trainer(kind, monkeypatch):
+    """Every training hook of a kind gets a StepContext (typed: config, model, step,
+    targets, lambdas), whose step and lambda are the trainer's at that call."""
+    from raysae.core.step_context import StepContext
+
+    cfg = _cfg(kind, total_tokens=256 * 6, log_every=3)
+    trainer, seen = EnsembleTrainer(cfg, [2.0, 4.0]), []
+    impl = get_kind(kind)
+    for hook in ("loss_terms", "lambda_error", "log_fields"):
+        original = getattr(impl, hook)
+
+        def spy(ctx, *args, _hook=hook, _original=original):
+            assert isinstance(ctx, StepContext), (_hook, type(ctx))
+            seen.append((_hook, ctx.step, trainer.step_count))
+            torch.testing.assert_close(ctx.lam, trainer.current_lam(ctx.step))
+            assert ctx.k == 2 and ctx.model is trainer.model
+            return _original(ctx, *args)
+
+        monkeypatch.setattr(impl, hook, spy)
+    for x in _planted(steps=6):
+        trainer.step(x)
+    hooks = {h for h, _, _ in seen}
+    assert {"loss_terms", "log_fields"} <= hooks
+    # loss terms see the step being taken; log fields the step just taken
+    assert all(step == count for h, step, count in seen if h == "loss_terms")
+    assert all(step == count - 1 for h, step, count in seen if h == "log_fields")
+
+
 def test_batchtopk_checkpoint_keeps_the_threshold():
     cfg, batches = _cfg("batchtopk", total_tokens=256 * 30), list(_planted(steps=30))
     full, first = EnsembleTrainer(cfg, TARGETS), EnsembleTrainer(cfg, TARGETS)

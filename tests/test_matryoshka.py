@@ -112,8 +112,8 @@ def test_loss_term_is_auxk_plus_the_summed_prefix_losses_and_trains_the_prefixes
     pre = model.pre_acts(x)
     f = kind.activate(model, pre)
     x_hat = model.decode(f)
-    term, logged = kind.loss_terms(trainer, x, x_hat, f, pre)
-    aux = kind.auxk(trainer, x, x_hat, pre)
+    term, logged = kind.loss_terms(trainer.context(), x, x_hat, f, pre)
+    aux = kind.auxk(trainer.context(), x, x_hat, pre)
     inner = _reference_inner(model, x, f.detach(), model.matryoshka_widths)
     torch.testing.assert_close(logged, aux)
     torch.testing.assert_close(term.detach(), aux.detach() + inner.sum(dim=1), atol=1e-4,

@@ -54,7 +54,7 @@ def test_study_recipe_keeps_unit_rows_and_the_plain_penalty():
     x = _batches(1)[0]
     pre = trainer.model.pre_acts(x)
     f = pre.relu()
-    term, pen = get_kind("relu").loss_terms(trainer, x, None, f, pre)
+    term, pen = get_kind("relu").loss_terms(trainer.context(), x, None, f, pre)
     torch.testing.assert_close(pen, penalty_per_token("power", f, SQRT.params).mean(-1))
 
 
@@ -87,7 +87,7 @@ def _penalty_of(recipe: str, model: BatchedSAE, x: torch.Tensor, penalty=SQRT):
     trainer = EnsembleTrainer(_cfg(recipe=recipe, penalty=penalty), [4.0])
     trainer.model = model
     f = model.pre_acts(x).relu()
-    return get_kind("relu").loss_terms(trainer, x, None, f, None)[1]
+    return get_kind("relu").loss_terms(trainer.context(), x, None, f, None)[1]
 
 
 def test_inside_weighting_is_invariant_to_rescaling_a_feature_and_outside_is_not():
@@ -150,12 +150,12 @@ def test_weighted_penalty_sparse_step_equals_the_dense_one(weighting):
         if sparse:
             x_hat, active = active_forward(model, x)
             assert 0.02 < active.values.numel() / (2 * 200 * D_SAE) < 0.5  # sparse, not empty
-            term, pen = kind.active_loss_terms(trainer, active)
+            term, pen = kind.active_loss_terms(trainer.context(), active)
         else:
             pre = model.pre_acts(x)
             f = kind.activate(model, pre)
             x_hat = model.decode(f)
-            term, pen = kind.loss_terms(trainer, x, x_hat, f, pre)
+            term, pen = kind.loss_terms(trainer.context(), x, x_hat, f, pre)
         ((x_hat - x).pow(2).sum(-1).mean(-1) + term).sum().backward()
         grads.append((pen.detach(), [p.grad.clone() for p in model.parameters()]))
     (dense_pen, dense_g), (pen, g) = grads

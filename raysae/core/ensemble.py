@@ -45,6 +45,7 @@ from raysae.core.precision import tf32_matmuls, uses_bf16
 from raysae.core.recipes import UNIT_NORM, get_recipe
 from raysae.core.sparse_step import ActiveFeatures, active_forward
 from raysae.core.step_choice import SPARSE_STEP_MAX_DENSITY, sparse_step_now
+from raysae.core.step_context import StepContext
 from raysae.core.transfer import to_compute
 
 
@@ -111,6 +112,14 @@ class EnsembleTrainer:
         step = self.step_count if step is None else step
         return self.lam * min(1.0, (step + 1) / warm)
 
+    def context(self, step: int | None = None) -> StepContext:
+        """What the kind's hooks see of (0-based) ``step`` (default: the next)."""
+        step = self.step_count if step is None else step
+        return StepContext(cfg=self.cfg, model=self.model, step=step, targets=self.target_t,
+                           lam=self.current_lam(step), controlling=self.controlling(),
+                           penalty_weighting=self.recipe.penalty_weighting,
+                           dead_mask=self.dead_mask)
+
     def sparse_now(self) -> bool:
         """Whether this step uses a sparse step (raysae.core.step_choice)."""
         return sparse_step_now(self)
@@ -121,7 +130,7 @@ class EnsembleTrainer:
         sparse = self.sparse_now()
         if sparse and not self.kind.fixed_k:
             x_hat, active = active_forward(self.model, x)
-            term, pen = self.kind.active_loss_terms(self, active)
+            term, pen = self.kind.active_loss_terms(self.context(), active)
             return x_hat, active, term, pen, active.fires()
         bf16 = uses_bf16(self.cfg.autocast_bf16, self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
@@ -132,7 +141,7 @@ class EnsembleTrainer:
             else:
                 f = self.kind.activate(self.model, pre)
                 x_hat = self.model.decode(f)
-            term, pen = self.kind.loss_terms(self, x, x_hat, f, pre)
+            term, pen = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
         fires = f.fires() if sparse else (f.detach() > 0).sum(dim=1, dtype=torch.int32)
         return x_hat.float(), f, term, pen, fires
 
@@ -205,7 +214,7 @@ class EnsembleTrainer:
 
     def _control(self, batch_l0: torch.Tensor) -> None:
         """Per-member integral control of ln(lambda), error clipped to +-1 ."""
-        error = self.kind.lambda_error(self, batch_l0).clamp(-1.0, 1.0)
+        error = self.kind.lambda_error(self.context(), batch_l0).clamp(-1.0, 1.0)
         new = self.lam.clamp_min(1e-12) * torch.exp(self.cfg.control_gain * error)
         self.lam = torch.where(self.live, new, self.lam)
 
@@ -240,7 +249,7 @@ class EnsembleTrainer:
         raw_x = x / self.scale
         losses, recons, pens = per.tolist(), recon.tolist(), pen.tolist()
         lams, dead = self.current_lam(self.step_count - 1).tolist(), self.dead_fractions().tolist()
-        extra, rows = self.kind.log_fields(self), []
+        extra, rows = self.kind.log_fields(self.context(self.step_count - 1)), []
         for k in range(self.k):
             if self.status[k] is not None:
                 continue

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from raysae.core.kinds import SAEKind, register_kind
+from raysae.core.step_context import StepContext
 
 BANDWIDTH_FRAC = 0.1
 """The rectangle kernel's width as a fraction of a member's first-batch pre-activation RMS."""
@@ -144,20 +145,19 @@ class JumpReLU(SAEKind):
         # fp32: thresholds compared and moved at full precision, also under bf16 autocast
         return _JumpReLU.apply(pre.float(), self.theta(model), self.bandwidth(model))
 
-    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
-        model = trainer.model
+    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        model = ctx.model
         l0 = _Step.apply(pre.float(), self.theta(model), self.bandwidth(model)).sum(-1).mean(-1)
         with torch.no_grad():  # the calibration's next move (applied in after_step)
-            error = torch.log(l0.detach().clamp_min(0.5) / trainer.target_t.float())
-            model.offset_step.copy_(OFFSET_GAIN * error.clamp(-1.0, 1.0)
-                                    * trainer.controlling())
-        return trainer.current_lam().float() * l0, l0
+            error = torch.log(l0.detach().clamp_min(0.5) / ctx.targets.float())
+            model.offset_step.copy_(OFFSET_GAIN * error.clamp(-1.0, 1.0) * ctx.controlling)
+        return ctx.lam.float() * l0, l0
 
-    def lambda_error(self, trainer: Any, batch_l0: torch.Tensor) -> torch.Tensor:
+    def lambda_error(self, ctx: StepContext, batch_l0: torch.Tensor) -> torch.Tensor:
         """lambda grows while the calibration raises the thresholds (module doc), at
         ``LAMBDA_FOLLOW`` of the controller's pace: lambda moves the thresholds through Adam,
         slowly; followed at full pace it overshot by orders of magnitude."""
-        return LAMBDA_FOLLOW * trainer.model.offset.double()
+        return LAMBDA_FOLLOW * ctx.model.offset.double()
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
@@ -167,8 +167,8 @@ class JumpReLU(SAEKind):
         theta = self.theta(model)[k, 0].detach().clamp_min(0.0).float().cpu()
         return {"architecture": "jumprelu", "threshold": theta.clone()}
 
-    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
-        model = trainer.model
+    def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
+        model = ctx.model
         means, offsets = self.theta(model).mean(dim=(1, 2)).tolist(), model.offset.tolist()
         return [{"threshold": v, "threshold_offset": o} for v, o in zip(means, offsets,
                                                                           strict=True)]

@@ -51,6 +51,7 @@ from raysae.core.fixed_k import FixedKFeatures
 from raysae.core.kind_registry import *  # noqa: F403  (the registry's API, re-exported)
 from raysae.core.kind_registry import DEFAULT_KIND, register_kind
 from raysae.core.penalties import penalty_per_token
+from raysae.core.step_context import StepContext
 
 if TYPE_CHECKING:
     from raysae.core.config import TrainConfig
@@ -116,44 +117,43 @@ class SAEKind:
         fixed-k decoder's cost per token (kinds with ``fixed_k``)."""
         raise NotImplementedError(f"kind {self.name!r} has no fixed-k features")
 
-    def penalty_params(self, trainer: Any) -> dict[str, float]:
-        return trainer.cfg.penalty.params
+    def penalty_params(self, ctx: StepContext) -> dict[str, float]:
+        return ctx.cfg.penalty.params
 
-    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
         """(term added to each member's reconstruction loss [K], the logged penalty [K]);
         the recipe says how the penalty sees the decoder norms (raysae.core.recipes)."""
-        cfg, params = trainer.cfg, self.penalty_params(trainer)
-        weighting = trainer.recipe.penalty_weighting
+        cfg, params, weighting = ctx.cfg, self.penalty_params(ctx), ctx.penalty_weighting
         if weighting == "none":
             pen = _penalty(cfg, f, params)
         elif weighting == "inside":
-            pen = _penalty(cfg, f * trainer.model.decoder_norms().unsqueeze(1), params)
+            pen = _penalty(cfg, f * ctx.model.decoder_norms().unsqueeze(1), params)
         else:  # outside: ||d_i|| rho(f_i)
             rho = penalty_per_token(cfg.penalty.name, f.unsqueeze(-1), params,
                                     cfg.penalty.grad_floor)
-            pen = (rho * trainer.model.decoder_norms().unsqueeze(1)).sum(dim=-1)
+            pen = (rho * ctx.model.decoder_norms().unsqueeze(1)).sum(dim=-1)
         pen = pen.mean(dim=-1)
-        return trainer.current_lam().float() * pen, pen
+        return ctx.lam.float() * pen, pen
 
-    def active_loss_terms(self, trainer: Any, active: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def active_loss_terms(self, ctx: StepContext, active: Any
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss_terms`` of the sparse step: rho over the active values only (rho(0) = 0)."""
-        cfg, weighting = trainer.cfg, trainer.recipe.penalty_weighting
-        values = active.values
-        norms = (trainer.model.decoder_norms()[active.member, active.feature]
+        cfg, weighting, values = ctx.cfg, ctx.penalty_weighting, active.values
+        norms = (ctx.model.decoder_norms()[active.member, active.feature]
                  if weighting != "none" else None)
         if weighting == "inside":
             values = values * norms
         rho = penalty_per_token(cfg.penalty.name, values.unsqueeze(-1),
-                                self.penalty_params(trainer), cfg.penalty.grad_floor)
+                                self.penalty_params(ctx), cfg.penalty.grad_floor)
         if weighting == "outside":
             rho = rho * norms
         pen = active.per_member(rho) / active.shape[1]
-        return trainer.current_lam().float() * pen, pen
+        return ctx.lam.float() * pen, pen
 
-    def lambda_error(self, trainer: Any, batch_l0: torch.Tensor) -> torch.Tensor:
+    def lambda_error(self, ctx: StepContext, batch_l0: torch.Tensor) -> torch.Tensor:
         """[K] the L0 controller's error, float64: ln(batch L0 / target) (clipped by the
         trainer); lambda grows while it is positive."""
-        return torch.log(batch_l0.double().clamp_min(0.5) / trainer.target_t)
+        return torch.log(batch_l0.double().clamp_min(0.5) / ctx.targets)
 
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
         """After the optimiser step; ``trained`` [K] marks members that trained this step."""
@@ -162,9 +162,9 @@ class SAEKind:
         """Member k's inference architecture: SAE keyword arguments."""
         return {"architecture": self.saelens_architecture}
 
-    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
+    def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
         """Extra per-member log fields (host side; runs on logging steps only)."""
-        return [{} for _ in range(trainer.k)]
+        return [{} for _ in range(ctx.k)]
 
 
 @register_kind
@@ -192,11 +192,11 @@ class PAnneal(SAEKind):
         p_end = float(cfg.penalty.params["p"])
         return p_end if span <= 0 else 1.0 + (p_end - 1.0) * min(1.0, step / span)
 
-    def penalty_params(self, trainer: Any) -> dict[str, float]:
-        return {**trainer.cfg.penalty.params, "p": self.p_at(trainer.cfg, trainer.step_count)}
+    def penalty_params(self, ctx: StepContext) -> dict[str, float]:
+        return {**ctx.cfg.penalty.params, "p": self.p_at(ctx.cfg, ctx.step)}
 
-    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
-        return [{"p": self.p_at(trainer.cfg, trainer.step_count - 1)} for _ in range(trainer.k)]
+    def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
+        return [{"p": self.p_at(ctx.cfg, ctx.step)} for _ in range(ctx.k)]
 
 
 def _keep_sorted_head(values: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor,
@@ -211,20 +211,20 @@ class _Sparse(SAEKind):
     uses_penalty = uses_lambda = uses_controller = sparse_step = False
     auxk_coef = AUXK_COEF
 
-    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
-        aux = self.auxk(trainer, x, x_hat, pre) if self.auxk_coef else x_hat.new_zeros(trainer.k)
+    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        aux = self.auxk(ctx, x, x_hat, pre) if self.auxk_coef else x_hat.new_zeros(ctx.k)
         return aux, aux
 
-    def auxk(self, trainer: Any, x, x_hat, acts) -> torch.Tensor:
+    def auxk(self, ctx: StepContext, x, x_hat, acts) -> torch.Tensor:
         """AuxK loss [K] (module doc); ``acts`` are relu(pre) [K, B, d_sae]."""
-        dead = trainer.dead_mask()  # [K, d_sae] bool
-        k_aux = min(trainer.cfg.sae.d_in // 2, acts.shape[-1])
+        dead = ctx.dead_mask()  # [K, d_sae] bool
+        k_aux = min(ctx.cfg.sae.d_in // 2, acts.shape[-1])
         cand = torch.where(dead.unsqueeze(1), acts, float("-inf"))
         vals, idx = cand.topk(k_aux, dim=-1)
         vals = torch.where(torch.isfinite(vals), vals, 0.0)
         aux_f = torch.zeros_like(acts).scatter(-1, idx, vals)
         e = (x - x_hat).detach()
-        l2 = (e - torch.bmm(aux_f, trainer.model.W_dec)).pow(2).sum(-1).mean(-1)
+        l2 = (e - torch.bmm(aux_f, ctx.model.W_dec)).pow(2).sum(-1).mean(-1)
         denom = (e - e.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
         return self.auxk_coef * (l2 / denom).nan_to_num(0.0) * dead.any(dim=-1)
 
@@ -322,5 +322,5 @@ class BatchTopK(_Sparse):
         return {"architecture": "jumprelu",
                 "threshold": theta.expand(model.cfg.d_sae).clone()}
 
-    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
-        return [{"threshold": v} for v in trainer.model.threshold.tolist()]
+    def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
+        return [{"threshold": v} for v in ctx.model.threshold.tolist()]

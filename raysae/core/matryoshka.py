@@ -33,13 +33,12 @@ the summed prefix MSEs, ``recon_loss_w<w>`` each prefix's MSE. No host sync.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
 from raysae.core.kinds import BatchTopK, register_kind
+from raysae.core.step_context import StepContext
 
 MATRYOSHKA_FRACTIONS = (1 / 4, 1 / 2, 1.0)
 """Default prefix widths as fractions of d_sae (the last is the whole dictionary)."""
@@ -95,15 +94,15 @@ class MatryoshkaBatchTopK(BatchTopK):
                 start = w
         return torch.stack(out, dim=1)
 
-    def loss_terms(self, trainer: Any, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
-        aux, _ = super().loss_terms(trainer, x, x_hat, f, pre)
-        inner = self.inner_losses(trainer.model, x, f)
-        trainer.model.matryoshka_inner = inner.detach()
+    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        aux, _ = super().loss_terms(ctx, x, x_hat, f, pre)
+        inner = self.inner_losses(ctx.model, x, f)
+        ctx.model.matryoshka_inner = inner.detach()
         return aux + inner.sum(dim=1), aux
 
-    def log_fields(self, trainer: Any) -> list[dict[str, float]]:
-        rows = super().log_fields(trainer)
-        inner, widths = trainer.model.matryoshka_inner.tolist(), trainer.model.matryoshka_widths
+    def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
+        rows = super().log_fields(ctx)
+        inner, widths = ctx.model.matryoshka_inner.tolist(), ctx.model.matryoshka_widths
         for row, levels in zip(rows, inner, strict=True):
             row["inner_loss"] = sum(levels)
             row.update({f"recon_loss_w{w}": v for w, v in zip(widths, levels)})
