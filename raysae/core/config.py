@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from raysae.core.kinds import DEFAULT_KIND, KINDS
+from raysae.core.kind_registry import DEFAULT_KIND, KINDS
 from raysae.core.penalties import (
     DEFAULT_GRAD_FLOOR,
     get_penalty,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from raysae.core.kinds import SAEKind
+SAEKind = Any
+"""A registered kind: an instance of a raysae.core.kinds.SAEKind subclass (named here, not
+imported, so the registry imports no kind and nothing that imports it loops back)."""
 
 KINDS: dict[str, SAEKind] = {}
 DEFAULT_KIND = "relu"
@@ -27,8 +28,14 @@ list (TrialSpec.plugins), so Ray workers know the kinds the driver knows."""
 def register_kind(cls: type[SAEKind]) -> type[SAEKind]:
     """Class decorator: register one instance under ``cls.name`` (registration order is
     the order of every derived list)."""
+    from raysae.core.architectures import ARCHITECTURES
+
     if cls.baseline and cls.uses_penalty:
         raise TypeError(f"kind {cls.name!r}: a baseline has no penalty to search")
+    if cls.saelens_architecture not in ARCHITECTURES:
+        raise TypeError(f"kind {cls.name!r}: saved as architecture "
+                        f"{cls.saelens_architecture!r}, which is not one of "
+                        f"{tuple(ARCHITECTURES)} (raysae.core.architectures)")
     KINDS[cls.name] = cls()
     return cls
 

@@ -1,11 +1,11 @@
-"""An SAE with SAELens's three inference architectures; x_hat = W_dec f + b_dec and
-``pre = W_enc (x - b_dec) + b_enc`` for all three:
+"""An SAE with SAELens's inference architectures (raysae.core.architectures, a registry);
+x_hat = W_dec f + b_dec and ``pre = W_enc (x - b_dec) + b_enc`` for all:
 
 - ``standard``: f = relu(pre) (the study's SAE; raysae kinds ``relu``, ``panneal``);
 - ``topk``: f = the k largest pre per token, relu'd, the rest 0 (kind ``topk``);
 - ``jumprelu``: f = relu(pre) * (pre > threshold), a per-feature threshold (kind
-  ``batchtopk`` is saved so, with its one learned threshold for every feature, as SAELens
-  converts BatchTopK; raysae has no JumpReLU-trained kind yet).
+  ``jumprelu``; ``batchtopk`` and ``matryoshka`` are saved so, with their one learned
+  threshold for every feature, as SAELens converts BatchTopK).
 
 Saved in SAELens's layout, so ``sae_lens.SAE.load_from_disk`` reads it: a directory
 holding
@@ -38,17 +38,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raysae.core.architectures import ARCHITECTURES, SAELoadError, get_architecture
 from raysae.core.config import SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 _SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",),
            "b_dec": ("d_in",)}
-ARCHITECTURES = ("standard", "topk", "jumprelu")
-
-
-class SAELoadError(ValueError):
-    """An SAE directory is missing, truncated, or not what it claims to be."""
+__all__ = ["ARCHITECTURES", "SAE", "SAELoadError", "read_sae_config"]
 
 
 class SAE(nn.Module):
@@ -61,15 +58,9 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, architecture: str = "standard",
                  k: int | None = None, threshold: torch.Tensor | None = None):
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture {architecture!r} is not one of {ARCHITECTURES}")
-        if architecture == "topk" and not (isinstance(k, int) and 1 <= k <= cfg.d_sae):
-            raise ValueError(f"topk needs an integer k in [1, d_sae={cfg.d_sae}]; got {k!r}")
-        self.cfg, self.architecture = cfg, architecture
-        self.k = k if architecture == "topk" else None
-        if architecture == "jumprelu":
-            start = torch.zeros(cfg.d_sae) if threshold is None else threshold.float().clone()
-            self.register_buffer("threshold", start.reshape(cfg.d_sae))
+        self.arch = get_architecture(architecture)
+        self.cfg, self.architecture, self.k = cfg, architecture, None
+        self.arch.setup(self, k, threshold)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -79,13 +70,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        if self.architecture == "topk":
-            vals, idx = pre.topk(self.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        if self.architecture == "jumprelu":
-            return pre.relu() * (pre > self.threshold)
-        return torch.relu(pre)
+        return self.arch.encode(self, (x - self.b_dec) @ self.W_enc + self.b_enc)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -109,15 +94,11 @@ class SAE(nn.Module):
         ``f_i ||d_i||`` (as SAELens's ``fold_W_dec_norm``), so L0 and x_hat are unchanged;
         the jumprelu threshold scales with its feature. Not for topk, whose ranking would
         change."""
-        if self.architecture == "topk":
-            raise ValueError("a topk SAE's decoder norms cannot be folded: its ranking of "
-                             "features would change; train it with unit-norm rows")
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.arch.fold_norms_(self, norms)  # first: topk refuses before anything moves
         self.W_dec /= norms.unsqueeze(1)
         self.W_enc *= norms
         self.b_enc *= norms
-        if self.architecture == "jumprelu":
-            self.threshold *= norms
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
@@ -135,15 +116,14 @@ class SAE(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        names = [*_SHAPES, "threshold"] if self.architecture == "jumprelu" else list(_SHAPES)
+        names = [*_SHAPES, *self.arch.tensors]
         tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in names}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         cfg = {"architecture": self.architecture, "d_in": self.cfg.d_in,
                "d_sae": self.cfg.d_sae, "dtype": "float32", "device": "cpu",
                "apply_b_dec_to_input": True, "normalize_activations": "none",
                "reshape_activations": "none", "metadata": metadata or {}, "raysae": raysae or {}}
-        if self.architecture == "topk":
-            cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
+        cfg.update(self.arch.cfg_fields(self))
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -164,11 +144,11 @@ class SAE(nn.Module):
             raise SAELoadError(
                 f"{Path(path) / WEIGHTS_FILE} is unreadable ({exc}); re-save or re-train the SAE"
             ) from None
-        arch = cfg.get("architecture", "standard")
+        arch = get_architecture(cfg.get("architecture", "standard"))
         sae = cls(SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"])), seed=None,
-                  architecture=arch, k=cfg.get("k"))
+                  architecture=arch.name, **arch.load_kwargs(cfg))
         dims = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
-        shapes = {**_SHAPES, "threshold": ("d_sae",)} if arch == "jumprelu" else _SHAPES
+        shapes = {**_SHAPES, **arch.tensors}
         for name, shape in shapes.items():
             want = tuple(dims[d] for d in shape)
             got = tuple(tensors[name].shape) if name in tensors else None
@@ -218,13 +198,13 @@ def read_sae_config(path: str | os.PathLike) -> dict[str, Any]:
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise SAELoadError(f"{cfg_path}: architecture {arch!r} is not supported; "
-                           f"only {ARCHITECTURES}")
-    for key in ("d_in", "d_sae", *(("k",) if arch == "topk" else ())):
+                           f"only {tuple(ARCHITECTURES)}")
+    for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise SAELoadError(f"{cfg_path}: field {key!r} = {cfg.get(key)!r} must be an int >= 1")
-    if arch == "topk" and (cfg["k"] > cfg["d_sae"] or cfg.get("rescale_acts_by_decoder_norm")):
-        raise SAELoadError(f"{cfg_path}: topk needs k <= d_sae and no "
-                           f"rescale_acts_by_decoder_norm; got k={cfg['k']}")
+    problem = ARCHITECTURES[arch].check_cfg(cfg)
+    if problem:
+        raise SAELoadError(f"{cfg_path}: {problem}")
     if cfg.get("normalize_activations", "none") != "none":
         raise SAELoadError(f"{cfg_path}: normalize_activations="
                            f"{cfg['normalize_activations']!r} is not supported; fold it first")
