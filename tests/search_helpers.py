@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from raysae.core.config import SAEConfig, TrainConfig
-from raysae.search.config import SearchConfig
+from raysae.search.config import ActivationSettings, ModelSettings, SearchConfig
+from raysae.search.run_settings import RunSettings
 from raysae.search.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan
 
 TRAIN_KEYS = ("total_tokens", "batch_size", "lr", "lam", "log_every", "seed")
+SECTION_KEYS = {"lm": (ModelSettings, ("hook", "context_length", "corpus")),
+                "data": (ActivationSettings, ("eval_blocks", "feature_tokens",
+                                              "cache_wait_seconds")),
+                "search": (SearchConfig, ("beta", "tol")),
+                "run": (RunSettings, ("checkpoint_seconds",))}
+"""Flat keywords of make_spec -> the config section of TrialSpec that declares them."""
 
 
 def make_spec(*, d_in: int, d_sae: int, **kw) -> TrialSpec:
-    """A TrialSpec whose training template has the given shape and training keywords."""
+    """A TrialSpec whose training template has the given shape and training keywords, and
+    whose config sections hold the given section keywords (SECTION_KEYS)."""
     train = {k: kw.pop(k) for k in TRAIN_KEYS if k in kw}
+    for name, (cls, keys) in SECTION_KEYS.items():
+        given = {k: kw.pop(k) for k in keys if k in kw}
+        if given:
+            kw[name] = cls(**given)
     return TrialSpec(train=TrainConfig(sae=SAEConfig(d_in, d_sae), **train), **kw)
 
 

@@ -216,13 +216,9 @@ def trial_spec(cfg: JobConfig, sweep: bool, activations, source, model: str,
     """What every trial of the job shares: its training template is the job's ``train``
     section (every flag of it, precision included) at the activations' width."""
     return TrialSpec(
-        activations=activations, activation_source=source, model=model, hook=cfg.model.hook,
+        activations=activations, activation_source=source, model=model,
         train=dataclasses.replace(cfg.train, sae=SAEConfig(d_in, cfg.model.expansion * d_in)),
-        context_length=cfg.model.context_length, corpus=cfg.model.corpus,
-        lambda_mode="fixed" if sweep else cfg.search.lambda_mode, beta=cfg.search.beta,
-        tol=cfg.search.tol, eval_blocks=cfg.activations.eval_blocks,
-        feature_tokens=cfg.activations.feature_tokens, threshold_sweep=sweep,
-        checkpoint_seconds=cfg.run.checkpoint_seconds,
-        cache_wait_seconds=cfg.activations.cache_wait_seconds,
+        lm=cfg.model, data=cfg.activations, search=cfg.search, run=cfg.run,
+        lambda_mode="fixed" if sweep else cfg.search.lambda_mode, threshold_sweep=sweep,
         targets=() if sweep or cfg.search.lambda_mode != "control"
         else tuple(cfg.search.targets))

@@ -26,7 +26,7 @@ def _feature_source(spec: TrialSpec, evaluator):
     from raysae.activations.batches import iter_activation_batches
     from raysae.activations.cache import load_manifest
 
-    n_tokens = min(spec.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
+    n_tokens = min(spec.data.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
     return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens,
                                    seed=spec.train.seed)
 
@@ -51,19 +51,20 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
                        l0=float(cfg.sae.d_sae))
     stats, sweeps = {}, {}
     if live:
-        evaluator = heldout_evaluator(load_model(spec.model, device=cfg.device), spec.hook,
-                                      n_blocks=spec.eval_blocks,
-                                      context_length=spec.context_length, source=spec.corpus)
+        evaluator = heldout_evaluator(load_model(spec.model, device=cfg.device), spec.lm.hook,
+                                      n_blocks=spec.data.eval_blocks,
+                                      context_length=spec.lm.context_length,
+                                      source=spec.lm.corpus)
     for k in live:
         sae, row = results[k].sae.to(cfg.device), rows[k]
         row.update(evaluator.evaluate(sae))
         stats[k] = feature_stats.feature_statistics(_feature_source(spec, evaluator), sae,
-                                                    spec.feature_tokens)
+                                                    spec.data.feature_tokens)
         summary = feature_stats.summarize(*stats[k])
         row.update({c: summary[c] for c in FEATURE_COLUMNS})
         target = None if row["target_l0"] != row["target_l0"] else row["target_l0"]
-        row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.beta,
-                                            spec.tol)
+        row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.search.beta,
+                                            spec.search.tol)
         if spec.threshold_sweep and results[k].status == FINISHED:
             from raysae.evaluation.ablation import threshold_sweep
 
@@ -72,7 +73,7 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
     def write_artifacts(folder: Path) -> None:
         for k in live:
             results[k].sae.save(folder / contract.SAE_DIR / str(k),
-                                metadata={"model_name": spec.model, "hook_name": spec.hook},
+                                metadata={"model_name": spec.model, "hook_name": spec.lm.hook},
                                 raysae={"train_config": cfg.to_dict(), "member": k,
                                         "target_l0": rows[k]["target_l0"],
                                         "status": results[k].status,

@@ -15,7 +15,9 @@ The objective Optuna minimises (one number per trial, the whole frontier):
 first; it is one constant per search, so it changes no ranking: it makes the score read as
 "nats better (< 0) or worse than L1, averaged over the ladder"). A diverged member counts
 as ``BAD_OBJECTIVE`` nats.
-Defaults are the job's settings' own (raysae.search.config), stated there once.
+The spec carries the job's config sections a trial reads (``lm``, ``data``, ``search``,
+``run``), never copies of their fields: each setting is declared once, in
+raysae.search.config / run_settings.
 """
 
 from __future__ import annotations
@@ -45,18 +47,23 @@ class TrialSpec:
     activations: str | dict
     """Activation cache folder, or a JSON-able ActivationSource dict (live streaming)."""
     model: str
-    """LM hub name or local checkpoint folder (for the held-out CE)."""
-    hook: str
-    """Hook name whose activations the SAE reconstructs."""
+    """The resolved LM: hub name or checkpoint folder (the locally built model's folder when
+    ``lm.model`` is None), for the held-out CE."""
     train: TrainConfig
     """The training template (shape set); a trial fills in penalty, lambda, seed."""
+    lm: ModelSettings = field(default_factory=ModelSettings)
+    """The job's LM section: the hook, and the corpus and context length of the held-out
+    blocks."""
+    data: ActivationSettings = field(default_factory=ActivationSettings)
+    """The job's activation section: held-out blocks, feature-statistics rows, how long a
+    trial waits for its node's cache builder."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The job's search section: the objective's ``beta`` and ``tol``."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """The job's run section: ``checkpoint_seconds``."""
     activation_source: dict | None = None
     """The ActivationSource the cache was built from: a node that lacks the cache folder
     (a fresh cluster worker) builds it from this, once per node (file-locked)."""
-    context_length: int = ModelSettings.context_length
-    """Tokens per held-out block."""
-    corpus: str = ModelSettings.corpus
-    """Text source of the held-out evaluation blocks (a raysae.lm.corpus source)."""
     lambda_mode: str = "control"
     """control: each member's controller drives its L0 to its target; search: Optuna
     proposes lambda; fixed: lambda comes from the trial config (grid sweeps)."""
@@ -64,19 +71,6 @@ class TrialSpec:
     """The L0 ladder (control mode): one SAE per target."""
     reference_ce: tuple[float, ...] | None = None
     """The L1 reference's ce_sae per target, once known (subtracted in the score)."""
-    beta: float = SearchConfig.beta
-    """Objective weight of the L0 miss (nats per unit of |ln(l0 / target)| beyond tol)."""
-    tol: float = SearchConfig.tol
-    """Relative L0 miss that costs nothing in the objective."""
-    cache_wait_seconds: float = ActivationSettings.cache_wait_seconds
-    """How long a trial waits for its node's cache builder (ActivationSettings)."""
-    checkpoint_seconds: float = RunSettings.checkpoint_seconds
-    """Checkpoint at the first report this many seconds after the last checkpoint (and
-    always at the end); 0: at every report (RunSettings.checkpoint_seconds)."""
-    eval_blocks: int = ActivationSettings.eval_blocks
-    """Held-out blocks of every SAE's spliced CE."""
-    feature_tokens: int = ActivationSettings.feature_tokens
-    """Activation rows of every SAE's feature statistics."""
     threshold_sweep: bool = False
     sweep_points: int = 10
     plugins: tuple[str, ...] = field(default_factory=plugin_modules)
@@ -126,8 +120,9 @@ objective = member_objective  # the per-SAE objective (search and fixed modes)
 
 def frontier_score(rows: list[dict[str, Any]], spec: TrialSpec) -> float:
     """The trial's score over its members (module doc)."""
+    beta, tol = spec.search.beta, spec.search.tol
     values = [min(member_objective(r.get("ce_sae", math.nan), r.get("l0", math.nan),
-                                   r.get("target_l0"), spec.beta, spec.tol), BAD_OBJECTIVE)
+                                   r.get("target_l0"), beta, tol), BAD_OBJECTIVE)
               for r in rows]
     score = sum(values) / len(values)
     if spec.reference_ce and len(spec.reference_ce) == len(values) and score < BAD_OBJECTIVE:

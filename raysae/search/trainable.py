@@ -107,7 +107,7 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
         # Data pool would ask for GPUs the trials hold); the others wait for it, bounded.
         src = ActivationSource(**spec.activation_source)
         source = str(build_cache(src, os.path.dirname(source), progress=False, in_process=True,
-                                 lock_timeout=spec.cache_wait_seconds))
+                                 lock_timeout=spec.data.cache_wait_seconds))
     left = cfg.total_tokens - tokens_done
     # A different seed after a restart: the resumed trial sees a fresh shuffle, not a replay.
     return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1),
@@ -259,7 +259,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                "status": "running", "checkpoint_bytes": written["bytes"],
                "ladder": ladder_scalars(rows)}
-        due = (time.monotonic() - written["at"] >= spec.checkpoint_seconds
+        due = (time.monotonic() - written["at"] >= spec.run.checkpoint_seconds
                and not live.done)
         written["bytes"] += _report(out, live if due else None)
         if due:
