@@ -109,7 +109,7 @@ def sweep(evaluator, trained):
 
 
 def test_sweep_on_trained_sae_spans_original_to_zero_l0(sweep, evaluator, trained):
-    assert list(sweep.columns) == list(ablation.COLUMNS)
+    assert list(sweep.columns) == list(ablation.columns())
     base = evaluator.evaluate(trained)
     assert set(sweep["method"]) == set(METHODS)
     for method, sub in sweep.groupby("method"):

@@ -64,7 +64,7 @@ def _trials(labels) -> pd.DataFrame:
                              "ce_sae_blocks": blocks.tolist(), "experiment": "x_refs",
                              "objective": float(blocks.mean())})
     trials = pd.DataFrame(rows)
-    for col in contract.TRIAL_COLUMNS:
+    for col in contract.trial_columns():
         trials[col] = trials.get(col, np.nan)
     return trials
 

@@ -272,7 +272,7 @@ def test_resumed_table_keeps_earlier_finished_rows(tmp_path):
     from raysae.analysis import contract
     from raysae.search.stages import keep_earlier_rows
 
-    cols = {c: [1.0, 1.0] for c in contract.TRIAL_COLUMNS}
+    cols = {c: [1.0, 1.0] for c in contract.trial_columns()}
     earlier = pd.DataFrame({**cols, "experiment": ["s_search"] * 2, "trial_id": ["a-m0", "a-m1"],
                             "status": ["finished", "finished"]})
     contract.write_trials(earlier, tmp_path)

@@ -217,7 +217,7 @@ def _ladder_results(root):
                              "ce_sae": float(np.mean(blocks)), "ce_sae_blocks": blocks,
                              "experiment": "x_refs", "objective": float(np.mean(blocks))})
     trials = pd.DataFrame(rows)
-    for col in contract.TRIAL_COLUMNS:
+    for col in contract.trial_columns():
         trials[col] = trials.get(col, np.nan)
     contract.write_trials(trials, root)
     contract.write_comparisons(confidence.compare(trials), root)

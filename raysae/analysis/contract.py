@@ -45,12 +45,6 @@ def trial_columns() -> tuple[str, ...]:
                                 *_TRIAL_TAIL)))
 
 
-def __getattr__(name: str):
-    if name == "TRIAL_COLUMNS":  # the old constant's name, now always current
-        return trial_columns()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 REQUIRED_ABLATION_COLUMNS = ("trial_id", "method", "parameter", "l0", "ce_sae")
 COMPARISONS_FILE = "comparisons.parquet"
 COMPARISON_COLUMNS = ("family", "reference", "basis", "target_l0", "n_seeds", "delta_ce_mean",

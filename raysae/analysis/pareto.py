@@ -27,8 +27,6 @@ from raysae.core.metrics import metric_names, sign
 
 FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)")
 """The study's reference families come first; searched families (power, tanh, log, ...) after."""
-REQUIRED_TRIAL_COLUMNS = contract.REQUIRED_TRIAL_COLUMNS
-REQUIRED_ABLATION_COLUMNS = contract.REQUIRED_ABLATION_COLUMNS
 REF_MARGIN = 0.1
 
 
@@ -79,14 +77,14 @@ def points_table(trials: pd.DataFrame, ablations: pd.DataFrame | None = None,
     metrics table's other columns present. Ablation rows with parameter 0 duplicate the
     trial and are dropped.
     """
-    _require(trials, REQUIRED_TRIAL_COLUMNS, "trials")
+    _require(trials, contract.REQUIRED_TRIAL_COLUMNS, "trials")
     done = trials[trials["status"] == "finished"].copy()
     done["source"], done["parameter"] = "trial", 0.0
     keep = ["trial_id", "family", "source", "parameter", "l0", "ce_sae"]
     keep += param_columns(done) + [c for c in metric_names() if c in done and c not in keep]
     parts = [done[keep]]
     if ablations is not None and method is not None and len(ablations):
-        _require(ablations, REQUIRED_ABLATION_COLUMNS, "ablations")
+        _require(ablations, contract.REQUIRED_ABLATION_COLUMNS, "ablations")
         ab = ablations[(ablations["method"] == method) & (ablations["parameter"] != 0)]
         params = param_columns(done)
         meta = done[["trial_id", "family"] + params]

@@ -31,13 +31,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from raysae.core.metrics import metric_names
 from raysae.evaluation.feature_stats import NonzeroIndex, feature_batches
 from raysae.evaluation.spliced_ce import Evaluator, Transform
 
 METHODS = ("lowest_k", "percent_of_max", "quantile", "global_threshold")
 LOWEST_K_SPAN = 0.95  # lowest_k: k evenly spaced up to this quantile of token L0, then the max
-COLUMNS = ("method", "parameter", "l0", "mse", "fvu", "ce_sae", "ce_recovered", "cos_sim",
-           "l2_ratio")
+PER_SAE = ("ce_clean", "ce_zero")
+"""The evaluator's values that do not change along a curve: the table's attrs, not columns."""
+
+
+def columns() -> tuple[str, ...]:
+    """A removal curve's columns: method, parameter, then every metric of the metrics
+    table that the evaluator computes per point (read at call time: plugins add metrics)."""
+    return ("method", "parameter", *(n for n in metric_names()
+                                     if n in Evaluator.metric_names() and n not in PER_SAE))
 
 
 def lowest_k(f: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,11 +176,11 @@ def default_grid(method: str, calibration: Calibration, n_points: int = 10) -> l
 
 def _row(method: str, parameter: float, result: dict) -> dict:
     return {"method": method, "parameter": float(parameter),
-            **{k: float(result[k]) for k in COLUMNS[2:]}}
+            **{k: float(result[k]) for k in columns()[2:]}}
 
 
 def _frame(rows: list[dict], evaluator: Evaluator) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df = pd.DataFrame(rows, columns=list(columns()))
     df.attrs.update(ce_clean=evaluator.ce_clean, ce_zero=evaluator.ce_zero,
                     n_tokens=evaluator.n_tokens)
     return df

@@ -228,6 +228,12 @@ class Evaluator:
         x = torch.cat([self._replaced(a).float() for _, a in self._batches])
         return x if device is None else x.to(device)
 
+    @staticmethod
+    def metric_names() -> tuple[str, ...]:
+        """The scalar metrics ``evaluate`` returns (names of the metrics table)."""
+        return ("ce_clean", "ce_sae", "ce_zero", "ce_recovered",
+                *metrics.reconstruction_names())
+
     @torch.no_grad()
     def evaluate(self, sae, transform: Transform | None = None) -> dict[str, float | list[float]]:
         """CE and the metrics table's reconstruction metrics with the hook replaced by the
