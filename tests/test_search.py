@@ -234,7 +234,7 @@ def test_diverging_trial_is_reported_not_crashed(tiny_model_dir, tiny_cache, tmp
 
 def test_bad_settings_fail_before_any_work(tiny_model_dir, tiny_cache):
     spec = _spec(tiny_model_dir, tiny_cache)
-    with pytest.raises(ValueError, match=r"target L0 200.* d_sae=128"):
+    with pytest.raises(ValueError, match=r"targets 200 .*d_sae = 128"):
         make_plan("x", "st", spec, targets=(200.0,))
     with pytest.raises(ValueError, match="num_trials 0 is invalid"):
         make_plan("x", "st", spec, num_trials=0)

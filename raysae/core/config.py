@@ -25,6 +25,17 @@ SPARSE_STEP_MODES = ("auto", "on", "off")
 """``TrainConfig.sparse_step``'s values (its docstring says what each does)."""
 
 
+
+def check_targets(targets, d_sae: float = float("inf"), fix: str = "") -> None:
+    """The one check of an L0 ladder (search config, trial, trainer, the job's pre-flight):
+    at least one target, each a number in (0, d_sae]; ``fix`` says how (SettingError)."""
+    require(bool(targets), "targets", "", "give at least one target L0")
+    for t in targets:
+        require(is_number(t) and t > 0, "targets", t, "a target L0 must be > 0 (and "
+                "<= d_sae)", fix or "pass positive target L0 values")
+        require(t <= d_sae, "targets", t, f"a target L0 must be <= d_sae = {d_sae:g}",
+                fix or "lower the target or widen the SAE")
+
 @dataclass(frozen=True)
 class SAEConfig:
     """Shape of a standard (ReLU, untied, pre-encoder bias) SAE."""

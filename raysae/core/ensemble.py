@@ -29,7 +29,7 @@ import torch
 
 from raysae.core import metrics
 from raysae.core.batched import BatchedSAE
-from raysae.core.config import TrainConfig
+from raysae.core.config import TrainConfig, check_targets
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
 from raysae.core.kinds import get_kind
 from raysae.core.outcome import (
@@ -60,9 +60,7 @@ class EnsembleTrainer:
             raise ValueError("TrainConfig.sae is None: give the SAE's shape (SAEConfig)")
         self.cfg, self.targets = cfg, [float(t) for t in targets]
         self.k, self.kind = len(self.targets), get_kind(cfg.kind)
-        if self.k == 0 or not all(0 < t <= cfg.sae.d_sae for t in self.targets):
-            raise ValueError(f"targets = {list(targets)!r} is invalid: allowed a non-empty "
-                             f"list of numbers in (0, d_sae={cfg.sae.d_sae}]")
+        check_targets(self.targets, cfg.sae.d_sae)
         rho1 = penalty_scale_at_one(cfg.penalty.name, cfg.penalty.params)
         start = [cfg.lam / rho1] * self.k if lams is None else [float(v) for v in lams]
         if len(start) != self.k:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysae.activations.source import DTYPES
-from raysae.core.config import TrainConfig
+from raysae.core.config import TrainConfig, check_targets
 from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
 from raysae.core.penalties import PENALTIES, get_penalty
 from raysae.search.run_settings import RunSettings, SweepSettings
@@ -185,10 +185,7 @@ class SearchConfig:
                                                   or self.budget_check > 1),
                 "budget_check", self.budget_check, "must be 0 (off) or a factor > 1",
                 "pass e.g. {budget_check} 2")
-        require(bool(self.targets), "targets", "", "give at least one target L0")
-        for t in self.targets:
-            require(is_number(t) and t > 0, "targets", t, "a target L0 must be > 0 (and "
-                    "<= d_sae)", "pass positive target L0 values")
+        check_targets(self.targets)  # against d_sae once the model is known (preflight)
         require(is_number(self.beta) and self.beta >= 0, "beta", self.beta,
                 "must be a number >= 0", "pass e.g. {beta} 1")
         require(is_number(self.cpus_per_trial) and self.cpus_per_trial > 0, "cpus_per_trial",

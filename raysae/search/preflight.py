@@ -146,12 +146,10 @@ def check_batch(batch_size: int, cache_tokens: int, cache_flag: str) -> None:
 
 
 def check_targets(targets, d_in: int, expansion: int) -> None:
-    d_sae = d_in * expansion
-    for t in targets:
-        if t > d_sae:
-            raise ValueError(f"--targets {t:g} is invalid: a target L0 must be <= d_sae = "
-                             f"{d_sae} (--expansion {expansion} x d_in {d_in}); lower the "
-                             "target or raise --expansion")
+    from raysae.core.config import check_targets
+
+    check_targets(targets, d_in * expansion, f"d_sae is --expansion {expansion} x d_in {d_in}: "
+                  "lower the target or raise --expansion")
 
 
 def resolve_model(name: str | None, hook: str) -> tuple[str, int]:

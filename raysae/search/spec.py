@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from raysae.core.config import PenaltyConfig, TrainConfig
+from raysae.core.config import PenaltyConfig, TrainConfig, check_targets
 from raysae.core.kind_registry import plugin_modules
 from raysae.search.config import LAMBDA_MODES, ActivationSettings, ModelSettings, SearchConfig
 from raysae.search.run_settings import RunSettings
@@ -90,10 +90,8 @@ class TrialSpec:
                              f"{TRIAL_LAMBDA_MODES}")
         if self.lambda_mode == "control" and not self.targets:
             raise ValueError("lambda_mode 'control' needs targets: give the L0 ladder")
-        d_sae = self.train.sae.d_sae
-        for t in self.targets:
-            if not 0 < t <= d_sae:
-                raise ValueError(f"target L0 {t:g} is invalid: allowed (0, d_sae={d_sae}]")
+        if self.targets:
+            check_targets(self.targets, self.train.sae.d_sae)
 
     @property
     def ladder(self) -> tuple[float | None, ...]:

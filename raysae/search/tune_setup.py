@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from raysae.core.config import check_targets
 from raysae.core.metrics import progress_columns
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
@@ -39,10 +40,7 @@ class SearchPlan:
     """W&B project every trial logs to (RunSettings.wandb); None: no W&B."""
 
     def __post_init__(self) -> None:
-        d_sae = self.spec.train.sae.d_sae
-        for t in self.search.targets:
-            if not 0 < t <= d_sae:
-                raise ValueError(f"target L0 {t:g} is invalid: allowed (0, d_sae={d_sae}]")
+        check_targets(self.search.targets, self.spec.train.sae.d_sae)
         if self.spec.lambda_mode == "control" and tuple(self.spec.targets) != tuple(
                 self.search.targets):
             object.__setattr__(self, "spec", replace(self.spec,
