@@ -39,7 +39,7 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.precision import tf32_matmuls
 from raysae.core.transfer import device_batches, to_compute
 
@@ -55,13 +55,13 @@ def shape(small: bool) -> dict:
 
 
 def ladder(s: dict, device: str, *, kind: str = "relu", precision: str = "bf16",
-           sparse_step: str = "off", steps: int = 10**6) -> EnsembleTrainer:
+           sparse_step: str = "off", steps: int = 10**6) -> LadderTrainer:
     bf16, tf32 = PRECISIONS[precision]
     cfg = TrainConfig(sae=SAEConfig(s["d_in"], s["d_sae"]), penalty=PenaltyConfig.power(0.5),
                       kind=kind, batch_size=s["batch"], total_tokens=s["batch"] * steps,
                       device=device, log_every=10**9, l0_target=None, autocast_bf16=bf16,
                       tf32=tf32, sparse_step=sparse_step)
-    return EnsembleTrainer(cfg, s["targets"])
+    return LadderTrainer(cfg, s["targets"])
 
 
 def bare_step(s: dict, device: str, precision: str):

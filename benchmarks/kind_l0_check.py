@@ -4,7 +4,7 @@
 
 The local default job (its model, activation cache, budget and ladder, targets 4..128
 unless ``--targets``), trained as ``--kind`` by a trial's own code path (its TrialSpec,
-TrainConfig with ``{"kind": ...}``, cache reader, EnsembleTrainer and held-out evaluation,
+TrainConfig with ``{"kind": ...}``, cache reader, LadderTrainer and held-out evaluation,
 without Ray), once per seed. Prints, per seed and target, the held-out L0 (measured on the
 saved SAE, so with the inference threshold for BatchTopK kinds), its relative error
 ``L0 / target - 1`` and the held-out CE with the SAE spliced in, then how many SAEs land

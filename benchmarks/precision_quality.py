@@ -4,7 +4,7 @@
 
 The local default job (its model, cache, budget and recipe), one reference penalty's ladder
 at ``--targets``, trained by a trial's own code path (its TrialSpec, TrainConfig, cache
-reader, EnsembleTrainer and held-out evaluation, without Ray) once with
+reader, LadderTrainer and held-out evaluation, without Ray) once with
 ``autocast_bf16 = "off"`` and once with ``"on"`` for each seed: the same initialisation and
 data order, so the difference of each pair is the precision's alone. Prints held-out CE and
 L0 of every SAE and, per target, the mean paired difference bf16 - fp32 with its 95%

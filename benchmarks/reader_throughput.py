@@ -13,7 +13,7 @@ rows each. Then, interleaved round by round (median of ``--rounds``):
   thread (as the reader copies) and on ``--threads``;
 
 printed as tokens/s, GB/s and the ratio reader / memcpy (target: >= 0.5 at d=512 float16,
-batch 4096). Then ``--train-steps`` steps of an ``EnsembleTrainer`` (a ``--k``-member ladder)
+batch 4096). Then ``--train-steps`` steps of an ``LadderTrainer`` (a ``--k``-member ladder)
 fed by the reader against the same steps fed from the same batches held in memory, as a
 ratio (target: >= 0.9). Like a trial, it first calls ``keep_freed_memory()`` (glibc).
 
@@ -38,7 +38,7 @@ from raysae.activations.cache import write_arrays_cache
 from raysae.activations.reader import BLOCK_ROWS, PREFETCH
 from raysae.activations.shards import STORAGE_DTYPE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 from raysae.core.training import drive
 
@@ -101,11 +101,11 @@ def training(path: Path, d: int, args) -> None:
     seed = iter(range(10**6))
 
     def from_reader():
-        drive(EnsembleTrainer(cfg, targets),
+        drive(LadderTrainer(cfg, targets),
               iter_activation_batches(path, b, n_tokens=b * steps, seed=next(seed)))
 
     def from_memory():
-        drive(EnsembleTrainer(cfg, targets), held)
+        drive(LadderTrainer(cfg, targets), held)
 
     times = median_times({"reader": from_reader, "memory": from_memory}, args.train_rounds,
                          "cpu", warmup=1)

@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.recipes import RECIPES, get_recipe, register_recipe
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 
 L1, SQRT = PenaltyConfig.power(1.0), PenaltyConfig.power(0.5)
 
@@ -109,10 +109,10 @@ def train_one(job: dict) -> list[dict]:
     cfg = TrainConfig(sae=SAEConfig(d_in, job["d_sae"]), penalty=penalty, recipe=recipe,
                       total_tokens=job["tokens"], seed=job["seed"], **overrides)
     lams = job.get("lams")
-    trainer = EnsembleTrainer(cfg, job["targets"], lams=lams)
+    trainer = LadderTrainer(cfg, job["targets"], lams=lams)
     batches = iter_activation_batches(job["cache"], cfg.batch_size, n_tokens=cfg.total_tokens,
                                       seed=job["seed"])
-    results = train_ensemble(cfg, job["targets"], batches, trainer=trainer)
+    results = train_ladder(cfg, job["targets"], batches, trainer=trainer)
     mults = FIXED_MULTIPLIERS * len(results) if lams else [1.0] * len(results)
     return [{"variant": job["variant"], "seed": job["seed"], "target_l0": t, "lam": r.lam,
              "lam_multiplier": m,

@@ -30,7 +30,7 @@ from planted import planted_batches  # noqa: E402
 from raysae.core.config import SAEConfig, TrainConfig  # noqa: E402
 from raysae.core.kinds import KINDS  # noqa: E402
 from raysae.core.sae import SAE  # noqa: E402
-from raysae.core.training import train_ensemble  # noqa: E402
+from raysae.core.training import train_ladder  # noqa: E402
 
 D_IN, D_SAE = 16, 64
 
@@ -46,7 +46,7 @@ def main() -> None:
         for kind in args.kinds:
             cfg = TrainConfig(sae=SAEConfig(D_IN, D_SAE), kind=kind, total_tokens=256 * 200,
                               batch_size=256, lr=3e-3, log_every=100, seed=1)
-            results = train_ensemble(cfg, [4.0, 8.0], planted_batches(D_IN, 32, 4, 256, 1, 200))
+            results = train_ladder(cfg, [4.0, 8.0], planted_batches(D_IN, 32, 4, 256, 1, 200))
             for k, res in enumerate(results):
                 name = f"{kind}-{k}"
                 res.sae.save(root / name)

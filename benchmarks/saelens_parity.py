@@ -109,13 +109,13 @@ def train_raysae(args: argparse.Namespace, cache: str, manifest: dict, seed: int
                  targets: list[float]) -> list[dict]:
     """One raysae ladder (relu L1 with the controller, or topk at k = target); saved SAEs."""
     from raysae.activations.batches import iter_activation_batches
-    from raysae.core.training import train_ensemble
+    from raysae.core.training import train_ladder
 
     cfg = raysae_config(args, manifest, seed, kind)
     batches = iter_activation_batches(cache, cfg.batch_size, n_tokens=cfg.total_tokens,
                                       seed=seed)
     rows = []
-    for target, result in zip(targets, train_ensemble(cfg, targets, batches)):
+    for target, result in zip(targets, train_ladder(cfg, targets, batches)):
         label = f"l1-L0{target:g}" if kind == "relu" else f"topk{target:g}"
         name = f"raysae-{label}-seed{seed}"
         path = result.sae.save(Path(args.out) / "saes" / name,

@@ -27,7 +27,7 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.penalties import penalty_per_token
 from raysae.core.training import ladder_of_one
 
@@ -75,7 +75,7 @@ def bare_loop(x: torch.Tensor, d_sae: int, l0: float, penalty: PenaltyConfig):
 
 
 def trainer(x: torch.Tensor, d_sae: int, l0: float, penalty: PenaltyConfig, mode: str,
-            total: int, log_every: int = 10**9) -> EnsembleTrainer:
+            total: int, log_every: int = 10**9) -> LadderTrainer:
     """A raysae ladder of one at the benchmark's sparsity (lambda fixed, no warm-up)."""
     cfg = TrainConfig(sae=SAEConfig(x.shape[1], d_sae), penalty=penalty, lam=0.1, lr=1e-4,
                       batch_size=x.shape[0], total_tokens=x.shape[0] * total, device=str(x.device),
@@ -88,7 +88,7 @@ def trainer(x: torch.Tensor, d_sae: int, l0: float, penalty: PenaltyConfig, mode
     return t
 
 
-def measured_l0(t: EnsembleTrainer, x: torch.Tensor) -> float:
+def measured_l0(t: LadderTrainer, x: torch.Tensor) -> float:
     with torch.no_grad():
         return float((t.model.pre_acts(x) > 0).sum(-1).float().mean())
 

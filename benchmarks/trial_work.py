@@ -1,11 +1,11 @@
 """A trial's own work without Ray, for benchmarks that measure what trials produce: the local
 default job's TrialSpec (its model, activation cache, budget and ladder), and one ladder
-trained and evaluated by the trial's code path (TrainConfig, cache reader, EnsembleTrainer,
+trained and evaluated by the trial's code path (TrainConfig, cache reader, LadderTrainer,
 held-out evaluation)."""
 
 from __future__ import annotations
 
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 from raysae.search import preflight
 from raysae.search.config import job_config
 from raysae.search.job import prepare_activations, trial_spec
@@ -28,7 +28,7 @@ def train_and_evaluate(spec: TrialSpec, config: dict) -> list[dict]:
     kind, seed), trained from scratch."""
     cfg = train_config(spec, config)
     trainer = make_trainer(spec, cfg)
-    results = train_ensemble(cfg, trainer.targets, _activation_batches(spec, cfg, 0, cfg.seed),
+    results = train_ladder(cfg, trainer.targets, _activation_batches(spec, cfg, 0, cfg.seed),
                              trainer=trainer)
     members, _ = evaluate_members(spec, cfg, results)
     return members

@@ -5,9 +5,9 @@ The public API (everything else is reachable through its subpackage):
     from raysae import job_config, run_job
     run_job(job_config("local", targets=(8, 16), num_trials=2))       # = `raysae search`
 
-    from raysae import TrainConfig, SAEConfig, PenaltyConfig, train_ensemble
+    from raysae import TrainConfig, SAEConfig, PenaltyConfig, train_ladder
     cfg = TrainConfig(sae=SAEConfig(128, 512), penalty=PenaltyConfig.power(p=0.5, eps=0.01))
-    results = train_ensemble(cfg, [8, 32], batches)  # a ladder: one SAE per target L0
+    results = train_ladder(cfg, [8, 32], batches)  # a ladder: one SAE per target L0
 
     @register_penalty("mine", PenaltyParam("a", 0, 10, 1, search=(0.1, 10), log=True))
     def mine(f, *, a, grad_floor): return (a * f).sum(-1)    # picked up by CLI and search
@@ -18,7 +18,7 @@ from __future__ import annotations
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
 from raysae.core.penalties import PenaltyParam, register_penalty
 from raysae.core.sae import SAE
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 
 
 def job_config(*args, **kwargs):
@@ -36,4 +36,4 @@ def run_job(cfg, *, sweep: bool = False):
 
 
 __all__ = ["PenaltyConfig", "PenaltyParam", "SAE", "SAEConfig", "TrainConfig", "job_config",
-           "register_penalty", "run_job", "train_ensemble"]
+           "register_penalty", "run_job", "train_ladder"]

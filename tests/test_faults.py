@@ -135,7 +135,7 @@ def _nan_copy(cache: Path, dest: Path, shard_index: int = 1) -> str:
 
 def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
     from raysae.core.config import SAEConfig, TrainConfig
-    from raysae.core.ensemble import EnsembleTrainer
+    from raysae.core.ladder import LadderTrainer
     from raysae.core.outcome import NonFiniteActivationsError
     from raysae.core.training import drive
 
@@ -149,7 +149,7 @@ def test_nan_shard_with_valid_checksum_is_named(small_cache, tmp_path):
     assert np.isnan(rows).any(axis=1).sum() == 3
     cfg = TrainConfig(sae=SAEConfig(32, 64), batch_size=256, total_tokens=2048, log_every=4)
     with pytest.raises(NonFiniteActivationsError, match="NaN/inf"):
-        drive(EnsembleTrainer(cfg, [8.0]), iter_activation_batches(bad, 256))
+        drive(LadderTrainer(cfg, [8.0]), iter_activation_batches(bad, 256))
 
 
 def test_nan_shard_fails_the_trial_once(small_cache, tiny_model_dir, tmp_path):

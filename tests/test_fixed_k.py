@@ -6,11 +6,11 @@ import pytest
 import torch
 from planted import planted_batches
 
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
 from raysae.core.kinds import KINDS
+from raysae.core.ladder import LadderTrainer
+from raysae.core.ladder_sae import LadderSAE
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 16, 64, 32, 4
 TARGETS = [2.0, 5.0, 3.5]  # different k per member, the largest not first
@@ -18,7 +18,7 @@ FIXED = sorted(name for name, kind in KINDS.items() if kind.fixed_k)
 
 
 def _model(kind, seed=0):
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [seed, seed + 1, seed + 2], kind=kind,
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), [seed, seed + 1, seed + 2], kind=kind,
                        targets=TARGETS)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
@@ -122,7 +122,7 @@ def test_sparse_step_trains_as_the_dense_step(kind):
     batches = _planted(40)
     runs = {}
     for mode in ("off", "on"):
-        trainer = EnsembleTrainer(_cfg(kind=kind, sparse_step=mode), [2.0, 4.0, 8.0])
+        trainer = LadderTrainer(_cfg(kind=kind, sparse_step=mode), [2.0, 4.0, 8.0])
         assert trainer.sparse_now() == (mode == "on")
         for x in batches:
             trainer.step(x)
@@ -147,13 +147,13 @@ def test_sparse_step_trains_as_the_dense_step(kind):
 def test_sparse_step_resumes_exactly():
     cfg = _cfg(kind="topk", sparse_step="on", total_tokens=256 * 20)
     batches = _planted(20)
-    full = EnsembleTrainer(cfg, [2.0, 4.0, 8.0])
+    full = LadderTrainer(cfg, [2.0, 4.0, 8.0])
     for x in batches:
         full.step(x)
-    half = EnsembleTrainer(cfg, [2.0, 4.0, 8.0])
+    half = LadderTrainer(cfg, [2.0, 4.0, 8.0])
     for x in batches[:10]:
         half.step(x)
-    resumed = EnsembleTrainer.from_bytes(half.to_bytes())
+    resumed = LadderTrainer.from_bytes(half.to_bytes())
     for x in batches[10:]:
         resumed.step(x)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -167,10 +167,10 @@ def test_auto_keeps_the_dense_decoder_unless_fixed_k_auto_is_on(kind, monkeypatc
     FIXED_K_AUTO it would pick the fixed-k decoder for small k, on any device."""
     from raysae.core import step_choice
 
-    small = EnsembleTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 6.0])
-    large = EnsembleTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 7.0])  # 7 > 64 / 10
-    on = EnsembleTrainer(_cfg(kind=kind, sparse_step="on"), [2.0, 7.0])
-    off = EnsembleTrainer(_cfg(kind=kind, sparse_step="off"), [2.0, 6.0])
+    small = LadderTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 6.0])
+    large = LadderTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 7.0])  # 7 > 64 / 10
+    on = LadderTrainer(_cfg(kind=kind, sparse_step="on"), [2.0, 7.0])
+    off = LadderTrainer(_cfg(kind=kind, sparse_step="off"), [2.0, 6.0])
     assert not small.sparse_now() and on.sparse_now() and not off.sparse_now()
     monkeypatch.setattr(step_choice, "FIXED_K_AUTO", True)
     assert small.sparse_now() and not large.sparse_now() and not off.sparse_now()

@@ -11,12 +11,12 @@ from planted import planted_batches
 from safetensors.torch import load_file
 
 from raysae.core.config import SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.jumprelu import JumpReLU, _JumpReLU, _Step
 from raysae.core.kinds import get_kind
+from raysae.core.ladder import LadderTrainer
 from raysae.core.outcome import FINISHED
 from raysae.core.sae import SAE
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 16, 64, 32, 4
 TARGETS = [2.0, 4.0, 8.0]
@@ -57,7 +57,7 @@ def test_straight_through_gradients_are_the_kernel_formulas():
 
 
 def test_first_batch_puts_each_member_at_its_target():
-    trainer = EnsembleTrainer(_cfg(lr=1e-12), TARGETS)
+    trainer = LadderTrainer(_cfg(lr=1e-12), TARGETS)
     x = next(planted_batches(D_IN, N_TRUE, K_ACTIVE, 1024, seed=1))
     trainer.step(x)
     pre = trainer.model.pre_acts(trainer._prepare(x)[0])
@@ -68,7 +68,7 @@ def test_first_batch_puts_each_member_at_its_target():
 @pytest.fixture(scope="module")
 def trained():
     cfg = _cfg()
-    return train_ensemble(cfg, TARGETS, planted_batches(D_IN, N_TRUE, K_ACTIVE, 256, 1, 300))
+    return train_ladder(cfg, TARGETS, planted_batches(D_IN, N_TRUE, K_ACTIVE, 256, 1, 300))
 
 
 def test_trains_to_its_targets_with_the_saved_thresholds(trained):
@@ -103,12 +103,12 @@ def test_saved_member_is_a_saelens_jumprelu_sae(trained, tmp_path):
 def test_checkpoint_resumes_exactly():
     cfg = _cfg(total_tokens=256 * 60, log_every=20)
     batches = list(planted_batches(D_IN, N_TRUE, K_ACTIVE, 256, 1, 60))
-    full = EnsembleTrainer(cfg, TARGETS)
-    half = EnsembleTrainer(cfg, TARGETS)
+    full = LadderTrainer(cfg, TARGETS)
+    half = LadderTrainer(cfg, TARGETS)
     for x in batches[:30]:
         full.step(x)
         half.step(x)
-    resumed = EnsembleTrainer.from_bytes(half.to_bytes())
+    resumed = LadderTrainer.from_bytes(half.to_bytes())
     for x in batches[30:]:
         full.step(x)
         resumed.step(x)

@@ -1,5 +1,5 @@
 """SAE kinds: TopK/BatchTopK hit their L0 on held-out tokens, saved kinds match the formulas
-(written here in plain torch), a K-member ensemble equals K single ones, p-annealing."""
+(written here in plain torch), a K-member ladder equals K single ones, p-annealing."""
 
 import dataclasses
 import json
@@ -10,11 +10,11 @@ from planted import planted_batches
 from safetensors.torch import load_file
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import KINDS, PAnneal, get_kind
+from raysae.core.ladder import LadderTrainer
 from raysae.core.outcome import FINISHED
 from raysae.core.sae import SAE
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 32, 128, 64, 6
 TARGETS = [4.0, 8.0]
@@ -41,7 +41,7 @@ def trained():
 
     def get(kind):
         if kind not in cache:
-            cache[kind] = train_ensemble(_cfg(kind), TARGETS, _planted())
+            cache[kind] = train_ladder(_cfg(kind), TARGETS, _planted())
         return cache[kind]
 
     return get
@@ -99,7 +99,7 @@ def _formula(path, x):
 
 @pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "panneal"])
 def test_saved_kind_loads_and_matches_the_formulas(kind, tmp_path):
-    results = train_ensemble(_cfg(kind, total_tokens=256 * 40), TARGETS, _planted())
+    results = train_ladder(_cfg(kind, total_tokens=256 * 40), TARGETS, _planted())
     for k, res in enumerate(results):
         path = res.sae.save(tmp_path / f"m{k}")
         cfg = json.loads((path / "cfg.json").read_text())
@@ -118,11 +118,11 @@ def test_saved_kind_loads_and_matches_the_formulas(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "panneal"])
-def test_k_members_equal_k_single_member_ensembles(kind):
+def test_k_members_equal_k_single_member_ladders(kind):
     targets = [2.0, 4.0, 8.0]
     cfg = _cfg(kind, total_tokens=256 * 20, lr_decay_frac=0.5, log_every=7)
-    ens = EnsembleTrainer(cfg, targets)
-    singles = [EnsembleTrainer(cfg, [t]) for t in targets]
+    ens = LadderTrainer(cfg, targets)
+    singles = [LadderTrainer(cfg, [t]) for t in targets]
     for x in _planted(steps=20):
         ens.step(x)
         for one in singles:
@@ -144,7 +144,7 @@ def test_kind_hooks_see_a_step_context_never_the_trainer(kind, monkeypatch):
     from raysae.core.step_context import StepContext
 
     cfg = _cfg(kind, total_tokens=256 * 6, log_every=3)
-    trainer, seen = EnsembleTrainer(cfg, [2.0, 4.0]), []
+    trainer, seen = LadderTrainer(cfg, [2.0, 4.0]), []
     impl = get_kind(kind)
     for hook in ("loss_terms", "lambda_error", "log_fields"):
         original = getattr(impl, hook)
@@ -168,12 +168,12 @@ def test_kind_hooks_see_a_step_context_never_the_trainer(kind, monkeypatch):
 
 def test_batchtopk_checkpoint_keeps_the_threshold():
     cfg, batches = _cfg("batchtopk", total_tokens=256 * 30), list(_planted(steps=30))
-    full, first = EnsembleTrainer(cfg, TARGETS), EnsembleTrainer(cfg, TARGETS)
+    full, first = LadderTrainer(cfg, TARGETS), LadderTrainer(cfg, TARGETS)
     for x in batches:
         full.step(x)
     for x in batches[:13]:
         first.step(x)
-    resumed = EnsembleTrainer.from_bytes(first.to_bytes())
+    resumed = LadderTrainer.from_bytes(first.to_bytes())
     assert torch.equal(resumed.model.threshold, first.model.threshold)
     for x in batches[13:]:
         resumed.step(x)
@@ -181,7 +181,7 @@ def test_batchtopk_checkpoint_keeps_the_threshold():
     assert torch.equal(full.model.W_enc, resumed.model.W_enc)
     relu = dataclasses.replace(cfg, kind="relu")
     with pytest.raises(ValueError, match="kind"):
-        EnsembleTrainer.from_bytes(first.to_bytes(), cfg=relu)
+        LadderTrainer.from_bytes(first.to_bytes(), cfg=relu)
 
 
 def test_panneal_anneals_p_and_the_controller_hits_its_targets():
@@ -189,7 +189,7 @@ def test_panneal_anneals_p_and_the_controller_hits_its_targets():
                log_every=25, control_frac=0.8)  # anneal over 0.4 of training: 240 steps
     assert PAnneal.p_at(cfg, 0) == 1.0 and PAnneal.p_at(cfg, cfg.total_steps - 1) == 0.5
     assert PAnneal.p_at(cfg, 120) == pytest.approx(0.75)  # half of the 240-step anneal
-    results = train_ensemble(cfg, TARGETS, _planted())
+    results = train_ladder(cfg, TARGETS, _planted())
     for target, res in zip(TARGETS, results, strict=True):
         ps = [row["p"] for row in res.history]
         assert ps[0] == pytest.approx(1 - 0.5 * 24 / 240) and ps[-1] == 0.5

@@ -94,7 +94,7 @@ def test_every_registered_penalty_is_a_searchable_family():
 
 
 def test_public_api():
-    for name in ("TrainConfig", "SAEConfig", "PenaltyConfig", "SAE", "train_ensemble",
+    for name in ("TrainConfig", "SAEConfig", "PenaltyConfig", "SAE", "train_ladder",
                  "register_penalty", "job_config", "run_job"):
         assert hasattr(raysae, name), name
 

@@ -10,14 +10,14 @@ import torch
 from planted import planted_batches
 from safetensors.torch import load_file
 
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import BatchTopK, baseline_kinds, get_kind, kind_styles
+from raysae.core.ladder import LadderTrainer
+from raysae.core.ladder_sae import LadderSAE
 from raysae.core.matryoshka import MatryoshkaBatchTopK, matryoshka_widths
 from raysae.core.outcome import FINISHED
 from raysae.core.sae import SAE
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 32, 128, 64, 6
 TARGETS = [4.0, 8.0]
@@ -44,21 +44,21 @@ def test_registered_with_default_widths_and_checks_them():
     assert kind_styles()["Matryoshka"] != kind_styles()["BatchTopK"]
     assert matryoshka_widths(512) == [128, 256, 512]  # local default: targets up to 128
     assert matryoshka_widths(2048) == [512, 1024, 2048]  # pythia-70m: targets up to 256
-    assert BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 1], kind="matryoshka",
+    assert LadderSAE(SAEConfig(D_IN, D_SAE), [0, 1], kind="matryoshka",
                       targets=TARGETS).matryoshka_widths == [32, 64, 128]
     with pytest.raises(ValueError, match="strictly increasing"):
         matryoshka_widths(128, (0.5, 0.5, 1.0))
     with pytest.raises(ValueError, match="end at d_sae"):
         matryoshka_widths(128, (0.25, 0.5))
     with pytest.raises(ValueError, match="smallest prefix"):
-        EnsembleTrainer(_cfg(), [4.0, 40.0])  # 40 > 128 / 4
+        LadderTrainer(_cfg(), [4.0, 40.0])  # 40 > 128 / 4
 
 
 @pytest.mark.parametrize("sparse_step", ["off", "on"])
 def test_one_level_trains_exactly_as_batchtopk(monkeypatch, sparse_step):
     monkeypatch.setattr(MatryoshkaBatchTopK, "fractions", (1.0,))
     cfg = dict(total_tokens=256 * 25, log_every=8, sparse_step=sparse_step)
-    mat, btk = EnsembleTrainer(_cfg(**cfg), TARGETS), EnsembleTrainer(_cfg("batchtopk", **cfg),
+    mat, btk = LadderTrainer(_cfg(**cfg), TARGETS), LadderTrainer(_cfg("batchtopk", **cfg),
                                                                       TARGETS)
     assert mat.model.matryoshka_widths == [D_SAE]
     for x in _planted(steps=25):
@@ -84,7 +84,7 @@ def _reference_inner(model, x, f, widths):
 
 def test_inner_losses_match_a_member_by_member_reference():
     kind = get_kind("matryoshka")
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 1, 2], kind="matryoshka",
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), [0, 1, 2], kind="matryoshka",
                        targets=[2.0, 4.0, 8.0])
     with torch.no_grad():
         model.b_dec.normal_(0, 0.1), model.b_enc.normal_(0, 0.1)
@@ -103,7 +103,7 @@ def test_inner_losses_match_a_member_by_member_reference():
 
 
 def test_loss_term_is_auxk_plus_the_summed_prefix_losses_and_trains_the_prefixes():
-    trainer = EnsembleTrainer(_cfg(total_tokens=256 * 10), TARGETS)
+    trainer = LadderTrainer(_cfg(total_tokens=256 * 10), TARGETS)
     x = next(_planted())
     trainer.step(x)  # sets the activation scale
     trainer.opt.zero_grad(set_to_none=True)
@@ -125,7 +125,7 @@ def test_loss_term_is_auxk_plus_the_summed_prefix_losses_and_trains_the_prefixes
 
 @pytest.fixture(scope="module")
 def trained():
-    return train_ensemble(_cfg(), TARGETS, _planted())
+    return train_ladder(_cfg(), TARGETS, _planted())
 
 
 def test_planted_run_trains_without_nan_to_its_target_l0(trained):

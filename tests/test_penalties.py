@@ -97,7 +97,7 @@ def test_finite_value_and_gradient_on_edge_inputs(name, autocast, data):
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
-def test_batched_ensemble_shape_matches_per_member(name, data):
+def test_ladder_penalty_shape_matches_per_member(name, data):
     params = data.draw(_params(name))
     f = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 2
     f[f < 0.5] = 0.0

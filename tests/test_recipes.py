@@ -7,10 +7,10 @@ import pytest
 import torch
 from planted import planted_batches
 
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import get_kind
+from raysae.core.ladder import LadderTrainer
+from raysae.core.ladder_sae import LadderSAE
 from raysae.core.penalties import penalty_per_token
 from raysae.core.recipes import RECIPES, Recipe, get_recipe, register_recipe
 from raysae.core.sparse_step import active_forward
@@ -30,7 +30,7 @@ def _batches(steps=40):
 
 
 def _train(cfg, targets=(4.0, 8.0), steps=40):
-    trainer = EnsembleTrainer(cfg, list(targets))
+    trainer = LadderTrainer(cfg, list(targets))
     for x in _batches(steps):
         if trainer.done:
             break
@@ -60,7 +60,7 @@ def test_study_recipe_keeps_unit_rows_and_the_plain_penalty():
 
 @pytest.mark.parametrize(("recipe", "norm"), [("free_norm", 1.0), ("saelens", 0.1)])
 def test_free_norms_start_at_the_recipes_norm_with_the_encoder_transposed(recipe, norm):
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0, 0], recipe=get_recipe(recipe))
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), [0, 0], recipe=get_recipe(recipe))
     norms = model.W_dec.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, norm))
     torch.testing.assert_close(model.W_enc, model.W_dec.transpose(1, 2))
@@ -83,8 +83,8 @@ def test_exported_member_folds_the_norms_same_x_hat_same_features_unit_rows(pena
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
 
-def _penalty_of(recipe: str, model: BatchedSAE, x: torch.Tensor, penalty=SQRT):
-    trainer = EnsembleTrainer(_cfg(recipe=recipe, penalty=penalty), [4.0])
+def _penalty_of(recipe: str, model: LadderSAE, x: torch.Tensor, penalty=SQRT):
+    trainer = LadderTrainer(_cfg(recipe=recipe, penalty=penalty), [4.0])
     trainer.model = model
     f = model.pre_acts(x).relu()
     return get_kind("relu").loss_terms(trainer.context(), x, None, f, None)[1]
@@ -97,7 +97,7 @@ def test_inside_weighting_is_invariant_to_rescaling_a_feature_and_outside_is_not
         register_recipe(dataclasses.replace(get_recipe("free_norm"), name="outside-test",
                                             penalty_weighting="outside"))
     x = torch.randn(64, D_IN)
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [0], recipe=get_recipe("free_norm"))
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), [0], recipe=get_recipe("free_norm"))
     with torch.no_grad():
         model.b_enc += 0.5
     before = {r: _penalty_of(r, model, x) for r in ("free_norm", "outside-test")}
@@ -112,7 +112,7 @@ def test_inside_weighting_is_invariant_to_rescaling_a_feature_and_outside_is_not
 
 
 def test_gradient_clipping_is_per_member_like_clip_grad_norm():
-    trainer = EnsembleTrainer(_cfg(recipe="free_norm"), [4.0, 8.0, 16.0])
+    trainer = LadderTrainer(_cfg(recipe="free_norm"), [4.0, 8.0, 16.0])
     params = list(trainer.model.parameters())
     gen = torch.Generator().manual_seed(0)
     scales = torch.tensor([0.01, 5.0, 100.0])  # one member under the clip, two over it
@@ -140,7 +140,7 @@ def test_weighted_penalty_sparse_step_equals_the_dense_one(weighting):
     x = torch.randn(200, D_IN)
     grads = []
     for sparse in (False, True):
-        trainer = EnsembleTrainer(_cfg(recipe=name), [4.0, 8.0])
+        trainer = LadderTrainer(_cfg(recipe=name), [4.0, 8.0])
         model = trainer.model
         with torch.no_grad():
             model.W_dec.mul_(torch.rand(model.W_dec.shape[:2], generator=torch.Generator()
@@ -183,6 +183,6 @@ def test_topk_keeps_unit_rows_under_the_free_norm_recipe():
 
 def test_free_norm_checkpoint_round_trip_keeps_the_free_norms():
     trainer = _train(_cfg(recipe="free_norm"), steps=20)
-    again = EnsembleTrainer.from_bytes(trainer.to_bytes())
+    again = LadderTrainer.from_bytes(trainer.to_bytes())
     assert again.recipe.name == "free_norm"
     torch.testing.assert_close(again.model.W_dec, trainer.model.W_dec)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from planted import planted_batches
 
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
+from raysae.core.ladder_sae import LadderSAE
 from raysae.core.penalties import penalty_per_token
 from raysae.core.sparse_step import active_forward
 
@@ -25,7 +25,7 @@ def _cfg(**kw):
 
 
 def _sparse_model(k=3, seed=0):
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), list(range(seed, seed + k)))
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), list(range(seed, seed + k)))
     with torch.no_grad():  # about 5% of features fire, different per member
         model.b_enc -= torch.linspace(1.5, 2.5, k).unsqueeze(1)
         model.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
@@ -76,7 +76,7 @@ def test_sparse_training_ends_at_the_dense_loss(penalty):
     runs = {}
     for mode in ("off", "on"):
         cfg = _cfg(penalty=penalty, sparse_step=mode, l0_target=8.0, log_every=20)
-        trainer = EnsembleTrainer(cfg, [cfg.l0_target])
+        trainer = LadderTrainer(cfg, [cfg.l0_target])
         for x in batches:
             trainer.step(x)
         runs[mode] = trainer.history[0][-1]
@@ -88,7 +88,7 @@ def test_sparse_training_ends_at_the_dense_loss(penalty):
 
 def test_auto_switches_to_the_sparse_step_once_l0_is_low_and_resumes_it():
     cfg = _cfg(l0_target=4.0, total_tokens=256 * 200, log_every=25)
-    trainer = EnsembleTrainer(cfg, [4.0, 8.0])
+    trainer = LadderTrainer(cfg, [4.0, 8.0])
     batches = planted_batches(D_IN, 128, 4, steps=200, batch_size=256)
     assert not trainer.sparse_now()  # a fresh SAE fires about half its features
     for x in batches:
@@ -98,9 +98,9 @@ def test_auto_switches_to_the_sparse_step_once_l0_is_low_and_resumes_it():
     assert trainer.step_count % 25 == 0
     mean_l0 = sum(history[-1]["l0"] for history in trainer.history) / 2
     assert mean_l0 <= D_SAE / 10
-    again = EnsembleTrainer.from_bytes(trainer.to_bytes())
+    again = LadderTrainer.from_bytes(trainer.to_bytes())
     assert again.sparse_now()
-    off = EnsembleTrainer(dataclasses.replace(cfg, sparse_step="off"), [4.0, 8.0])
+    off = LadderTrainer(dataclasses.replace(cfg, sparse_step="off"), [4.0, 8.0])
     off.sparse_auto = True
     assert not off.sparse_now()
 
@@ -131,7 +131,7 @@ class _SyncCounter:
                                                ("matryoshka", "on"), ("jumprelu", "auto")])
 def test_no_host_sync_in_100_steps_between_logging_steps(monkeypatch, kind, sparse_step):
     cfg = _cfg(kind=kind, sparse_step=sparse_step, total_tokens=256 * 101, log_every=101)
-    trainer = EnsembleTrainer(cfg, [4.0, 8.0])
+    trainer = LadderTrainer(cfg, [4.0, 8.0])
     batches = list(planted_batches(D_IN, 128, 4, steps=101, batch_size=256))
     trainer.step(batches[0])  # warm: lazy state, allocator
     counter = _SyncCounter(monkeypatch)
@@ -149,7 +149,7 @@ def test_no_device_sync_on_a_gpu(kind, sparse_step):
     """Dense relu, and the fixed-k decoder of every fixed-k kind."""
     cfg = _cfg(kind=kind, sparse_step=sparse_step, device="cuda", total_tokens=256 * 60,
                log_every=1000)
-    trainer = EnsembleTrainer(cfg, [4.0, 8.0])
+    trainer = LadderTrainer(cfg, [4.0, 8.0])
     batches = [x.cuda() for x in planted_batches(D_IN, 128, 4, steps=60, batch_size=256)]
     trainer.step(batches[0])
     torch.cuda.set_sync_debug_mode("error")
@@ -166,7 +166,7 @@ def test_bf16_autocast_trains_with_fp32_loss_and_weights():
     for bf16 in (False, True):
         cfg = _cfg(autocast_bf16="on" if bf16 else "off", sparse_step="off",
                    total_tokens=256 * 40, log_every=40)
-        trainer = EnsembleTrainer(cfg, [8.0])
+        trainer = LadderTrainer(cfg, [8.0])
         for x in batches:
             trainer.step(x)
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

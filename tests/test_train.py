@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.outcome import (
     DATA_EXHAUSTED,
     DIVERGED,
@@ -120,7 +120,7 @@ def test_checkpoint_resume_reproduces_uninterrupted_run():
     first = ladder_of_one(cfg)
     for _, b in batches[:25]:
         first.step(b)
-    resumed = EnsembleTrainer.from_bytes(first.to_bytes())
+    resumed = LadderTrainer.from_bytes(first.to_bytes())
     result = _train_one(cfg, (b for _, b in batches[25:]), trainer=resumed)
     assert result.steps == full.steps == 40
     assert torch.allclose(result.sae.W_dec, full.sae.W_dec, atol=1e-6)
@@ -133,6 +133,6 @@ def test_unsafe_or_truncated_checkpoint_refused():
     cfg = _cfg(1.0, 1.0, total_tokens=1024 * 2)
     data = ladder_of_one(cfg).to_bytes()
     with pytest.raises(CheckpointError, match="unreadable or unsafe"):
-        EnsembleTrainer.from_bytes(data[: len(data) // 2])
+        LadderTrainer.from_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
-        EnsembleTrainer.from_bytes(pickle.dumps(print))
+        LadderTrainer.from_bytes(pickle.dumps(print))

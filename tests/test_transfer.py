@@ -13,7 +13,7 @@ from raysae.activations import batches as batches_module
 from raysae.activations.batches import iter_activation_batches
 from raysae.activations.cache import write_arrays_cache
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.precision import uses_bf16
 from raysae.core.transfer import device_batches
 
@@ -71,7 +71,7 @@ def _cfg(**kw):
 
 
 def test_trainer_copies_non_blocking_then_converts_on_the_device():
-    trainer = EnsembleTrainer(_cfg(), [4.0])
+    trainer = LadderTrainer(_cfg(), [4.0])
     x = torch.randn(64, D_IN).half()
     with _RecordTo() as seen:
         trainer._prepare(x)
@@ -100,7 +100,7 @@ def test_bf16_and_tf32_defaults_and_modes():
 def test_precision_settings_reach_the_step(monkeypatch, bf16, tf32):
     """Inside the step the kind's activation sees autocast on exactly when the setting says
     so for this device, and TF32 as set; both are restored after the step."""
-    trainer = EnsembleTrainer(_cfg(autocast_bf16=bf16, tf32=tf32, sparse_step="off"), [4.0])
+    trainer = LadderTrainer(_cfg(autocast_bf16=bf16, tf32=tf32, sparse_step="off"), [4.0])
     seen = []
     real = trainer.kind.activate
 

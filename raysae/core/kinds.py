@@ -101,7 +101,7 @@ class SAEKind:
         return cfg.penalty.family if self.name == "relu" else self.label
 
     def setup(self, model: nn.Module, targets: list[float]) -> None:
-        """Add this kind's state (thresholds, masks) to a BatchedSAE."""
+        """Add this kind's state (thresholds, masks) to a LadderSAE."""
 
     def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
         """Features f [K, B, d_sae] from pre-activations (may modify ``pre`` in place)."""

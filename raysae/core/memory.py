@@ -10,7 +10,7 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 
 
     By default glibc hands the ladder step's freed [K, B, d_sae] buffers back to the OS
     and page-faults them in again next step, which costs the batched step about as much
-    as its elementwise work on CPU (benchmarks/ensemble_step.py). Returns False where
+    as its elementwise work on CPU (benchmarks/ladder_step.py). Returns False where
     mallopt is unavailable.
     """
     try:

@@ -115,7 +115,7 @@ class _DecoderRowsGrad(torch.autograd.Function):
 
 
 def active_forward(model, x: torch.Tensor) -> tuple[torch.Tensor, ActiveFeatures]:
-    """x [B, d_in] -> (x_hat [K, B, d_in], the active features) of a relu BatchedSAE."""
+    """x [B, d_in] -> (x_hat [K, B, d_in], the active features) of a relu LadderSAE."""
     k, d_sae, d_in = model.W_dec.shape
     b = x.shape[0]
     values, member, token, feature, by_feature, starts = _ActiveEncode.apply(

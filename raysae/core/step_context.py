@@ -23,7 +23,7 @@ class StepContext:
     cfg: TrainConfig
     """The ladder's training config (penalty, SAE shape, schedule)."""
     model: nn.Module
-    """The K stacked SAEs (raysae.core.batched.BatchedSAE) with the kind's state."""
+    """The K stacked SAEs (raysae.core.ladder_sae.LadderSAE) with the kind's state."""
     step: int
     """0-based index of this step (in ``log_fields``: of the step just taken)."""
     targets: torch.Tensor

@@ -3,7 +3,7 @@
 
 A trial is one penalty configuration and one seed. In control mode it trains one SAE per
 target on the L0 ladder (``targets``), each member's lambda driven to its target by its own
-controller, all on the same activation batches (raysae.core.ensemble). In search and fixed
+controller, all on the same activation batches (raysae.core.ladder). In search and fixed
 modes it trains one SAE with the proposed (or grid) lambda.
 
 The objective Optuna minimises (one number per trial, the whole frontier):

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from raysae.core.config import TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 from raysae.core.metrics import metric_names
-from raysae.core.training import train_ensemble
+from raysae.core.training import train_ladder
 from raysae.search.members import evaluate_members
 from raysae.search.spec import TrialSpec, frontier_score, train_config
 
@@ -115,15 +115,15 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
 
 
 def make_trainer(spec: TrialSpec, cfg: TrainConfig, data: bytes | None = None):
-    """The trial's EnsembleTrainer (restored from checkpoint bytes when given)."""
+    """The trial's LadderTrainer (restored from checkpoint bytes when given)."""
     targets = [t if t is not None else float(cfg.sae.d_sae) for t in spec.ladder]
     lams = None if spec.lambda_mode == "control" else [cfg.lam]
     if data is not None:
-        return EnsembleTrainer.from_bytes(data, cfg, targets)
-    return EnsembleTrainer(cfg, targets, lams=lams)
+        return LadderTrainer.from_bytes(data, cfg, targets)
+    return LadderTrainer(cfg, targets, lams=lams)
 
 
-def _restore(spec: TrialSpec, cfg: TrainConfig) -> EnsembleTrainer:
+def _restore(spec: TrialSpec, cfg: TrainConfig) -> LadderTrainer:
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
@@ -133,7 +133,7 @@ def _restore(spec: TrialSpec, cfg: TrainConfig) -> EnsembleTrainer:
         return make_trainer(spec, cfg, (Path(folder) / STATE_FILE).read_bytes())
 
 
-def _report(row: dict[str, Any], trainer: EnsembleTrainer | None = None, extra=None) -> int:
+def _report(row: dict[str, Any], trainer: LadderTrainer | None = None, extra=None) -> int:
     """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``);
     returns the checkpoint's size in bytes (0 without one)."""
     from ray import tune
@@ -239,7 +239,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     entered = time.monotonic()
     torch.set_num_threads(spec.torch_threads)
     _remove_stale_checkpoint_folders()  # left by an attempt killed mid-report
-    keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ensemble.py
+    keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ladder.py
     cfg = train_config(spec, config)
     trainer = _restore(spec, cfg)
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
@@ -248,7 +248,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     dashboard = _trial_metrics(cfg, trainer)
     last = {"tokens": trainer.tokens, "at": time.monotonic()}
 
-    def on_log(rows: list[dict[str, float]], live: EnsembleTrainer) -> None:
+    def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
         if not rows:
             return
         now = time.monotonic()
@@ -268,7 +268,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
     started, first_token = time.monotonic(), trainer.tokens
-    results = train_ensemble(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+    results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
     trained = time.monotonic()
     members, write_artifacts = evaluate_members(spec, cfg, results)
     # this attempt's own times (a restored trial counts from its checkpoint on)
@@ -287,7 +287,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     dashboard.finished(status)
 
 
-def _trial_metrics(cfg: TrainConfig, trainer: EnsembleTrainer):
+def _trial_metrics(cfg: TrainConfig, trainer: LadderTrainer):
     """Dashboard gauges for this trial (tokens/s, l0, mse), tagged with its id and family."""
     from ray import tune
 

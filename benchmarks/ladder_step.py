@@ -1,12 +1,12 @@
 """The K-member ladder step against K single-SAE steps on the same batches, same run.
 
 At the local default's shape (d_in 128, d_sae 512, batch 512, fp32, CPU), one
-``EnsembleTrainer.step`` (K members, batched matmuls, one fused Adam, no host sync)
+``LadderTrainer.step`` (K members, batched matmuls, one fused Adam, no host sync)
 against K steps of ladders of one (one target each) on the same batch, interleaved round by
 round; the median of each is reported as member-tokens/s and as the ratio
-ensemble / (K single steps) (target: <= 0.8).
+ladder / (K single steps) (target: <= 0.8).
 
-    python benchmarks/ensemble_step.py [--k 6] [--threads 2] [--rounds 40] [--keep-freed-memory]
+    python benchmarks/ladder_step.py [--k 6] [--threads 2] [--rounds 40] [--keep-freed-memory]
 
 ``--keep-freed-memory`` stops glibc returning the step's large freed buffers to the OS
 (process-wide; run it as a separate invocation to compare).
@@ -20,25 +20,25 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
+from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 
 
 def build(args: argparse.Namespace, penalty: PenaltyConfig) -> dict:
-    """The two callables: one ensemble step, and K single steps, on the same batch."""
+    """The two callables: one ladder step, and K single steps, on the same batch."""
     targets = [4.0 * 2 ** (i * 4 / max(args.k - 1, 1)) for i in range(args.k)]  # 4 .. 64
     cfg = TrainConfig(sae=SAEConfig(args.d_in, args.d_sae), penalty=penalty, lam=1.0,
                       batch_size=args.batch, total_tokens=args.batch * (args.rounds + 100),
                       device=args.device, log_every=10**9)
     x = torch.randn(args.batch, args.d_in, device=args.device)
-    ensemble = EnsembleTrainer(cfg, targets)
-    singles = [EnsembleTrainer(cfg, [t]) for t in targets]
+    ladder = LadderTrainer(cfg, targets)
+    singles = [LadderTrainer(cfg, [t]) for t in targets]
 
     def k_singles():
         for trainer in singles:
             trainer.step(x)
 
-    return {"ensemble step": lambda: ensemble.step(x), f"{args.k} single steps": k_singles}
+    return {"ladder step": lambda: ladder.step(x), f"{args.k} single steps": k_singles}
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
         for what, t in times.items():
             print(f"{label:<22}{what:<18}{t * 1e3:>9.2f}{args.k * args.batch / t:>18,.0f}")
         ens, single = times.values()
-        print(f"{label:<22}ratio ensemble / {args.k} single steps = {ens / single:.2f}")
+        print(f"{label:<22}ratio ladder / {args.k} single steps = {ens / single:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """K SAEs of one kind held as stacked weights and run with batched matmuls (the ladder's
-model; ``raysae.core.ensemble`` trains it)."""
+model; ``raysae.core.ladder`` trains it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from raysae.core.sae import SAE, remove_parallel_grad_, unit_rows_
 _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
-class BatchedSAE(nn.Module):
+class LadderSAE(nn.Module):
     """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])`` with its
     decoder rows (and encoder columns) at the recipe's initial norm; ``targets`` (default 1.0
     each) give the kind its per-member k."""

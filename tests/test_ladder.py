@@ -1,4 +1,4 @@
-"""EnsembleTrainer: a ladder of K equals K ladders of one, controls each member's L0, isolates
+"""LadderTrainer: a ladder of K equals K ladders of one, controls each member's L0, isolates
 a diverging member, resumes exactly, and never syncs with the host between logging steps."""
 
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from planted import planted_batches
 
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ensemble import EnsembleTrainer
 from raysae.core.kinds import KINDS
+from raysae.core.ladder import LadderTrainer
+from raysae.core.ladder_sae import LadderSAE
 from raysae.core.outcome import DIVERGED, FINISHED, CheckpointError
 from raysae.core.sae import SAE
-from raysae.core.training import ladder_of_one, train_ensemble
+from raysae.core.training import ladder_of_one, train_ladder
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 16, 64, 32, 4
 
@@ -29,7 +29,7 @@ def _cfg(**kw):
 
 
 def test_members_match_seeded_saes_in_init_forward_and_gradients():
-    model = BatchedSAE(SAEConfig(D_IN, D_SAE), [5, 7])
+    model = LadderSAE(SAEConfig(D_IN, D_SAE), [5, 7])
     for k, seed in enumerate([5, 7]):
         ref, got = SAE(SAEConfig(D_IN, D_SAE), seed=seed), model.member(k)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -55,8 +55,8 @@ def test_ladder_of_k_equals_k_ladders_of_one(control_frac):
     cfg = _cfg(total_tokens=256 * 20, control_frac=control_frac, lr_decay_frac=0.5,
                log_every=7)
     batches = list(_planted(steps=20))
-    ens = EnsembleTrainer(cfg, targets, lams=lams)
-    singles = [EnsembleTrainer(cfg, [t], lams=[lam]) for t, lam in zip(targets, lams, strict=True)]
+    ens = LadderTrainer(cfg, targets, lams=lams)
+    singles = [LadderTrainer(cfg, [t], lams=[lam]) for t, lam in zip(targets, lams, strict=True)]
     for x in batches:
         ens.step(x)
         for trainer in singles:
@@ -90,7 +90,7 @@ def test_controller_puts_each_member_near_its_target():
     targets = [2.0, 4.0, 8.0]
     cfg = _cfg(penalty=PenaltyConfig.power(1.0), lam=0.3, total_tokens=256 * 600,
                log_every=100)  # controls 480 steps at the default gain
-    results = train_ensemble(cfg, targets, _planted())
+    results = train_ladder(cfg, targets, _planted())
     x = next(_planted(batch_size=4096, seed=99))
     for target, res in zip(targets, results, strict=True):
         assert res.status == FINISHED and res.steps == 600
@@ -102,7 +102,7 @@ def test_controller_puts_each_member_near_its_target():
 def test_one_member_diverging_leaves_the_others_training():
     cfg = _cfg(total_tokens=256 * 30)
     logged, frozen = [], None
-    ens = EnsembleTrainer(cfg, [2.0, 4.0, 8.0])
+    ens = LadderTrainer(cfg, [2.0, 4.0, 8.0])
     for step, x in enumerate(_planted(steps=30)):
         if step == 12:
             with torch.no_grad():
@@ -128,29 +128,29 @@ def test_checkpoint_resume_equals_uninterrupted_run():
     cfg = _cfg(total_tokens=256 * 30)
     targets = [2.0, 6.0]
     batches = list(_planted(steps=30))
-    full = EnsembleTrainer(cfg, targets)
+    full = LadderTrainer(cfg, targets)
     for x in batches:
         full.step(x)
-    first = EnsembleTrainer(cfg, targets)
+    first = LadderTrainer(cfg, targets)
     for x in batches[:13]:
         first.step(x)
     blob = first.to_bytes()
-    resumed = EnsembleTrainer.from_bytes(blob)
+    resumed = LadderTrainer.from_bytes(blob)
     for x in batches[13:]:
         resumed.step(x)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(getattr(full.model, name), getattr(resumed.model, name))
     assert torch.equal(full.lam, resumed.lam) and resumed.history == full.history
     with pytest.raises(CheckpointError):
-        EnsembleTrainer.from_bytes(blob[: len(blob) // 2])
+        LadderTrainer.from_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError):
-        EnsembleTrainer.from_bytes(blob, targets=[2.0, 7.0])
+        LadderTrainer.from_bytes(blob, targets=[2.0, 7.0])
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_no_host_sync_between_logging_steps(monkeypatch, kind):
     cfg = _cfg(total_tokens=256 * 200, log_every=50, kind=kind)
-    ens = EnsembleTrainer(cfg, [2.0, 4.0, 8.0])
+    ens = LadderTrainer(cfg, [2.0, 4.0, 8.0])
     batches = list(_planted(steps=101))
     ens.step(batches[0])  # the first batch estimates the activation scale (one sync)
     calls = []

@@ -1,9 +1,9 @@
 """An L0 ladder of K SAEs trained together: one batch read once, fed to K members.
 Words: the *ladder* is the K SAEs trained together, a *member* one of them (one SAE: K = 1).
 
-``BatchedSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``, ``W_dec
+``LadderSAE`` holds K SAEs as stacked weights (``W_enc [K, d_in, d_sae]``, ``W_dec
 [K, d_sae, d_in]``, ``b_enc [K, d_sae]``, ``b_dec [K, d_in]``, plus the kind's state) and
-runs them with batched matmuls. ``EnsembleTrainer`` trains one member per target L0, all of
+runs them with batched matmuls. ``LadderTrainer`` trains one member per target L0, all of
 kind ``cfg.kind`` (raysae.core.kinds), each with its own lambda and controller (penalty
 kinds) or k (TopK, BatchTopK), dead-feature tracking and divergence status. The loss is the
 sum over live members of ``mean_tokens ||x_hat_k - x||^2 + term_k`` (lambda_k * penalty, or
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from raysae.core import metrics
-from raysae.core.batched import BatchedSAE
 from raysae.core.config import TrainConfig, check_targets
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
 from raysae.core.kinds import get_kind
+from raysae.core.ladder_sae import LadderSAE
 from raysae.core.outcome import (
     DATA_EXHAUSTED,
     DIVERGED,
@@ -49,7 +49,7 @@ from raysae.core.step_context import StepContext
 from raysae.core.transfer import to_compute
 
 
-class EnsembleTrainer:
+class LadderTrainer:
     """The ladder: one member per target L0, trained together on the same batches (module doc).
     ``lams`` overrides the start lambdas (default ``cfg.lam / rho(1)``; fixed when
     ``cfg.control_frac = 0``); kinds without a penalty keep lambda at 0."""
@@ -68,7 +68,7 @@ class EnsembleTrainer:
         start = [v * self.kind.uses_lambda for v in start]  # 0 for kinds without lambda
         dev = self.device = torch.device(cfg.device)
         self.recipe = get_recipe(cfg.recipe if self.kind.uses_penalty else UNIT_NORM)
-        self.model = BatchedSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
+        self.model = LadderSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
                                 targets=self.targets, recipe=self.recipe).to(dev)
         fused = dev.type in ("cpu", "cuda") or None  # fused Adam: no .item() per step
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
@@ -147,7 +147,7 @@ class EnsembleTrainer:
         """Train every live member on one batch; per-member rows on logging steps, else None.
         CUDA matmuls of the step (forward and backward) may use TF32 (``TrainConfig.tf32``)."""
         if self.done:
-            raise RuntimeError("training is already done; check EnsembleTrainer.done first")
+            raise RuntimeError("training is already done; check LadderTrainer.done first")
         with tf32_matmuls(self.cfg.tf32):
             return self._step(x)
 
@@ -307,7 +307,7 @@ class EnsembleTrainer:
 
     @classmethod
     def from_bytes(cls, data: bytes, cfg: TrainConfig | None = None,
-                   targets: Sequence[float] | None = None) -> EnsembleTrainer:
+                   targets: Sequence[float] | None = None) -> LadderTrainer:
         """Rebuild from ``to_bytes`` output; never unpickles arbitrary objects."""
         try:
             state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
