@@ -3,6 +3,7 @@ pre-hook forward done once for all of them, and write their artifacts."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
                                                     spec.data.feature_tokens)
         summary = feature_stats.summarize(*stats[k])
         row.update({c: summary[c] for c in FEATURE_COLUMNS})
-        target = None if row["target_l0"] != row["target_l0"] else row["target_l0"]
+        target = None if math.isnan(row["target_l0"]) else row["target_l0"]
         row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.search.beta,
                                             spec.search.tol)
         if spec.threshold_sweep and results[k].status == FINISHED:
