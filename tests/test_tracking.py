@@ -161,3 +161,27 @@ def test_optuna_dashboard_serves_the_study(tracked):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_close_study_fails_proposals_a_killed_driver_left_running(tmp_path):
+    """A proposal whose driver died (RUNNING in the journal, unknown to Tune's restored
+    searcher) is closed as FAIL with its reason; finished ones are untouched."""
+    import optuna
+
+    from raysae.search.tracking import close_study, study_storage
+
+    path = study_path(tmp_path, NAME)
+    study = optuna.create_study(study_name=NAME, storage=study_storage(path, fresh=True))
+    done = study.ask()
+    done.suggest_float("power.p", 0.1, 1.0)
+    study.tell(done, 0.5)
+    orphan = study.ask()
+    orphan.suggest_float("power.p", 0.1, 1.0)
+    assert close_study(path, NAME) == 1
+    states = {t.number: t for t in optuna.load_study(
+        study_name=NAME, storage=study_storage(path, fresh=False)).trials}
+    assert states[done.number].state == optuna.trial.TrialState.COMPLETE
+    assert states[done.number].value == 0.5
+    assert states[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert "interrupted" in states[orphan.number].user_attrs["raysae_status"]
+    assert close_study(path, NAME) == 0

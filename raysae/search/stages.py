@@ -46,6 +46,10 @@ def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, name, fetch_to)
+    if stage == "search" and plan.results is not None:
+        from raysae.search.tracking import close_study, study_path
+
+        close_study(study_path(plan.results, plan.name), plan.name)
     remove_scratch_folders(frame.get("tune_trial_id", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)

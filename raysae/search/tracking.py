@@ -48,6 +48,26 @@ def study_storage(path: Path, fresh: bool):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def close_study(path: Path, name: str) -> int:
+    """After the search stage: any trial of the study still RUNNING (its proposal was made
+    by a driver that was then killed, and Tune's restored searcher never heard of it) is
+    marked FAIL with the reason in its user attributes, so the journal holds only finished
+    or failed proposals. Returns how many were closed."""
+    import optuna
+
+    if not path.exists():
+        return 0
+    study = optuna.load_study(study_name=name, storage=study_storage(path, fresh=False))
+    stale = [t for t in study.get_trials(deepcopy=False)
+             if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        study._storage.set_trial_user_attr(
+            trial._trial_id, "raysae_status",
+            "interrupted: proposed before the driver stopped; not restored by --resume")
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
 def wandb_offline() -> bool:
     """True when runs must stay on disk: WANDB_MODE says so, or no API key is configured
     (neither WANDB_API_KEY nor `wandb login`)."""
