@@ -185,3 +185,13 @@ def test_close_study_fails_proposals_a_killed_driver_left_running(tmp_path):
     assert states[orphan.number].state == optuna.trial.TrialState.FAIL
     assert "interrupted" in states[orphan.number].user_attrs["raysae_status"]
     assert close_study(path, NAME) == 0
+
+
+def test_wandb_flag_alone_names_the_default_project():
+    from raysae.cli import build_parser
+    from raysae.cli.flags import given
+
+    parse = build_parser().parse_args
+    assert given(parse(["search", "--wandb"]))["wandb"] == "raysae"
+    assert given(parse(["search", "--wandb", "mine"]))["wandb"] == "mine"
+    assert "wandb" not in given(parse(["search"]))
