@@ -122,9 +122,10 @@ class TrialMetrics:
         self._tokens = int(start_tokens)
         self._time = time.monotonic()
 
-    def record(self, row: dict) -> None:
+    def record(self, row: dict) -> float | None:
         """Publish one training metrics row (keys ``l0``, ``mse``, ``tokens_seen``, and
-        ``members_l0``: the ladder members' L0s, a list or its JSON).
+        ``members_l0``: the ladder members' L0s, a list or its JSON); returns the tokens/s
+        published.
 
         Tokens/s comes from ``row["tokens_per_second"]`` when present, else from the change in
         ``tokens_seen`` since the previous call.
@@ -143,6 +144,7 @@ class TrialMetrics:
             self._tokens = int(seen)
         _emit("raysae_trial_tokens_per_second", rate, self.tags)
         self._time = now
+        return rate
 
     def _members(self, values) -> None:
         if values is None:

@@ -246,16 +246,14 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    last = {"tokens": trainer.tokens, "at": time.monotonic()}
 
     def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
         if not rows:
             return
-        now = time.monotonic()
-        row = {**_mean_row(rows), "tokens_per_second": (live.tokens - last["tokens"])
-               / max(now - last["at"], 1e-9)}
-        last.update(tokens=live.tokens, at=now)
-        dashboard.record(row)
+        row = _mean_row(rows)
+        rate = dashboard.record(row)  # tokens/s since the previous report
+        if rate is not None:
+            row["tokens_per_second"] = rate
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                "status": "running", "checkpoint_bytes": written["bytes"],
                "ladder": ladder_scalars(rows)}
