@@ -1,12 +1,15 @@
 """How early does a proposal's ladder show its final score? The measurement multi-fidelity
 rungs are chosen from (issue #28).
 
-Runs the local default search with ``--proposals`` Optuna proposals at full budget, seed 0
-(or reads ``--results`` of an earlier run), and for each candidate rung (a fraction of the
-token budget) correlates a score read from the training stream at that rung with the
-proposal's final objective (held-out spliced CE + L0 miss, the search's score):
+Runs the local default search with ``--proposals`` Optuna proposals at full budget, seed 0,
+no early stopping (``--rung 0``) and every candidate rung traced (``--rung-trace``: each
+proposal reports the search's own objective on held-out text at each), or reads
+``--results`` of an earlier run. For each candidate rung (a fraction of the token budget) it
+correlates two scores at that rung with the proposal's final objective (held-out spliced CE
++ L0 miss, the search's score):
 
-    rung score = mean over the ladder of ln(training FVU_k) at the last report <= rung
+    heldout = the search's objective of the ladder as it stands at the rung (what ASHA uses)
+    train_fvu = mean over the ladder of ln(training FVU_k) at the last report <= rung
 
 Prints Spearman's rho per rung with a bootstrap 95% interval over proposals, the final
 objectives' spread across proposals (set against the 0.03-0.04 nats of seed noise at L0 8),
@@ -35,7 +38,7 @@ def run_search(results: Path, proposals: int) -> None:
     cmd = [sys.executable, "-m", "raysae", "search", "--name", "rungs",
            "--num-trials", str(proposals), "--seeds", "0", "--baselines", "topk",
            "--storage", str(results / "tune"), "--results", str(results / "analysis"),
-           "--no-report"]
+           "--rung", "0", "--rung-trace", *(f"{r:g}" for r in RUNGS[:-1]), "--no-report"]
     subprocess.run(cmd, check=True)
 
 
@@ -55,6 +58,20 @@ def rung_score(rows: list[dict], tokens: float) -> float:
     return float(np.mean([math.log(max(m["fvu"], 1e-9)) for m in ladder.values()]))
 
 
+def heldout_score(rows: list[dict], tokens: float) -> float:
+    """The trial's held-out rung score at the traced rung nearest ``tokens`` (the final
+    objective at the full budget)."""
+    scored = [r for r in rows if math.isfinite(r.get("rung_objective", math.nan))]
+    if tokens >= max((r.get("tokens_seen", 0) for r in rows), default=0):
+        final = [r for r in rows if math.isfinite(r.get("objective", math.nan))]
+        return final[-1]["objective"] if final else math.nan
+    near = [r for r in scored if abs(r["rung_tokens"] - tokens) <= 0.01 * tokens]
+    return near[0]["rung_objective"] if near else math.nan
+
+
+SCORES = {"heldout": heldout_score, "train_fvu": rung_score}
+
+
 def table(trials: pd.DataFrame, total: float, n_boot: int, seed: int) -> pd.DataFrame:
     searched = trials[trials["stage"] == "search"].drop_duplicates("tune_trial_id")
     searched = searched[searched["status"] == "finished"]
@@ -63,9 +80,11 @@ def table(trials: pd.DataFrame, total: float, n_boot: int, seed: int) -> pd.Data
     rng = np.random.default_rng(seed)
     best = int(np.argmin(final))
     out = []
-    for frac in RUNGS:
-        score = np.array([rung_score(r, frac * total) for r in runs])
+    for (name, scorer), frac in ((item, f) for item in SCORES.items() for f in RUNGS):
+        score = np.array([scorer(r, frac * total) for r in runs])
         ok = np.isfinite(score)
+        if ok.sum() < 3:
+            continue
         rho = stats.spearmanr(score[ok], final[ok]).statistic
         boots = []
         for _ in range(n_boot):
@@ -73,10 +92,12 @@ def table(trials: pd.DataFrame, total: float, n_boot: int, seed: int) -> pd.Data
             if len(set(pick)) > 2:
                 boots.append(stats.spearmanr(score[pick], final[pick]).statistic)
         lo, hi = np.nanpercentile(boots, [2.5, 97.5])
-        keep = np.argsort(score)[: max(1, math.ceil(ok.sum() / 3))]
-        out.append({"rung": frac, "tokens": int(frac * total), "proposals": int(ok.sum()),
-                    "spearman": rho, "ci_low": lo, "ci_high": hi,
-                    "best_kept_in_top_third": bool(best in keep)})
+        order = np.argsort(np.where(ok, score, np.inf))
+        out.append({"score": name, "rung": frac, "tokens": int(frac * total),
+                    "proposals": int(ok.sum()), "spearman": rho, "ci_low": lo, "ci_high": hi,
+                    "best_kept_top_third": bool(best in order[: math.ceil(ok.sum() / 3)]),
+                    "best_kept_top_eighth": bool(best in order[: math.ceil(ok.sum() / 8)]),
+                    "best_final_rank_of_rung_best": int(np.argsort(np.argsort(final))[order[0]])})
     df = pd.DataFrame(out)
     df.attrs["objective_sd"] = float(np.std(final, ddof=1))
     df.attrs["objective_range"] = float(np.ptp(final))

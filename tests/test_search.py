@@ -178,6 +178,46 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
         spent["refs"]["train"] + spent["search"]["train"], abs=0.2)
 
 
+def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tmp_path):
+    """Five proposals one at a time, rung at 1/4 of the budget (reduction factor 4): ASHA
+    stops the ones outside the best quarter so far; they keep one row with status stopped
+    and their rung score (held-out, timed as evaluation), reach Optuna as pruned with it,
+    and are never confirmed."""
+    from raysae.search.results import results_frame
+    from raysae.search.rungs import stage_rung_tokens
+    from raysae.search.stages import best_configs
+    from raysae.search.tracking import study_path, study_storage
+    from raysae.search.tune_setup import make_tuner
+
+    spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(8.0,),
+                 reference_ce=(5.0,))
+    plan = make_plan("r5", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=5,
+                     seeds=0, baselines=(), rung=0.25, max_concurrent=1)
+    plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
+    spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(plan.search, 512 * 40))
+    grid = make_tuner(plan, "r5_search", spec, (), 1, resume=False).fit()
+    searched = results_frame(grid, "r5_search").assign(stage="search")
+    assert len(searched) == 5 and set(searched["status"]) <= {"finished", "stopped"}
+    stopped = searched[searched["status"] == "stopped"]
+    finished = searched[searched["status"] == "finished"]
+    assert len(stopped) >= 1 and len(finished) >= 1
+    assert searched["rung_objective"].notna().all() and (searched["rung_tokens"] == 5120).all()
+    assert (stopped["tokens_seen"] < 512 * 40).all()
+    assert (finished["tokens_seen"] == 512 * 40).all()
+    assert (stopped["eval_seconds"] > 0).all() and (stopped["train_seconds"] > 0).all()
+    # A stopped proposal was worse at the rung than the best one scored before it.
+    order = searched.sort_values("tune_trial_id")
+    for i, row in enumerate(order.itertuples()):
+        if row.status == "stopped":
+            assert row.rung_objective > order["rung_objective"].iloc[:i].min()
+    assert len(best_configs(plan, searched, 5)) == len(finished)
+    study = optuna.load_study(study_name="r5", storage=study_storage(
+        study_path(plan.results, "r5"), fresh=False))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted(["PRUNED"] * len(stopped) + ["COMPLETE"] * len(finished))
+    assert all(len(t.intermediate_values) == 1 for t in study.trials)
+
+
 @pytest.mark.parametrize(("kind", "every", "restored"),
                          [("raise", 0, 30), ("sigkill", 0, 30), ("raise", 3600, 0)])
 def test_failed_trial_resumes_from_checkpoint_with_same_step_count(

@@ -129,7 +129,19 @@ class SearchConfig:
     targets: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     """The L0 ladder: every trial trains one SAE per target, each driven to it."""
     num_trials: int = 3
-    """Trials Optuna proposes, besides the references (each trains the whole ladder)."""
+    """Trials Optuna proposes, besides the references (each trains the whole ladder, or
+    until ``rung`` stops it)."""
+    rung: float = 0.0
+    """Multi-fidelity: every proposal scores its ladder on held-out text (the search's
+    objective) at this fraction of the token budget, and Ray Tune's ASHA
+    (AsyncHyperBandScheduler, reduction factor 1 / rung) stops it there unless it is in the
+    best 1 / rung of the proposals scored so far; stopped ones reach Optuna as pruned.
+    References and confirmations always train to the full budget. 0: every proposal does
+    too. Rungs score held-out CE, not training reconstruction (benchmarks/rung_correlation.py)."""
+    rung_trace: tuple[float, ...] = ()
+    """More fractions of the token budget at which each proposal also reports that held-out
+    score without being stopped (``rung_objective`` in its Tune results, e.g. 0.0625 0.25
+    0.5): what benchmarks/rung_correlation.py chooses ``rung`` from."""
     seeds: int = 3
     """Confirmation stage: retrain the best proposals and the references with this many
     seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
@@ -179,6 +191,16 @@ class SearchConfig:
             positive_int(self, "max_concurrent")
         require(is_int(self.seeds) and self.seeds >= 0, "seeds", self.seeds,
                 "must be an integer >= 0", "pass e.g. {seeds} 3 (0 turns it off)")
+        require(is_number(self.rung) and 0 <= self.rung <= 0.5, "rung", self.rung,
+                "must be 0 (off) or a fraction of the token budget in (0, 0.5]",
+                "pass e.g. {rung} 0.125")
+        for value in self.rung_trace:
+            require(is_number(value) and 0 < value < 1, "rung_trace", value,
+                    "must be fractions of the token budget in (0, 1)",
+                    "pass e.g. {rung_trace} 0.0625 0.25 0.5")
+        if self.rung and self.objective == "pareto":
+            raise SettingError("rung", self.rung, "ASHA stops proposals on one score; "
+                               "{objective} pareto has two", "pass {rung} 0")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         require(is_number(self.budget_check) and (self.budget_check == 0
                                                   or self.budget_check > 1),

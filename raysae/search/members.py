@@ -13,7 +13,7 @@ import pandas as pd
 from raysae.analysis import contract
 from raysae.core.config import TrainConfig
 from raysae.core.outcome import DIVERGED, FINISHED
-from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, member_objective
+from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, frontier_score, member_objective
 
 SWEEP_FILE = contract.ARTIFACT_FILES["ablations"]
 FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
@@ -39,11 +39,32 @@ def _base(k: int, target: float | None, result) -> dict[str, Any]:
             "tokens_seen": result.tokens, "status_reason": result.reason or ""}
 
 
-def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
-    """(one metrics row per member, a function writing every member's artifacts)."""
-    from raysae.evaluation import feature_stats
+def heldout(spec: TrialSpec, cfg: TrainConfig):
+    """The held-out evaluator every score of a trial uses (spliced CE on the same blocks)."""
     from raysae.evaluation.spliced_ce import heldout_evaluator
     from raysae.lm.models import load_model
+
+    return heldout_evaluator(load_model(spec.model, device=cfg.device), spec.lm.hook,
+                             n_blocks=spec.data.eval_blocks,
+                             context_length=spec.lm.context_length, source=spec.lm.corpus)
+
+
+def rung_score(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator) -> float:
+    """The search's objective (``frontier_score``) of the ladder as it stands mid-training:
+    held-out CE and L0 of every member that has not diverged; what ASHA compares at a rung."""
+    rows = []
+    for target, result in zip(spec.ladder, results):
+        row = {"target_l0": target}
+        if result.status != DIVERGED:
+            row.update(evaluator.evaluate(result.sae.to(cfg.device)))
+        rows.append(row)
+    return frontier_score(rows, spec)
+
+
+def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator=None):
+    """(one metrics row per member, a function writing every member's artifacts);
+    ``evaluator``: the trial's held-out evaluator when a rung already built it."""
+    from raysae.evaluation import feature_stats
 
     rows = [_base(k, t, r) for k, (t, r) in enumerate(zip(spec.ladder, results))]
     live = [k for k, r in enumerate(results) if r.status != DIVERGED]
@@ -51,11 +72,8 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list):
         rows[k].update(objective=BAD_OBJECTIVE, ce_sae=BAD_OBJECTIVE,
                        l0=float(cfg.sae.d_sae))
     stats, sweeps = {}, {}
-    if live:
-        evaluator = heldout_evaluator(load_model(spec.model, device=cfg.device), spec.lm.hook,
-                                      n_blocks=spec.data.eval_blocks,
-                                      context_length=spec.lm.context_length,
-                                      source=spec.lm.corpus)
+    if live and evaluator is None:
+        evaluator = heldout(spec, cfg)
     for k in live:
         sae, row = results[k].sae.to(cfg.device), rows[k]
         row.update(evaluator.evaluate(sae))

@@ -3,7 +3,8 @@
 A trial's final report carries ``members`` (one metrics row per ladder member, JSON); each
 becomes a row with the trial's penalty columns, ``tune_trial_id`` (the Tune trial) and
 ``trial_id`` = ``<tune trial>-m<member>`` (unique per SAE, the key of every artifact table).
-A trial that failed before its final report keeps one row with status ``error``.
+A trial that failed before its final report keeps one row with status ``error``; one ASHA
+stopped at a rung keeps one row with status ``stopped`` and its ``rung_objective``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
                     if k not in PER_TRIAL and not k.startswith("ladder/")},
                  "trial_objective": metrics.get("objective", math.nan)}
         trial.setdefault("penalty", config.get("penalty"))
+        trial.update(_rung_columns(result))
+        if trial.get("status") == "running" and result.error is None:
+            trial["status"] = "stopped"  # by the stage's scheduler at a rung (ASHA)
         trial["tune_trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
         trial["trial_dir"] = result.path
         trial["checkpoint_path"] = (local_checkpoint(result.checkpoint, fetch_to)
@@ -72,6 +76,20 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
                 row["status_reason"] = _error_reason(result.error)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _rung_columns(result) -> dict:
+    """The trial's score at its first rung (raysae.search.rungs), from its report history:
+    a finished proposal's last report no longer carries it."""
+    history = getattr(result, "metrics_dataframe", None)
+    if history is None or "rung_objective" not in history:
+        return {}
+    scored = history[history["rung_objective"].notna()]
+    if not len(scored):
+        return {}
+    first = scored.iloc[0]
+    return {"rung_objective": float(first["rung_objective"]),
+            "rung_tokens": int(first["rung_tokens"])}
 
 
 def _error_reason(error: BaseException) -> str:

@@ -71,6 +71,11 @@ class TrialSpec:
     """The L0 ladder (control mode): one SAE per target."""
     reference_ce: tuple[float, ...] | None = None
     """The L1 reference's ce_sae per target, once known (subtracted in the score)."""
+    rung_tokens: tuple[int, ...] = ()
+    """Token counts at which this stage's trials score their ladder on held-out text and
+    report it as ``rung_objective`` (the search stage's ``search.rung`` and
+    ``search.rung_trace``); none elsewhere: references and confirmations are never scored
+    early."""
     threshold_sweep: bool = False
     sweep_points: int = 10
     plugins: tuple[str, ...] = field(default_factory=plugin_modules)

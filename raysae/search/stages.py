@@ -3,7 +3,8 @@
 1. ``<name>_refs``: the references (the study's L1, sqrt, sqrt(sqrt), and the baseline SAE
    kinds) as a fixed grid, seed 0. L1's CE per target becomes the search's zero point.
 2. ``<name>_search``: Optuna's ``num_trials`` proposals (each trial scores its whole ladder;
-   raysae.search.spec).
+   raysae.search.spec), each stopped at ``rung`` unless it is among the best there
+   (raysae.search.rungs; status ``stopped``).
 3. ``<name>_confirm`` (``seeds`` R > 1): the best ``confirm_best`` proposals and every
    reference retrained with seeds 1 .. R-1. Paired design: seed r gives every penalty the same
    SAE initialisation and the same activation order, so stage 1-2's seed-0 SAEs are the
@@ -120,7 +121,11 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
         spec = plan.spec
         if spec.lambda_mode == "control":
             spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
-        searched = _fit(plan, f"{plan.name}_search", spec, (), 1, resume, fetch)
+        from raysae.search.rungs import stage_rung_tokens
+
+        rungs = stage_rung_tokens(plan.search, spec.train.total_tokens)
+        searched = _fit(plan, f"{plan.name}_search", replace(spec, rung_tokens=rungs), (), 1,
+                        resume, fetch)
         frames.append(searched)
         grid = confirmation_grid(plan, searched)
         if grid:
@@ -171,7 +176,7 @@ def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
     except (OSError, ValueError):
         return trials
     lost = earlier[~earlier["trial_id"].isin(trials["trial_id"])
-                   & earlier["status"].isin(["finished", "partial", "diverged"])]
+                   & earlier["status"].isin(["finished", "partial", "diverged", "stopped"])]
     if not len(lost):
         return trials
     return pd.concat([trials, lost], ignore_index=True).sort_values(

@@ -229,7 +229,7 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     try:
         base = _base_row(spec, train_config(spec, config))
     except Exception:  # the config itself may be what failed
-        base = {}
+        base = {"rung_objective": math.nan} if spec.rung_tokens else {}
     tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
                  "status": "error", "status_reason": reason})
 
@@ -246,6 +246,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
+    rungs = Rungs(spec, cfg, trainer.tokens)
 
     def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
         if not rows:
@@ -257,6 +258,9 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                "status": "running", "checkpoint_bytes": written["bytes"],
                "ladder": ladder_scalars(rows)}
+        if rungs.due(live):  # scored mid-training; ASHA may stop the trial at this report
+            out.update(rungs.score(live), setup_seconds=started - entered,
+                       train_seconds=time.monotonic() - started - rungs.seconds)
         due = (time.monotonic() - written["at"] >= spec.run.checkpoint_seconds
                and not live.done)
         written["bytes"] += _report(out, live if due else None)
@@ -268,10 +272,11 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     started, first_token = time.monotonic(), trainer.tokens
     results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
     trained = time.monotonic()
-    members, write_artifacts = evaluate_members(spec, cfg, results)
+    members, write_artifacts = evaluate_members(spec, cfg, results, rungs.evaluator)
     # this attempt's own times (a restored trial counts from its checkpoint on)
-    timing = {"setup_seconds": started - entered, "train_seconds": trained - started,
-              "eval_seconds": time.monotonic() - trained,
+    timing = {"setup_seconds": started - entered,
+              "train_seconds": trained - started - rungs.seconds,
+              "eval_seconds": time.monotonic() - trained + rungs.seconds,
               "train_tokens_per_second": (trainer.tokens - first_token)
               / max(trained - started, 1e-9)}
     status = "finished" if all(m["status"] == "finished" for m in members) else (
@@ -283,6 +288,35 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
              "ladder": ladder_scalars(members)}
     _report(final, trainer, write_artifacts)
     dashboard.finished(status)
+
+
+class Rungs:
+    """A trial's multi-fidelity rungs (``TrialSpec.rung_tokens``): when its ladder passes
+    one, the report carries ``rung_objective`` (the search's objective on held-out text, as
+    the ladder stands) and ``rung_tokens``; ASHA reads the first (raysae.search.tune_setup).
+    A trial restored past a rung does not score it again (its earlier attempt reported it).
+    ``seconds``: time spent scoring, counted as evaluation, not training."""
+
+    def __init__(self, spec: TrialSpec, cfg: TrainConfig, tokens_done: int) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.pending = sorted(t for t in spec.rung_tokens if t > tokens_done)
+        self.evaluator, self.seconds = None, 0.0
+
+    def due(self, trainer: LadderTrainer) -> bool:
+        return bool(self.pending) and trainer.tokens >= self.pending[0] and not trainer.done
+
+    def score(self, trainer: LadderTrainer) -> dict[str, float]:
+        from raysae.search.members import heldout, rung_score
+
+        start = time.monotonic()
+        passed = [t for t in self.pending if t <= trainer.tokens]
+        self.pending = self.pending[len(passed):]
+        if self.evaluator is None:
+            self.evaluator = heldout(self.spec, self.cfg)
+        value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
+        self.seconds += time.monotonic() - start
+        return {"rung_objective": value, "rung_tokens": passed[-1],
+                "eval_seconds": self.seconds}
 
 
 def _trial_metrics(cfg: TrainConfig, trainer: LadderTrainer):
@@ -322,6 +356,10 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
     from raysae.core.recipes import UNIT_NORM
 
+    # A stage with rungs runs under ASHA, which Tune makes check that every report has its
+    # metric: NaN until the rung's report (ASHA and RungOptunaSearch skip non-finite values).
+    rung = {"rung_objective": math.nan} if spec.rung_tokens else {}
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
             "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
-            "recipe": cfg.recipe if kind.uses_penalty else UNIT_NORM, "seed": cfg.seed}
+            "recipe": cfg.recipe if kind.uses_penalty else UNIT_NORM, "seed": cfg.seed,
+            **rung}

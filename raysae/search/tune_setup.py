@@ -75,7 +75,6 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
     continued, else replaced)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = ("objective", "min")
@@ -88,8 +87,10 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
         from raysae.search.tracking import study_path, study_storage
 
         storage = study_storage(study_path(plan.results, plan.name), fresh=not resume)
-    searcher = OptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
-                            sampler=sampler, storage=storage, study_name=plan.name)
+    from raysae.search.rungs import RungOptunaSearch
+
+    searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
+                                sampler=sampler, storage=storage, study_name=plan.name)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
 
 
@@ -130,11 +131,14 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     if grid:
-        searcher, num_samples = None, 1
+        searcher, num_samples, scheduler = None, 1, None
         param_space: dict[str, Any] = {"point": tune.grid_search(list(grid))}
     else:
         searcher, num_samples, param_space = (build_searcher(plan, index, resume),
                                               search.num_trials, {})
+        from raysae.search.rungs import rung_scheduler
+
+        scheduler = rung_scheduler(plan.search.rung, spec)
     stage = name[len(plan.name) + 1:] or "grid"
     run_config = tune.RunConfig(
         callbacks=tune_callbacks(plan.name, stage, plan.results, plan.wandb),
@@ -143,7 +147,8 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         progress_reporter=progress_table(plan, bool(grid)), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, run_config=run_config,
-                      tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                      tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                                  num_samples=num_samples,
                                                   max_concurrent_trials=search.max_concurrent,
                                                   reuse_actors=False))
 

@@ -1,0 +1,60 @@
+"""Multi-fidelity search stages: the settings, the ASHA scheduler, and Optuna hearing a
+stopped proposal as pruned with its rung score (the search stage end to end:
+tests/test_search.py::test_search_stage_stops_proposals_at_the_rung)."""
+
+import dataclasses
+import math
+
+import optuna
+import pytest
+from search_helpers import make_spec
+
+from raysae.search.config import SearchConfig
+from raysae.search.rungs import (RUNG_METRIC, RungOptunaSearch, rung_scheduler,
+                                 stage_rung_tokens)
+from raysae.search.space import SearchSpace
+from raysae.settings import SettingError
+
+
+def test_rung_settings_are_checked_and_give_the_stage_its_rungs():
+    with pytest.raises(SettingError, match="rung"):
+        SearchConfig(rung=0.7)
+    with pytest.raises(SettingError, match="rung_trace"):
+        SearchConfig(rung_trace=(1.0,))
+    with pytest.raises(SettingError, match="pareto"):
+        SearchConfig(rung=0.125, objective="pareto", lambda_mode="search")
+    search = SearchConfig(rung=0.125, rung_trace=(0.5, 0.0625))
+    assert stage_rung_tokens(search, 500_000) == (31_250, 62_500, 250_000)
+    assert stage_rung_tokens(SearchConfig(rung=0.0), 500_000) == ()
+
+
+def test_asha_is_built_only_for_a_stage_with_rungs():
+    spec = make_spec(activations="unused", model="unused", d_in=8, d_sae=32,
+                     total_tokens=80_000, lambda_mode="control",
+                     targets=(8.0,), rung_tokens=(10_000,))
+    asha = rung_scheduler(0.125, spec)
+    assert [m for m, _ in asha._brackets[0]._rungs][-1] == 10_000  # the first milestone
+    assert asha._reduction_factor == 8 and asha._time_attr == "tokens_seen"
+    assert asha._max_t == 80_000 and asha._metric == RUNG_METRIC
+    assert rung_scheduler(0.0, spec) is None  # off
+    assert rung_scheduler(0.125, dataclasses.replace(spec, rung_tokens=())) is None  # refs
+
+
+def test_optuna_hears_a_stopped_proposal_as_pruned_with_its_rung_score():
+    search = SearchConfig(num_trials=2)
+    searcher = RungOptunaSearch(SearchSpace(search), metric="objective", mode="min",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for trial_id in ("a", "b"):
+        assert searcher.suggest(trial_id)
+    running = {"objective": math.nan, "tokens_seen": 100, "training_iteration": 1}
+    for trial_id in ("a", "b"):
+        searcher.on_trial_result(trial_id, running)  # a training report: nothing told
+    # Tune hands the report that made ASHA stop "a" to on_trial_complete only.
+    searcher.on_trial_complete("a", {**running, RUNG_METRIC: 0.2, "tokens_seen": 125})
+    searcher.on_trial_result("b", {**running, "tokens_seen": 125, RUNG_METRIC: -0.1})
+    searcher.on_trial_complete("b", {"objective": -0.15, "tokens_seen": 1000})
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED,
+                                         optuna.trial.TrialState.COMPLETE]
+    assert trials[0].intermediate_values == {125: 0.2}
+    assert trials[1].intermediate_values == {125: -0.1} and trials[1].value == -0.15
