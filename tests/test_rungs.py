@@ -10,8 +10,7 @@ import pytest
 from search_helpers import make_spec
 
 from raysae.search.config import SearchConfig
-from raysae.search.rungs import (RUNG_METRIC, RungOptunaSearch, rung_scheduler,
-                                 stage_rung_tokens)
+from raysae.search.rungs import RUNG_METRIC, RungOptunaSearch, rung_scheduler, stage_rung_tokens
 from raysae.search.space import SearchSpace
 from raysae.settings import SettingError
 
