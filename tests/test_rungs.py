@@ -57,3 +57,30 @@ def test_optuna_hears_a_stopped_proposal_as_pruned_with_its_rung_score():
                                          optuna.trial.TrialState.COMPLETE]
     assert trials[0].intermediate_values == {125: 0.2}
     assert trials[1].intermediate_values == {125: -0.1} and trials[1].value == -0.15
+
+
+@pytest.mark.parametrize(("name", "cls"), [("tpe", optuna.samplers.TPESampler),
+                                           ("gp", optuna.samplers.GPSampler),
+                                           ("qmc", optuna.samplers.QMCSampler)])
+def test_each_sampler_proposes_in_the_registry_space_and_learns_from_pruned(name, cls):
+    """Every --sampler drives the search space past its start-up, with pruned proposals
+    (stopped at a rung) in the study as a search with rungs leaves them."""
+    from raysae.search.tune_setup import make_sampler, startup_trials
+
+    search = SearchConfig(num_trials=12, sampler=name)
+    sampler = make_sampler(search, seed=0)
+    assert isinstance(sampler, cls) and startup_trials(12) == 4 and startup_trials(3) == 2
+    space = SearchSpace(search)
+    study = optuna.create_study(sampler=sampler)
+    for i in range(8):
+        trial = study.ask()
+        space(trial)
+        p = trial.params["power.p"]
+        if i % 2:  # stopped at a rung: pruned with its rung score
+            trial.report(abs(p - 0.5) + 0.1, 100)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, abs(p - 0.5))
+    assert len(study.trials) == 8 and len({t.params["power.p"] for t in study.trials}) == 8
+    with pytest.raises(SettingError, match="sampler"):
+        SearchConfig(sampler="random")

@@ -37,6 +37,7 @@ from raysae.settings import (
 
 OBJECTIVES = ("target", "pareto")
 LAMBDA_MODES = ("control", "search")
+SAMPLERS = ("tpe", "gp", "qmc")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,10 @@ class SearchConfig:
     """More fractions of the token budget at which each proposal also reports that held-out
     score without being stopped (``rung_objective`` in its Tune results, e.g. 0.0625 0.25
     0.5): what benchmarks/rung_correlation.py chooses ``rung`` from."""
+    sampler: str = "tpe"
+    """Optuna's sampler of the proposals: tpe (TPESampler, its random start-up a third of
+    ``num_trials``, at least 2), gp (GPSampler, a Gaussian process, same start-up), qmc
+    (QMCSampler: scrambled Sobol points, no model). Seeded from the search's seed."""
     seeds: int = 3
     """Confirmation stage: retrain the best proposals and the references with this many
     seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
@@ -181,6 +186,8 @@ class SearchConfig:
                     "pass {baselines} with some of them")
         require(self.objective in OBJECTIVES, "objective", self.objective,
                 f"allowed {list(OBJECTIVES)}", "pass one of them")
+        require(self.sampler in SAMPLERS, "sampler", self.sampler,
+                f"allowed {list(SAMPLERS)}", "pass one of them")
         require(self.lambda_mode in LAMBDA_MODES, "lambda_mode", self.lambda_mode,
                 f"allowed {list(LAMBDA_MODES)}", "pass one of them")
         if self.objective == "pareto" and self.lambda_mode == "control":

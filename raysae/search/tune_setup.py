@@ -70,7 +70,7 @@ class SearchPlan:
 
 
 def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False):
-    """OptunaSearch (TPE with a seed) behind a ConcurrencyLimiter; its study is kept in the
+    """OptunaSearch (``search.sampler``, seeded) behind a ConcurrencyLimiter; its study is kept in the
     results folder's journal when the plan has one (``resume``: the earlier journal is
     continued, else replaced)."""
     import optuna
@@ -80,8 +80,7 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
     metric, mode = ("objective", "min")
     if plan.search.objective == "pareto":
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
-    sampler = optuna.samplers.TPESampler(seed=plan.spec.train.seed + seed_offset,
-                                         n_startup_trials=min(4, plan.search.num_trials))
+    sampler = make_sampler(plan.search, plan.spec.train.seed + seed_offset)
     storage = None
     if plan.results is not None:
         from raysae.search.tracking import study_path, study_storage
@@ -92,6 +91,25 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
     searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
                                 sampler=sampler, storage=storage, study_name=plan.name)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
+
+
+def make_sampler(search: SearchConfig, seed: int):
+    """Optuna's sampler named by ``search.sampler`` (SearchConfig.sampler)."""
+    import optuna
+
+    startup = startup_trials(search.num_trials)
+    if search.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if search.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True,
+                                          warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def startup_trials(num_trials: int) -> int:
+    """A model-based sampler's random start-up: a third of the proposals, at least 2 (TPE's
+    default of 10 would leave a 12-proposal search almost all random)."""
+    return min(num_trials, max(2, num_trials // 3))
 
 
 def reference_grid(plan: SearchPlan) -> tuple[dict, ...]:
