@@ -70,9 +70,9 @@ class SearchPlan:
 
 
 def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False):
-    """OptunaSearch (``search.sampler``, seeded) behind a ConcurrencyLimiter; its study is kept in the
-    results folder's journal when the plan has one (``resume``: the earlier journal is
-    continued, else replaced)."""
+    """OptunaSearch (``search.sampler``, seeded) behind a ConcurrencyLimiter; its study is
+    kept in the results folder's journal when the plan has one (``resume``: the earlier
+    journal is continued, else replaced)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
