@@ -234,3 +234,16 @@ def test_report_claims_carry_intervals(tmp_path):
     for table_id in ("ladder", "winners", "comparisons", "per_seed"):
         assert f'id="{table_id}"' in text
     assert "No provenance recorded" in text
+
+
+def test_stopped_proposals_are_counted_apart_from_failures(tmp_path):
+    """A multi-fidelity search's proposals stopped at their rung have no SAEs: the page says
+    how many, and does not count them as diverged or errored."""
+    root = make_results(tmp_path, extras=False)
+    trials = pd.read_parquet(root / "trials.parquet")
+    stopped = trials.iloc[[0]].assign(status="stopped", trial_id="stopped-m0", l0=np.nan,
+                                      ce_sae=np.nan, target_l0=np.nan, rung_objective=0.1)
+    pd.concat([trials, stopped], ignore_index=True).to_parquet(root / "trials.parquet")
+    text = report.write_report(root).read_text()
+    assert "3 diverged or errored" in text
+    assert "1 proposals stopped at their rung" in text

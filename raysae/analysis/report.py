@@ -212,7 +212,8 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
     """The page as one HTML string."""
     counts = res.trials.groupby(["family", "status"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=sorted(set(counts.columns) | {"finished"}), fill_value=0)
-    n_bad = int(counts.drop(columns="finished").to_numpy().sum())
+    stopped = int(counts["stopped"].sum()) if "stopped" in counts else 0
+    n_bad = int(counts.drop(columns=["finished", "stopped"], errors="ignore").to_numpy().sum())
     fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{img(p)}">'
                 f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
                 for i, (ti, cap, p) in enumerate(figs)]
@@ -224,7 +225,9 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
     parts = [
         (f"<h1>Which sparsity penalty wins?</h1><p class='sub'>{html.escape(str(results_dir))}"
          f" · {int(counts['finished'].sum())} finished SAEs, {n_bad} diverged or errored "
-         "(left out of every front)</p>"),
+         "(left out of every front)"
+         + (f", {stopped} proposals stopped at their rung (multi-fidelity search; no SAEs)"
+            if stopped else "") + "</p>"),
         f"<div class='headline'>{_claims_or_headline(res, a)}</div>", fig_html[0],
         *_interval_sections(res),
         "<h2>Best penalty per target L0</h2>",
