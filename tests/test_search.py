@@ -253,7 +253,7 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
     # Checkpoint scratch folders live in the node's raysae cache (a killed worker's is
     # removed when the trial restarts), never in Tune's folders or the system temp folder.
-    from raysae.search.trainable import CKPT_PREFIX, scratch_root
+    from raysae.search.scratch import CKPT_PREFIX, scratch_root
 
     assert not list((tmp_path / "tune").rglob(CKPT_PREFIX + "*"))  # Tune would upload them
     for trial_id in trials["tune_trial_id"]:  # the node's scratch, cleaned after the stage

@@ -133,16 +133,13 @@ class SearchConfig:
     """Trials Optuna proposes, besides the references (each trains the whole ladder, or
     until ``rung`` stops it)."""
     rung: float = 0.0
-    """Multi-fidelity: every proposal scores its ladder on held-out text (the search's
-    objective) at this fraction of the token budget, and Ray Tune's ASHA
-    (AsyncHyperBandScheduler, reduction factor 1 / rung) stops it there unless it is in the
-    best 1 / rung of the proposals scored so far; stopped ones reach Optuna as pruned.
-    References and confirmations always train to the full budget. 0: every proposal does
-    too. Rungs score held-out CE, not training reconstruction (benchmarks/rung_correlation.py)."""
+    """Multi-fidelity: each proposal's ladder is scored (the search's objective, held-out)
+    at this fraction of the token budget and Ray Tune's ASHA (reduction factor 1 / rung)
+    stops it there unless it is in the best 1 / rung scored so far (raysae.search.rungs).
+    References and confirmations always train to the full budget; 0: proposals do too."""
     rung_trace: tuple[float, ...] = ()
-    """More fractions of the token budget at which each proposal also reports that held-out
-    score without being stopped (``rung_objective`` in its Tune results, e.g. 0.0625 0.25
-    0.5): what benchmarks/rung_correlation.py chooses ``rung`` from."""
+    """More fractions of the budget where each proposal reports that score unstopped (in
+    its Tune results): what benchmarks/rung_correlation.py chooses ``rung`` from."""
     sampler: str = "tpe"
     """Optuna's sampler of the proposals: tpe (TPESampler, its random start-up a third of
     ``num_trials``, at least 2), gp (GPSampler, a Gaussian process, same start-up), qmc

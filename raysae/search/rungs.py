@@ -3,15 +3,24 @@ the token budget, ``SearchConfig.rung``) unless its held-out score there is amon
 and Optuna hears of every rung score, so TPE learns from stopped proposals too.
 
 A trial scores its ladder at a rung with the search's own objective on held-out text
-(raysae.search.trainable.Rungs); references and confirmations are never stopped.
+(``RungScorer``, in the trial); references and confirmations are never stopped.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import TYPE_CHECKING
 
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+
+from raysae.search.members import heldout, rung_score
+
+if TYPE_CHECKING:
+    from raysae.core.config import TrainConfig
+    from raysae.core.ladder import LadderTrainer
+    from raysae.search.spec import TrialSpec
 
 RUNG_METRIC, RUNG_TIME = "rung_objective", "tokens_seen"
 """What a rung report carries and ASHA compares, and the report's clock."""
@@ -68,3 +77,30 @@ def stage_rung_tokens(search, total_tokens: int) -> tuple[int, ...]:
     """The search stage's rungs: ``search.rung`` (ASHA's) and ``search.rung_trace``."""
     fractions = sorted({f for f in (search.rung, *search.rung_trace) if f})
     return tuple(rung_tokens(f, total_tokens) for f in fractions)
+
+
+class RungScorer:
+    """A trial's multi-fidelity rungs (``TrialSpec.rung_tokens``): when its ladder passes
+    one, the report carries ``rung_objective`` (the search's objective on held-out text, as
+    the ladder stands) and ``rung_tokens``; ASHA reads the first (``rung_scheduler``).
+    A trial restored past a rung does not score it again (its earlier attempt reported it).
+    ``seconds``: time spent scoring, counted as evaluation, not training."""
+
+    def __init__(self, spec: TrialSpec, cfg: TrainConfig, tokens_done: int) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.pending = sorted(t for t in spec.rung_tokens if t > tokens_done)
+        self.evaluator, self.seconds = None, 0.0
+
+    def due(self, trainer: LadderTrainer) -> bool:
+        return bool(self.pending) and trainer.tokens >= self.pending[0] and not trainer.done
+
+    def score(self, trainer: LadderTrainer) -> dict[str, float]:
+        start = time.monotonic()
+        passed = [t for t in self.pending if t <= trainer.tokens]
+        self.pending = self.pending[len(passed):]
+        if self.evaluator is None:
+            self.evaluator = heldout(self.spec, self.cfg)
+        value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
+        self.seconds += time.monotonic() - start
+        return {"rung_objective": value, "rung_tokens": passed[-1],
+                "eval_seconds": self.seconds}

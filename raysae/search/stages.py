@@ -32,8 +32,8 @@ from raysae.analysis import contract, provenance
 from raysae.core.kinds import DEFAULT_KIND, baseline_labels
 from raysae.search import interrupt
 from raysae.search.results import _clean, collect_artifacts, results_frame
+from raysae.search.scratch import remove_scratch_folders
 from raysae.search.space import penalty_of
-from raysae.search.trainable import remove_scratch_folders
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
 
 STAGE_SECONDS: dict[str, float] = {}

@@ -16,7 +16,6 @@ feature statistics and, optionally, global-threshold removal curves.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,65 +33,10 @@ from raysae.core.memory import keep_freed_memory
 from raysae.core.metrics import metric_names
 from raysae.core.training import train_ladder
 from raysae.search.members import evaluate_members
+from raysae.search.scratch import CKPT_PREFIX, remove_stale_checkpoint_folders, scratch_dir
 from raysae.search.spec import TrialSpec, frontier_score, train_config
 
 STATE_FILE = "trainer_state.pt"
-CKPT_PREFIX = ".raysae-ckpt-"
-SCRATCH_DIR = "checkpoint-scratch"
-"""Checkpoint folders are written under ``RAYSAE_CACHE_DIR/checkpoint-scratch/<trial id>``
-on the trial's node: not the system temp folder, and not the trial's folder, which Tune
-uploads to --storage with the experiment when the driver shares the node. A trial removes
-its own leftovers when it (re)starts and any older than ``SCRATCH_MAX_AGE_S``; the driver
-removes its node's after each stage."""
-SCRATCH_MAX_AGE_S = 3600
-
-
-def scratch_root() -> Path:
-    from raysae.lm.local_model import cache_dir
-
-    return cache_dir() / SCRATCH_DIR
-
-
-def _scratch_dir() -> str | None:
-    from ray import tune
-
-    try:
-        trial_id = tune.get_context().get_trial_id()
-    except Exception:  # outside a Tune trial
-        return None
-    if not trial_id:
-        return None
-    folder = scratch_root() / trial_id
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder)
-
-
-def _remove_stale_checkpoint_folders() -> None:
-    """This trial's leftovers (a killed attempt, an earlier report), and any trial's that are
-    older than an hour (a trial stopped inside its last report never cleans up)."""
-    import shutil
-
-    own = _scratch_dir()
-    remove_scratch_folders([Path(own).name] if own else [])
-    cutoff = time.time() - SCRATCH_MAX_AGE_S
-    for path in scratch_root().glob(f"*/{CKPT_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_scratch_folders(trial_ids) -> None:
-    """Delete these trials' checkpoint scratch folders on this node: a report blocks until
-    the driver takes it, and a trial stopped there (its last report, or a killed worker)
-    never reaches its own cleanup. Each report's checkpoint is persisted before it blocks."""
-    import shutil
-
-    for trial_id in trial_ids:
-        if isinstance(trial_id, str) and trial_id and "/" not in trial_id:
-            for path in (scratch_root() / trial_id).glob(CKPT_PREFIX + "*"):
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
     from raysae.activations.batches import iter_activation_batches
     from raysae.activations.source import ActivationSource
@@ -141,8 +85,8 @@ def _report(row: dict[str, Any], trainer: LadderTrainer | None = None, extra=Non
     if trainer is None:
         tune.report(row)
         return 0
-    _remove_stale_checkpoint_folders()  # earlier reports' (persisted before they returned)
-    with tempfile.TemporaryDirectory(prefix=CKPT_PREFIX, dir=_scratch_dir()) as folder:
+    remove_stale_checkpoint_folders()  # earlier reports' (persisted before they returned)
+    with tempfile.TemporaryDirectory(prefix=CKPT_PREFIX, dir=scratch_dir()) as folder:
         (Path(folder) / STATE_FILE).write_bytes(trainer.to_bytes())
         if extra is not None:
             extra(Path(folder))
@@ -238,7 +182,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Train, evaluate and report one trial (``run_trial`` without its error handling)."""
     entered = time.monotonic()
     torch.set_num_threads(spec.torch_threads)
-    _remove_stale_checkpoint_folders()  # left by an attempt killed mid-report
+    remove_stale_checkpoint_folders()  # left by an attempt killed mid-report
     keep_freed_memory()  # the ladder's [K, B, d_sae] temporaries: see core/ladder.py
     cfg = train_config(spec, config)
     trainer = _restore(spec, cfg)
@@ -246,7 +190,9 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    rungs = Rungs(spec, cfg, trainer.tokens)
+    from raysae.search.rungs import RungScorer
+
+    rungs = RungScorer(spec, cfg, trainer.tokens)
 
     def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
         if not rows:
@@ -288,35 +234,6 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
              "ladder": ladder_scalars(members)}
     _report(final, trainer, write_artifacts)
     dashboard.finished(status)
-
-
-class Rungs:
-    """A trial's multi-fidelity rungs (``TrialSpec.rung_tokens``): when its ladder passes
-    one, the report carries ``rung_objective`` (the search's objective on held-out text, as
-    the ladder stands) and ``rung_tokens``; ASHA reads the first (raysae.search.tune_setup).
-    A trial restored past a rung does not score it again (its earlier attempt reported it).
-    ``seconds``: time spent scoring, counted as evaluation, not training."""
-
-    def __init__(self, spec: TrialSpec, cfg: TrainConfig, tokens_done: int) -> None:
-        self.spec, self.cfg = spec, cfg
-        self.pending = sorted(t for t in spec.rung_tokens if t > tokens_done)
-        self.evaluator, self.seconds = None, 0.0
-
-    def due(self, trainer: LadderTrainer) -> bool:
-        return bool(self.pending) and trainer.tokens >= self.pending[0] and not trainer.done
-
-    def score(self, trainer: LadderTrainer) -> dict[str, float]:
-        from raysae.search.members import heldout, rung_score
-
-        start = time.monotonic()
-        passed = [t for t in self.pending if t <= trainer.tokens]
-        self.pending = self.pending[len(passed):]
-        if self.evaluator is None:
-            self.evaluator = heldout(self.spec, self.cfg)
-        value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
-        self.seconds += time.monotonic() - start
-        return {"rung_objective": value, "rung_tokens": passed[-1],
-                "eval_seconds": self.seconds}
 
 
 def _trial_metrics(cfg: TrainConfig, trainer: LadderTrainer):
