@@ -130,8 +130,7 @@ class SearchConfig:
     targets: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     """The L0 ladder: every trial trains one SAE per target, each driven to it."""
     num_trials: int = 3
-    """Trials Optuna proposes, besides the references (each trains the whole ladder, or
-    until ``rung`` stops it)."""
+    """Trials Optuna proposes besides the references (each a whole ladder, to ``rung``)."""
     rung: float = 0.0
     """Multi-fidelity: each proposal's ladder is scored (the search's objective, held-out)
     at this fraction of the token budget and Ray Tune's ASHA (reduction factor 1 / rung)
