@@ -89,3 +89,15 @@ def provenance_block(search: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table class='prov' id='provenance'><tbody>{body}</tbody></table>"
+
+
+def subtitle(results_dir, counts) -> str:
+    """The folder and what its trials came to (``counts``: family x status): finished SAEs,
+    diverged or errored ones, and proposals a multi-fidelity search stopped at their rung
+    (no SAEs; not failures)."""
+    stopped = int(counts["stopped"].sum()) if "stopped" in counts else 0
+    bad = int(counts.drop(columns=["finished", "stopped"], errors="ignore").to_numpy().sum())
+    more = f", {stopped} proposals stopped at their rung (no SAEs)" if stopped else ""
+    return (f"<p class='sub'>{html.escape(str(results_dir))} · "
+            f"{int(counts['finished'].sum())} finished SAEs, {bad} diverged or errored (left "
+            f"out of every front){more}</p>")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from raysae import io
 from raysae.analysis import claims, contract, pareto, plots
-from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, table
+from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, subtitle, table
 from raysae.core import metrics as metric_table
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
@@ -212,8 +212,6 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
     """The page as one HTML string."""
     counts = res.trials.groupby(["family", "status"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=sorted(set(counts.columns) | {"finished"}), fill_value=0)
-    stopped = int(counts["stopped"].sum()) if "stopped" in counts else 0
-    n_bad = int(counts.drop(columns=["finished", "stopped"], errors="ignore").to_numpy().sum())
     fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{img(p)}">'
                 f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
                 for i, (ti, cap, p) in enumerate(figs)]
@@ -223,11 +221,7 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
             "saved_vs_L1": "saved vs L1", f"{y}_sqrt": "CE of sqrt front",
             "saved_vs_sqrt": "saved vs sqrt", "n_near": "trials near"}
     parts = [
-        (f"<h1>Which sparsity penalty wins?</h1><p class='sub'>{html.escape(str(results_dir))}"
-         f" · {int(counts['finished'].sum())} finished SAEs, {n_bad} diverged or errored "
-         "(left out of every front)"
-         + (f", {stopped} proposals stopped at their rung (multi-fidelity search; no SAEs)"
-            if stopped else "") + "</p>"),
+        f"<h1>Which sparsity penalty wins?</h1>{subtitle(results_dir, counts)}",
         f"<div class='headline'>{_claims_or_headline(res, a)}</div>", fig_html[0],
         *_interval_sections(res),
         "<h2>Best penalty per target L0</h2>",
