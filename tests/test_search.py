@@ -206,7 +206,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     assert (finished["tokens_seen"] == 512 * 40).all()
     assert (stopped["eval_seconds"] > 0).all() and (stopped["train_seconds"] > 0).all()
     # A stopped proposal was worse at the rung than the best one scored before it.
-    order = searched.sort_values("tune_trial_id")
+    order = searched.sort_values("trial_dir")  # run_trial_<exp>_00000_0_...: creation order
     for i, row in enumerate(order.itertuples()):
         if row.status == "stopped":
             assert row.rung_objective > order["rung_objective"].iloc[:i].min()
