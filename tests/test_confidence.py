@@ -250,6 +250,7 @@ def _chosen_frontier(trials, best) -> tuple[bool, float, int]:
             int(row["n_seeds"]))
 
 
+@pytest.mark.slow  # 70 s on 2 cores: 250 synthetic searches
 def test_the_chosen_proposal_is_not_judged_on_the_replicate_that_chose_it():
     """Among 40 null proposals, the one chosen on seed 0, judged on the confirmation's fresh
     seeds only: unbiased, and called better than its reference at about the nominal one-sided

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from raysae import cli
 from raysae.core.kinds import KINDS, default_baselines
@@ -36,6 +37,7 @@ def _finished_trials(storage: Path) -> int:
     return done
 
 
+@pytest.mark.slow  # 86 s on 2 cores: a search killed mid-stage, then resumed
 def test_killed_search_resumes_without_lost_or_duplicated_trials(tiny_model_dir, ray_local,
                                                                  tmp_path):
     args = _args(tiny_model_dir, tmp_path, n_trials=1)
