@@ -81,14 +81,16 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
 def _rung_columns(result) -> dict:
     """The trial's score at its first rung (raysae.search.rungs), from its report history:
     a finished proposal's last report no longer carries it."""
+    from raysae.search.rungs import RUNG_METRIC
+
     history = getattr(result, "metrics_dataframe", None)
-    if history is None or "rung_objective" not in history:
+    if history is None or RUNG_METRIC not in history:
         return {}
-    scored = history[history["rung_objective"].notna()]
+    scored = history[history[RUNG_METRIC].notna()]
     if not len(scored):
         return {}
     first = scored.iloc[0]
-    return {"rung_objective": float(first["rung_objective"]),
+    return {RUNG_METRIC: float(first[RUNG_METRIC]),
             "rung_tokens": int(first["rung_tokens"])}
 
 

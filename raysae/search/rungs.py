@@ -51,6 +51,13 @@ class RungOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
+def unscored(spec) -> dict[str, float]:
+    """What every report of a stage with rungs carries before its rung's score: ASHA makes
+    Tune check that each report has its metric, so NaN (ASHA and RungOptunaSearch skip
+    non-finite values); nothing in a stage without rungs."""
+    return {RUNG_METRIC: math.nan} if spec.rung_tokens else {}
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -102,5 +109,5 @@ class RungScorer:
             self.evaluator = heldout(self.spec, self.cfg)
         value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
         self.seconds += time.monotonic() - start
-        return {"rung_objective": value, "rung_tokens": passed[-1],
+        return {RUNG_METRIC: value, "rung_tokens": passed[-1],
                 "eval_seconds": self.seconds}

@@ -173,7 +173,9 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     try:
         base = _base_row(spec, train_config(spec, config))
     except Exception:  # the config itself may be what failed
-        base = {"rung_objective": math.nan} if spec.rung_tokens else {}
+        from raysae.search.rungs import unscored
+
+        base = unscored(spec)
     tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
                  "status": "error", "status_reason": reason})
 
@@ -272,11 +274,9 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
     label = cfg.penalty.label if kind.name == DEFAULT_KIND else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
     from raysae.core.recipes import UNIT_NORM
+    from raysae.search.rungs import unscored
 
-    # A stage with rungs runs under ASHA, which Tune makes check that every report has its
-    # metric: NaN until the rung's report (ASHA and RungOptunaSearch skip non-finite values).
-    rung = {"rung_objective": math.nan} if spec.rung_tokens else {}
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
             "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
             "recipe": cfg.recipe if kind.uses_penalty else UNIT_NORM, "seed": cfg.seed,
-            **rung}
+            **unscored(spec)}
