@@ -4,6 +4,8 @@ table, trial restart from checkpoint, divergence, and the main script."""
 import dataclasses
 import json
 import math
+import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -206,7 +208,11 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     assert (finished["tokens_seen"] == 512 * 40).all()
     assert (stopped["eval_seconds"] > 0).all() and (stopped["train_seconds"] > 0).all()
     # A stopped proposal was worse at the rung than the best one scored before it.
-    order = searched.sort_values("trial_dir")  # run_trial_<exp>_00000_0_...: creation order
+    # run_trial_<random hex id>_<creation index>_<params>_<date>: order by the index.
+    created = searched["trial_dir"].map(
+        lambda d: int(re.match(r"[^_]+_[^_]+_[0-9a-f]+_(\d+)_", os.path.basename(d)).group(1)))
+    order = searched.assign(created=created).sort_values("created")
+    assert sorted(order["created"]) == [1, 2, 3, 4, 5]
     for i, row in enumerate(order.itertuples()):
         if row.status == "stopped":
             assert row.rung_objective > order["rung_objective"].iloc[:i].min()
