@@ -49,6 +49,22 @@ def test_the_cli_and_the_config_offer_a_new_baseline_kind(toy, capsys):
     assert cli.main(["search", "--kind", toy.name]) == 2  # no penalty to propose
 
 
+def test_baselines_none_trains_no_baseline_and_mixing_it_is_refused():
+    """``--baselines none`` (the config's NO_BASELINES alone) gives a search of the
+    references and proposals only; ``none`` beside a kind is a clear error."""
+    from raysae.cli.flags import given
+    from raysae.search.config import NO_BASELINES
+    from raysae.search.space import reference_configs
+
+    values = given(cli.build_parser().parse_args(["search", "--baselines", NO_BASELINES]))
+    values.pop("preset", None)
+    search = job_config(**values).search
+    assert search.baselines == ()
+    assert [c.get("kind") for c in reference_configs(search.baselines)] == [None] * 3
+    with pytest.raises(ValueError, match="none alone"):
+        SearchConfig(baselines=("topk", NO_BASELINES))
+
+
 def _trials(labels) -> pd.DataFrame:
     """A 3-seed ladder (targets 8, 16) of each (label, family, kind, CE offset)."""
     rng = np.random.default_rng(0)

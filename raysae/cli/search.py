@@ -16,6 +16,7 @@ from raysae.core.precision import BF16_MODES
 from raysae.core.recipes import RECIPES
 from raysae.search.config import (
     LAMBDA_MODES,
+    NO_BASELINES,
     OBJECTIVES,
     PRESETS,
     TRAIN_INTERNAL,
@@ -54,7 +55,7 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
                            "beta", "tol") if sweep else ())
     add_section(parser, SearchConfig, "search", skip=skip,  # kinds: from the registry
                 choices={"objective": OBJECTIVES, "lambda_mode": LAMBDA_MODES,
-                         "kind": penalty_kinds(), "baselines": baseline_kinds()})
+                         "kind": penalty_kinds(), "baselines": (*baseline_kinds(), NO_BASELINES)})
     if sweep:
         add_section(parser, SweepSettings, "sweep")
     else:

@@ -104,6 +104,10 @@ class ActivationSettings:
                                "drop one of them")
 
 
+NO_BASELINES = "none"
+"""``baselines`` given as this name alone: train no baseline kinds."""
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """What Optuna searches, against which targets, with how many trials and resources."""
@@ -118,7 +122,7 @@ class SearchConfig:
     """SAE kinds trained as reference frontiers on the same ladder and seeds (default: the
     registered baseline kinds with ``in_default_search``, TopK and BatchTopK; JumpReLU and
     Matryoshka are one flag away, as they would add a third to the default job's time;
-    none: [])."""
+    ``NO_BASELINES`` alone, the CLI's ``--baselines none``: none)."""
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Searched range per family and parameter, keyed "family.param" (flags
     --FAMILY-PARAM-range LOW HIGH, e.g. --power-eps-range); default: the registry's."""
@@ -176,10 +180,12 @@ class SearchConfig:
                     f"{sorted(PENALTIES)}", "pass {penalty} with registered names")
         require(self.kind in penalty_kinds(), "kind", self.kind, "Optuna proposes penalties "
                 f"for kinds that use one: {list(penalty_kinds())}", "pass one of them")
+        if tuple(self.baselines) == (NO_BASELINES,):
+            object.__setattr__(self, "baselines", ())
         for name in self.baselines:
             require(name in baseline_kinds(), "baselines", name, "baselines are the "
                     f"registered baseline SAE kinds: {list(baseline_kinds())}",
-                    "pass {baselines} with some of them")
+                    f"pass {{baselines}} with some of them, or {NO_BASELINES} alone")
         require(self.objective in OBJECTIVES, "objective", self.objective,
                 f"allowed {list(OBJECTIVES)}", "pass one of them")
         require(self.sampler in SAMPLERS, "sampler", self.sampler,
