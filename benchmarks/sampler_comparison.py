@@ -52,7 +52,7 @@ def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
     refs = stages._fit(plan, f"{plan.name}_refs", plan.spec, tuple(l1), 0, False, fetch)
     spec = dataclasses.replace(plan.spec, reference_ce=stages.reference_ce(
         refs, plan.search.targets))
-    rows, best, frames = [], {}, [refs]
+    rows, best = [], {}
     for arm, (sampler, n, rung) in ARMS.items():
         search = dataclasses.replace(plan.search, sampler=sampler, num_trials=n, rung=rung)
         arm_plan = dataclasses.replace(plan, name=f"{plan.name}-{arm}", search=search)
@@ -62,7 +62,6 @@ def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
         searched = stages._fit(arm_plan, f"{arm_plan.name}_search", arm_spec, (), 1, False,
                                fetch)
         seconds = time.perf_counter() - start
-        frames.append(searched.assign(arm=arm))
         trials = per_trial(searched)
         best[arm] = stages.best_configs(arm_plan, searched, 1)[0]
         chosen = trials.nsmallest(1, "trial_objective").iloc[0]
@@ -135,7 +134,7 @@ def main() -> None:
         for arm, s in table.set_index("arm")["search_seconds"].items():
             print(f"{arm}: search stage {s:.1f} s = {s / base:.2f}x tpe3")
         table.to_parquet(results / "sampler_comparison.parquet")
-        from raysae.search import contract
+        from raysae.analysis import contract
 
         contract.write_trials(pd.DataFrame({"status": ["finished"]}), results)
         return results
