@@ -61,7 +61,7 @@ def test_baselines_none_trains_no_baseline_and_mixing_it_is_refused():
     search = job_config(**values).search
     assert search.baselines == ()
     assert [c.get("kind") for c in reference_configs(search.baselines)] == [None] * 3
-    with pytest.raises(ValueError, match="none alone"):
+    with pytest.raises(ValueError, match="pass some, or none"):
         SearchConfig(baselines=("topk", NO_BASELINES))
 
 

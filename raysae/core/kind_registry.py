@@ -48,6 +48,9 @@ def get_kind(name: str) -> SAEKind:
         raise ValueError(f"unknown SAE kind {name!r}; registered kinds: {sorted(KINDS)}") from None
 
 
+NO_BASELINES = "none"  # ``--baselines none``: train no baseline kind (SearchConfig)
+
+
 def baseline_kinds() -> tuple[str, ...]:
     """Names of the kinds a search can train as reference frontiers (--baselines)."""
     return tuple(name for name, kind in KINDS.items() if kind.baseline)

@@ -23,6 +23,7 @@ from typing import Any
 
 from raysae.activations.source import DTYPES
 from raysae.core.config import TrainConfig, check_targets
+from raysae.core.kind_registry import NO_BASELINES
 from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
 from raysae.core.penalties import PENALTIES, get_penalty
 from raysae.search.run_settings import RunSettings, SweepSettings
@@ -104,10 +105,6 @@ class ActivationSettings:
                                "drop one of them")
 
 
-NO_BASELINES = "none"
-"""``baselines`` given as this name alone: train no baseline kinds."""
-
-
 @dataclass(frozen=True)
 class SearchConfig:
     """What Optuna searches, against which targets, with how many trials and resources."""
@@ -119,10 +116,8 @@ class SearchConfig:
     """SAE kind of Optuna's proposals, one that uses a penalty: relu (the penalty as is),
     panneal (the power family with p annealed from 1 to the proposed p; raysae.core.kinds)."""
     baselines: tuple[str, ...] = field(default_factory=default_baselines)
-    """SAE kinds trained as reference frontiers on the same ladder and seeds (default: the
-    registered baseline kinds with ``in_default_search``, TopK and BatchTopK; JumpReLU and
-    Matryoshka are one flag away, as they would add a third to the default job's time;
-    ``NO_BASELINES`` alone, the CLI's ``--baselines none``: none)."""
+    """SAE kinds trained as reference frontiers on the same ladder and seeds (default: those
+    with ``in_default_search``, TopK and BatchTopK; JumpReLU, Matryoshka: one flag; ``none``)."""
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Searched range per family and parameter, keyed "family.param" (flags
     --FAMILY-PARAM-range LOW HIGH, e.g. --power-eps-range); default: the registry's."""
@@ -183,9 +178,8 @@ class SearchConfig:
         if tuple(self.baselines) == (NO_BASELINES,):
             object.__setattr__(self, "baselines", ())
         for name in self.baselines:
-            require(name in baseline_kinds(), "baselines", name, "baselines are the "
-                    f"registered baseline SAE kinds: {list(baseline_kinds())}",
-                    f"pass {{baselines}} with some of them, or {NO_BASELINES} alone")
+            require(name in baseline_kinds(), "baselines", name, "baselines are registered "
+                    f"baseline kinds: {list(baseline_kinds())}", f"pass some, or {NO_BASELINES}")
         require(self.objective in OBJECTIVES, "objective", self.objective,
                 f"allowed {list(OBJECTIVES)}", "pass one of them")
         require(self.sampler in SAMPLERS, "sampler", self.sampler,
