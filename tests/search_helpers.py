@@ -36,6 +36,7 @@ def make_plan(name: str, storage: str, spec: TrialSpec, grid=(), **search) -> Se
                     **({"lam": point["lam"]} if "lam" in point else {})}
                    for point in grid)
     search.setdefault("gpus_per_trial", 0.0)
+    search.setdefault("rung", 0.0)  # proposals to the full budget unless a test asks
     search.setdefault("max_concurrent", 2)
     search.setdefault("targets", tuple(spec.targets) or (8.0,))
     return SearchPlan(name=name, storage=storage, search=SearchConfig(**search), spec=spec,

@@ -181,7 +181,7 @@ def test_search_writes_one_row_per_trial_with_metrics(tiny_model_dir, tiny_cache
 
 
 def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tmp_path):
-    """Five proposals one at a time, rung at 1/4 of the budget (reduction factor 4): ASHA
+    """ASHA (promote 0): five proposals one at a time, rung at 1/4 (reduction factor 4): it
     stops the ones outside the best quarter so far; they keep one row with status stopped
     and their rung score (held-out, timed as evaluation), reach Optuna as pruned with it,
     and are never confirmed."""
@@ -194,7 +194,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(8.0,),
                  reference_ce=(5.0,))
     plan = make_plan("r5", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=5,
-                     seeds=0, baselines=(), rung=0.25, max_concurrent=1)
+                     seeds=0, baselines=(), rung=0.25, promote=0, max_concurrent=1)
     plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
     spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(plan.search, 512 * 40))
     grid = make_tuner(plan, "r5_search", spec, (), 1, resume=False).fit()
@@ -222,6 +222,45 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     states = sorted(t.state.name for t in study.trials)
     assert states == sorted(["PRUNED"] * len(stopped) + ["COMPLETE"] * len(finished))
     assert all(len(t.intermediate_values) == 1 for t in study.trials)
+
+
+def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_dir, tiny_cache,
+                                                                   tmp_path):
+    """The default policy (``promote`` K): all five proposals end at the rung (status
+    stopped, scored there; Optuna takes the rung score as their value), the K = 2 best there
+    are retrained to the full budget in stage ``promote`` (seed 0, the same trajectory up
+    to the rung), and the better of those is the one the confirmation retrains, judged on
+    its fresh seed only."""
+    from raysae.search.tracking import study_path, study_storage
+
+    spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(8.0,))
+    plan = make_plan("h5", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=5,
+                     seeds=2, confirm_best=1, baselines=(), rung=0.25, promote=2)
+    plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
+    out = run_search(plan, tmp_path / "results")
+    trials = pd.read_parquet(out / "trials.parquet")
+    searched = trials[trials["stage"] == "search"]
+    assert len(searched) == 5 and set(searched["status"]) == {"stopped"}
+    assert (searched["rung_tokens"] == 5120).all() and searched["rung_objective"].notna().all()
+    assert (searched["tokens_seen"] < 512 * 40).all()
+    promoted = trials[trials["stage"] == "promote"]
+    assert set(promoted["status"]) == {"finished"} and (promoted["tokens_seen"] == 512 * 40).all()
+    best_at_rung = searched.nsmallest(2, "rung_objective")
+    assert sorted(promoted["label"]) == sorted(best_at_rung["label"])
+    winner = promoted.nsmallest(1, "trial_objective")["label"].iloc[0]
+    confirmed = trials[trials["stage"] == "confirm"]
+    assert set(confirmed["seed"]) == {1}
+    assert set(confirmed["label"]) - {"L1", "sqrt", "sqrt(sqrt)"} == {winner}
+    study = optuna.load_study(study_name="h5", storage=study_storage(
+        study_path(plan.results, "h5"), fresh=False))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert sorted(t.value for t in study.trials) == pytest.approx(
+        sorted(searched["rung_objective"]))
+    comparisons = pd.read_parquet(out / "comparisons.parquet")
+    mine = comparisons[comparisons["label"] == winner]
+    assert len(mine) and mine["fresh_seeds_only"].all() and (mine["n_seeds"] == 1).all()
+    spent = json.loads((out / "search.json").read_text())["provenance"]["core_seconds"]
+    assert {"search", "promote", "confirm"} <= set(spent)
 
 
 @pytest.mark.parametrize(("kind", "every", "restored"),

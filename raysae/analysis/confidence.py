@@ -60,8 +60,9 @@ BASES = ("target", "matched_l0")
 """``target``: both SAEs trained for the same target L0. ``matched_l0``: the label's CE read
 off its own ladder at the reference's achieved held-out L0 (per seed, linear in log L0
 between the two rungs around it, never beyond its ends), so an L0 miss is not charged as CE."""
-SELECTION_STAGE = "search"
-"""Rows of this stage are the replicate that chose a searched proposal (its seed 0)."""
+SELECTION_STAGES = ("search", "promote")
+"""Rows of these stages are the replicate that chose a searched proposal (its seed 0): the
+search stage, and successive halving's promotion of the best at the rung."""
 KEYS = ("family", "label", "reference", "basis", "target_l0")
 COLUMNS = (*KEYS, "n_seeds", "delta_ce_mean", "ci_low", "ci_high", "significant",
            "se", "t_quantile", "interval", "l0_reference", "fresh_seeds_only")
@@ -107,14 +108,14 @@ def _cells(trials: pd.DataFrame) -> pd.DataFrame:
 def fresh_replicates(trials: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     """(the rows comparisons use, the labels compared on their selection replicate only).
 
-    A searched proposal was chosen on its seed-0 ladder (stage ``search``), so that replicate
+    A searched proposal was chosen on its seed-0 ladder (``SELECTION_STAGES``), so that replicate
     is biased in its favour (winner's curse); where the confirmation retrained it with fresh
     seeds, only those count. References and baselines keep every seed (nothing chose them).
     A proposal never confirmed keeps its selection rows, flagged (``fresh_seeds_only``
     False in the comparisons)."""
     if "stage" not in trials:
         return trials, set()
-    chosen = trials["stage"] == SELECTION_STAGE
+    chosen = trials["stage"].isin(SELECTION_STAGES)
     proposals = set(trials.loc[chosen, "label"])
     confirmed = set(trials.loc[~chosen & trials["label"].isin(proposals), "label"])
     keep = ~(chosen & trials["label"].isin(confirmed))

@@ -48,11 +48,15 @@ def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | 
 
     if not space or "experiment" not in trials:
         return None
-    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
-    if "stage" in ok and ok["stage"].notna().any():  # Optuna's own proposals only
-        ok = ok[ok["stage"] == "search"]
+    if "stage" in trials and trials["stage"].notna().any():  # Optuna's own proposals only
+        trials = trials[trials["stage"] == "search"]
+        if "rung_objective" in trials and len(trials) and (trials["status"] == "stopped").all():
+            # successive halving: every proposal ended at its rung, scored as Optuna saw it
+            trials = trials.assign(status="finished", objective=trials["rung_objective"],
+                                   trial_objective=trials["rung_objective"])
     else:
-        ok = ok[~ok["experiment"].astype(str).str.endswith("_refs")]
+        trials = trials[~trials["experiment"].astype(str).str.endswith("_refs")]
+    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
     if "tune_trial_id" in ok and ok["tune_trial_id"].notna().all():  # one score per trial
         ok = ok.drop_duplicates("tune_trial_id").assign(objective=lambda d: d[
             "trial_objective"].where(d["trial_objective"].notna(), d["objective"]))

@@ -26,6 +26,7 @@ from raysae.core.config import TrainConfig, check_targets
 from raysae.core.kind_registry import NO_BASELINES
 from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
 from raysae.core.penalties import PENALTIES, get_penalty
+from raysae.search.ranges import check_log_range, range_field, range_fields
 from raysae.search.run_settings import RunSettings, SweepSettings
 from raysae.settings import (
     SettingError,
@@ -128,13 +129,19 @@ class SearchConfig:
     """control: a feedback controller drives L0 to the target; search: Optuna searches lambda."""
     targets: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     """The L0 ladder: every trial trains one SAE per target, each driven to it."""
-    num_trials: int = 3
+    num_trials: int = 12
     """Trials Optuna proposes besides the references (each a whole ladder, to ``rung``)."""
-    rung: float = 0.0
+    rung: float = 0.0625
     """Multi-fidelity: each proposal's ladder is scored (the search's objective, held-out)
-    at this fraction of the token budget and Ray Tune's ASHA (reduction factor 1 / rung)
-    stops it there unless it is in the best 1 / rung scored so far (raysae.search.rungs).
-    References and confirmations always train to the full budget; 0: proposals do too."""
+    at this fraction of the token budget, and stopped there as ``promote`` says
+    (raysae.search.rungs). References and confirmations always train to the full budget;
+    0 (the default with objective pareto): proposals do too."""
+    promote: int = 2
+    """With ``rung``: K > 0 is successive halving, every proposal stops at the rung and the
+    K best there are trained to the full budget (stage ``promote``; the search's cost is
+    fixed: ``num_trials`` rungs and K full ladders; no more proposals than K: no rung);
+    0 is Ray Tune's ASHA (reduction factor 1 / rung): a proposal goes on when it is in
+    the best 1 / rung scored so far."""
     rung_trace: tuple[float, ...] = ()
     """More fractions of the budget where each proposal reports that score unstopped (in
     its Tune results): what benchmarks/rung_correlation.py chooses ``rung`` from."""
@@ -145,7 +152,7 @@ class SearchConfig:
     seeds: int = 3
     """Confirmation stage: retrain the best proposals and the references with this many
     seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
-    confirm_best: int = 2
+    confirm_best: int = 1
     """How many of the best proposals (by the search objective) the confirmation retrains."""
     budget_check: float = 0.0
     """After the confirmation, retrain the references and the best proposal with this many
@@ -202,8 +209,10 @@ class SearchConfig:
                     "must be fractions of the token budget in (0, 1)",
                     "pass e.g. {rung_trace} 0.0625 0.25 0.5")
         if self.rung and self.objective == "pareto":
-            raise SettingError("rung", self.rung, "ASHA stops proposals on one score; "
+            raise SettingError("rung", self.rung, "a rung ranks proposals on one score; "
                                "{objective} pareto has two", "pass {rung} 0")
+        require(is_int(self.promote) and self.promote >= 0, "promote", self.promote,
+                "must be an integer >= 0", "pass e.g. {promote} 2 (0: ASHA decides)")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         require(is_number(self.budget_check) and (self.budget_check == 0
                                                   or self.budget_check > 1),
@@ -242,28 +251,6 @@ class SearchConfig:
         """The range Optuna searches for one parameter of one family."""
         return tuple(self.ranges.get(f"{penalty}.{param}",
                                      get_penalty(penalty).param(param).search))
-
-
-def range_field(family: str, param: str) -> str:
-    """The setting (and, as --family-param-range, the flag) of one searched range."""
-    return f"{family}_{param}_range"
-
-
-def range_fields() -> dict[str, str]:
-    """Every searchable range setting -> its "family.param" key, from the registry."""
-    from raysae.core.penalties import PENALTIES
-
-    return {range_field(spec.name, p.name): f"{spec.name}.{p.name}"
-            for spec in PENALTIES.values() for p in spec.searched_params()}
-
-
-def check_log_range(field_name: str, pair, what: str) -> None:
-    """Both ends > 0 and LOW <= HIGH: the range is searched on a log scale."""
-    require(all(is_number(v) and v > 0 for v in pair), field_name, pair,
-            f"{what} is searched on a log scale, so both ends must be > 0",
-            f"pass {{{field_name}}} LOW HIGH with 0 < LOW <= HIGH")
-    require(pair[0] <= pair[1], field_name, pair, "LOW is above HIGH",
-            f"pass {{{field_name}}} LOW HIGH with LOW <= HIGH")
 
 
 @dataclass(frozen=True)
@@ -316,6 +303,8 @@ def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) 
             "pass one of them")
     values = {**(SWEEP_DEFAULTS if sweep else {}), **PRESETS[preset],
               **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("objective") == "pareto":
+        values.setdefault("rung", 0.0)  # a rung ranks one score (SearchConfig.rung)
     known = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
     searchable = range_fields()
     ranges = {searchable[k]: tuple(v) for k, v in values.items() if k in searchable}

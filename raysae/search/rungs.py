@@ -1,6 +1,9 @@
-"""Multi-fidelity search stages: Ray Tune's ASHA stops a proposal at its rung (a fraction of
-the token budget, ``SearchConfig.rung``) unless its held-out score there is among the best,
-and Optuna hears of every rung score, so TPE learns from stopped proposals too.
+"""Multi-fidelity search stages. Each proposal's ladder is scored at its rung (a fraction of
+the token budget, ``SearchConfig.rung``), and one of two policies (``rung_policy``) stops it:
+successive halving (``promote`` K > 0: every proposal ends at the rung, Optuna takes the rung
+score as its value, and the stages train the K best to the full budget) or Ray Tune's ASHA
+(K = 0: a proposal goes on unless its score is outside the best seen there; Optuna hears the
+rung score of a stopped one as PRUNED, so TPE learns from it too).
 
 A trial scores its ladder at a rung with the search's own objective on held-out text
 (``RungScorer``, in the trial); references and confirmations are never stopped.
@@ -26,28 +29,48 @@ RUNG_METRIC, RUNG_TIME = "rung_objective", "tokens_seen"
 """What a rung report carries and ASHA compares, and the report's clock."""
 
 
+HALVING, ASHA, NO_RUNG = "halving", "asha", "none"
+
+
+def rung_policy(search) -> str:
+    """How the search stage's proposals stop (SearchConfig.rung, .promote): NO_RUNG when
+    there is no rung or no more proposals than ``promote`` (all would go on)."""
+    if not search.rung or (search.promote and search.num_trials <= search.promote):
+        return NO_RUNG
+    return HALVING if search.promote else ASHA
+
+
 class RungOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial's rung scores as intermediate values (step:
-    tokens) and a trial stopped at a rung as PRUNED. Tune's own class reports every training
-    report's NaN objective and tells a stopped trial COMPLETE with NaN, which Optuna records
-    as FAIL and TPE ignores; a PRUNED trial TPE ranks behind every complete one by its last
-    intermediate value."""
+    tokens) and a trial stopped at a rung as PRUNED, or, with ``rung_is_final`` (successive
+    halving, where every proposal ends there), COMPLETE with its rung score. Tune's own class
+    reports every training report's NaN objective and tells a stopped trial COMPLETE with
+    NaN, which Optuna records as FAIL and TPE ignores; a PRUNED trial TPE ranks behind every
+    complete one by its last intermediate value."""
+
+    def __init__(self, *args, rung_is_final: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rung_is_final, self._told = rung_is_final, set()
+
+    def _tell(self, trial_id: str, result: dict) -> None:
+        """The rung score as an intermediate value, once per (trial, step)."""
+        key = (trial_id, int(result[RUNG_TIME]))
+        if (isinstance(self.metric, str) and trial_id in self._ot_trials and key not in self._told
+                and trial_id not in self._completed_trials):
+            self._told.add(key)
+            self._ot_trials[trial_id].report(float(result[RUNG_METRIC]), key[1])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(RUNG_METRIC)
-        if (isinstance(self.metric, str) and trial_id in self._ot_trials
-                and trial_id not in self._completed_trials and _finite(value)):
-            self._ot_trials[trial_id].report(float(value), int(result[RUNG_TIME]))
+        if _finite(result.get(RUNG_METRIC)):
+            self._tell(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         final = (result or {}).get(self.metric) if isinstance(self.metric, str) else None
         if result and not error and _finite(result.get(RUNG_METRIC)) and not _finite(final):
-            # Tune hands the report that stopped the trial only to on_trial_complete.
-            trial = self._ot_trials.get(trial_id)
-            if trial is not None and trial_id not in self._completed_trials:
-                trial.report(float(result[RUNG_METRIC]), int(result[RUNG_TIME]))
-            result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED
+            self._tell(trial_id, result)  # Tune hands a stopping report only to this method
+            result = ({**result, self.metric: float(result[RUNG_METRIC])} if self.rung_is_final
+                      else {k: v for k, v in result.items() if k != self.metric})  # PRUNED
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -62,12 +85,13 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def rung_scheduler(rung: float, spec) -> ASHAScheduler | None:
-    """ASHA for a stage whose trials score a rung (``spec.rung_tokens``) when ``rung`` is
-    set: grace period at the rung's tokens and reduction factor 1 / rung, so a proposal
+def rung_scheduler(search, spec) -> ASHAScheduler | None:
+    """ASHA for a stage whose trials score a rung (``spec.rung_tokens``) under the ASHA
+    policy: grace period at the rung's tokens and reduction factor 1 / rung, so a proposal
     continues only when its score is in the best 1 / rung of those scored there so far
     (the first one always does); None otherwise."""
-    if not rung or not spec.rung_tokens:
+    rung = search.rung
+    if rung_policy(search) != ASHA or not spec.rung_tokens:
         return None
     total = spec.train.total_tokens
     return ASHAScheduler(time_attr=RUNG_TIME, metric=RUNG_METRIC, mode="min", max_t=total,
@@ -81,9 +105,17 @@ def rung_tokens(fraction: float, total_tokens: int) -> int:
 
 
 def stage_rung_tokens(search, total_tokens: int) -> tuple[int, ...]:
-    """The search stage's rungs: ``search.rung`` (ASHA's) and ``search.rung_trace``."""
-    fractions = sorted({f for f in (search.rung, *search.rung_trace) if f})
+    """The search stage's rungs: ``search.rung`` (unless the policy is NO_RUNG) and
+    ``search.rung_trace``."""
+    rung = search.rung if rung_policy(search) != NO_RUNG else 0
+    fractions = sorted({f for f in (rung, *search.rung_trace) if f})
     return tuple(rung_tokens(f, total_tokens) for f in fractions)
+
+
+def halving_stop(search, total_tokens: int) -> int:
+    """Under successive halving, the tokens at which every proposal ends (its rung scored);
+    0 otherwise (TrialSpec.stop_tokens)."""
+    return rung_tokens(search.rung, total_tokens) if rung_policy(search) == HALVING else 0
 
 
 class RungScorer:

@@ -3,8 +3,10 @@
 1. ``<name>_refs``: the references (the study's L1, sqrt, sqrt(sqrt), and the baseline SAE
    kinds) as a fixed grid, seed 0. L1's CE per target becomes the search's zero point.
 2. ``<name>_search``: Optuna's ``num_trials`` proposals (each trial scores its whole ladder;
-   raysae.search.spec), each stopped at ``rung`` unless it is among the best there
-   (raysae.search.rungs; status ``stopped``).
+   raysae.search.spec), stopped at ``rung`` (raysae.search.rungs; status ``stopped``): all
+   of them under successive halving, whose ``<name>_promote`` stage then trains the
+   ``promote`` best at the rung to the full budget, seed 0; under ASHA, those outside the
+   best seen there.
 3. ``<name>_confirm`` (``seeds`` R > 1): the best ``confirm_best`` proposals and every
    reference retrained with seeds 1 .. R-1. Paired design: seed r gives every penalty the same
    SAE initialisation and the same activation order, so stage 1-2's seed-0 SAEs are the
@@ -81,12 +83,21 @@ def budget_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
     return tuple({**c, "seed": s} for s in range(max(plan.search.seeds, 1)) for c in configs)
 
 
-def best_configs(plan: SearchPlan, searched: pd.DataFrame, n: int) -> list[dict]:
-    """The ``n`` best proposals (by the search objective) as trial configs."""
+def promotion_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
+    """Successive halving: the ``promote`` proposals with the best rung scores, seed 0."""
+    from raysae.search.rungs import RUNG_METRIC
+
+    return tuple(best_configs(plan, searched, plan.search.promote, by=RUNG_METRIC,
+                              statuses=("stopped",)))
+
+
+def best_configs(plan: SearchPlan, searched: pd.DataFrame, n: int, by: str = "trial_objective",
+                 statuses=("finished", "partial")) -> list[dict]:
+    """The ``n`` best proposals (by the search objective, or ``by``) as trial configs."""
     best = []
-    if len(searched) and "trial_objective" in searched:
-        ok = searched[searched["status"].isin(["finished", "partial"])]
-        per_trial = ok.drop_duplicates("tune_trial_id").nsmallest(n, "trial_objective")
+    if len(searched) and by in searched:
+        ok = searched[searched["status"].isin(statuses) & searched[by].notna()]
+        per_trial = ok.drop_duplicates("tune_trial_id").nsmallest(n, by)
         for _, row in per_trial.iterrows():
             name = row["penalty"]
             params = {k: float(row[k]) for k in _param_names(name) if k in row}
@@ -121,12 +132,17 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
         spec = plan.spec
         if spec.lambda_mode == "control":
             spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
-        from raysae.search.rungs import stage_rung_tokens
+        from raysae.search.rungs import halving_stop, stage_rung_tokens
 
-        rungs = stage_rung_tokens(plan.search, spec.train.total_tokens)
-        searched = _fit(plan, f"{plan.name}_search", replace(spec, rung_tokens=rungs), (), 1,
-                        resume, fetch)
+        total = spec.train.total_tokens
+        searched = _fit(plan, f"{plan.name}_search", replace(
+            spec, rung_tokens=stage_rung_tokens(plan.search, total),
+            stop_tokens=halving_stop(plan.search, total)), (), 1, resume, fetch)
         frames.append(searched)
+        if halving_stop(plan.search, total):  # successive halving's second rung: the end
+            searched = _fit(plan, f"{plan.name}_promote", spec, promotion_grid(plan, searched),
+                            1, resume, fetch)
+            frames.append(searched)
         grid = confirmation_grid(plan, searched)
         if grid:
             frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))

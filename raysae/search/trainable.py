@@ -144,6 +144,10 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
     return (CacheError, SettingError, NonFiniteActivationsError, CheckpointError)
 
 
+class _EndAtRung(Exception):
+    """Raised from the training loop's report hook once a halving proposal's rung is in."""
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function trainable (bind ``spec`` with ``tune.with_parameters``). An error no
     retry can heal ends the trial once, without Tune's retries: a final report with
@@ -192,7 +196,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    from raysae.search.rungs import RungScorer
+    from raysae.search.rungs import RUNG_METRIC, RungScorer
 
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
@@ -209,16 +213,22 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         if rungs.due(live):  # scored mid-training; ASHA may stop the trial at this report
             out.update(rungs.score(live), setup_seconds=started - entered,
                        train_seconds=time.monotonic() - started - rungs.seconds)
+        halt = bool(spec.stop_tokens) and RUNG_METRIC in out and live.tokens >= spec.stop_tokens
         due = (time.monotonic() - written["at"] >= spec.run.checkpoint_seconds
-               and not live.done)
+               and not live.done and not halt)
         written["bytes"] += _report(out, live if due else None)
         if due:
             written["at"] = time.monotonic()
+        if halt:  # successive halving: this proposal's rung is its whole life here
+            raise _EndAtRung
         _maybe_inject_failure(spec, live.step_count)
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
     started, first_token = time.monotonic(), trainer.tokens
-    results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+    try:
+        results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+    except _EndAtRung:
+        return
     trained = time.monotonic()
     members, write_artifacts = evaluate_members(spec, cfg, results, rungs.evaluator)
     # this attempt's own times (a restored trial counts from its checkpoint on)

@@ -86,10 +86,11 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
         from raysae.search.tracking import study_path, study_storage
 
         storage = study_storage(study_path(plan.results, plan.name), fresh=not resume)
-    from raysae.search.rungs import RungOptunaSearch
+    from raysae.search.rungs import HALVING, RungOptunaSearch, rung_policy
 
     searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
-                                sampler=sampler, storage=storage, study_name=plan.name)
+                                sampler=sampler, storage=storage, study_name=plan.name,
+                                rung_is_final=rung_policy(plan.search) == HALVING)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
 
 
@@ -156,7 +157,7 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
                                               search.num_trials, {})
         from raysae.search.rungs import rung_scheduler
 
-        scheduler = rung_scheduler(plan.search.rung, spec)
+        scheduler = rung_scheduler(plan.search, spec)
     stage = name[len(plan.name) + 1:] or "grid"
     run_config = tune.RunConfig(
         callbacks=tune_callbacks(plan.name, stage, plan.results, plan.wandb),
@@ -168,7 +169,7 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
                       tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                                   num_samples=num_samples,
                                                   max_concurrent_trials=search.max_concurrent,
-                                                  reuse_actors=False))
+                                                  reuse_actors=True))
 
 
 def progress_table(plan: SearchPlan, grid: bool):
