@@ -5,14 +5,17 @@ One job of the local default (model, cache, Ray and plan exactly as ``raysae sea
 them), with its stages replaced by this comparison:
 
 1. L1 at seed 0 (the search objective's reference CE, as in the default job);
-2. one search stage per arm, each on seed 0 with the same sampler seed:
-   ``tpe3`` (today's default: TPE, 3 proposals, no rung) and ``tpe12`` / ``gp12`` /
-   ``qmc12`` (12 proposals, rung 1/16, ASHA stopping);
+2. one proposal search per arm (``stages.propose``: the search stage and, under successive
+   halving, its promotion), each on seed 0 with the same sampler seed: ``tpe3`` (the
+   default before issue #28: TPE, 3 proposals, no rung), ``tpe12`` / ``gp12`` / ``qmc12``
+   (12 proposals, rung 1/16, the 2 best there promoted: today's policy) and ``tpe12asha``
+   (12, rung 1/16, Ray Tune's ASHA deciding);
 3. each arm's best proposal (by the search objective on seed 0, as the job chooses it)
    retrained with fresh seeds 1..S (``--fresh``), L1 beside them.
 
-Prints, per arm: the search stage's wall time (a ratio to ``tpe3``'s, measured in the same
-run; meaningful only on a quiet machine), proposals stopped / finished, the chosen proposal,
+Prints, per arm: the proposals' wall time (search and promotion stages; a ratio to
+``tpe3``'s, measured in the same run; meaningful only on a quiet machine), proposals
+stopped / finished, the chosen proposal,
 its seed-0 objective (the selection replicate: biased, not a claim), and on the fresh seeds
 its objective minus ``tpe3``'s best's, paired by seed, with a t 95% interval. Writes
 ``sampler_comparison.parquet`` (one row per arm) and ``fresh_seeds.parquet`` next to the job's
@@ -32,9 +35,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-ARMS = {"tpe3": ("tpe", 3, 0.0), "tpe12": ("tpe", 12, 1 / 16), "gp12": ("gp", 12, 1 / 16),
-        "qmc12": ("qmc", 12, 1 / 16)}
-"""arm -> (sampler, proposals, rung)."""
+ARMS = {"tpe3": ("tpe", 3, 0.0, 0), "tpe12": ("tpe", 12, 1 / 16, 2),
+        "gp12": ("gp", 12, 1 / 16, 2), "qmc12": ("qmc", 12, 1 / 16, 2),
+        "tpe12asha": ("tpe", 12, 1 / 16, 0)}
+"""arm -> (sampler, proposals, rung, promote)."""
 
 
 def per_trial(frame: pd.DataFrame) -> pd.DataFrame:
@@ -44,37 +48,34 @@ def per_trial(frame: pd.DataFrame) -> pd.DataFrame:
 def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
     """The three steps of the module docstring; returns one row per arm."""
     from raysae.search import stages
-    from raysae.search.rungs import stage_rung_tokens
     from raysae.search.tune_setup import reference_grid
 
     fetch = results / "fetched"
     l1 = [c for c in reference_grid(plan) if "kind" not in c][:1]
-    refs = stages._fit(plan, f"{plan.name}_refs", plan.spec, tuple(l1), 0, False, fetch)
+    refs = stages.fit_stage(plan, f"{plan.name}_refs", plan.spec, tuple(l1), 0, False, fetch)
     spec = dataclasses.replace(plan.spec, reference_ce=stages.reference_ce(
         refs, plan.search.targets))
     rows, best = [], {}
-    for arm, (sampler, n, rung) in ARMS.items():
-        search = dataclasses.replace(plan.search, sampler=sampler, num_trials=n, rung=rung)
+    for arm, (sampler, n, rung, promote) in ARMS.items():
+        search = dataclasses.replace(plan.search, sampler=sampler, num_trials=n, rung=rung,
+                                     promote=promote)
         arm_plan = dataclasses.replace(plan, name=f"{plan.name}-{arm}", search=search)
-        arm_spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(
-            search, spec.train.total_tokens))
         start = time.perf_counter()
-        searched = stages._fit(arm_plan, f"{arm_plan.name}_search", arm_spec, (), 1, False,
-                               fetch)
+        frames, chosen_from = stages.propose(arm_plan, spec, False, fetch)
         seconds = time.perf_counter() - start
-        trials = per_trial(searched)
-        best[arm] = stages.best_configs(arm_plan, searched, 1)[0]
-        chosen = trials.nsmallest(1, "trial_objective").iloc[0]
+        trials = per_trial(pd.concat(frames, ignore_index=True))
+        best[arm] = stages.best_configs(arm_plan, chosen_from, 1)[0]
+        chosen = per_trial(chosen_from).nsmallest(1, "trial_objective").iloc[0]
         rows.append({"arm": arm, "sampler": sampler, "proposals": n, "rung": rung,
-                     "search_seconds": seconds,
+                     "promote": promote, "search_seconds": seconds,
                      "stopped": int((trials["status"] == "stopped").sum()),
                      "finished": int((trials["status"] == "finished").sum()),
                      "best": str(best[arm]), "seed0_objective": chosen["trial_objective"]})
     grid = tuple({**c, "seed": s, "arm": arm} for s in range(1, fresh + 1)
                  for arm, c in [("L1", l1[0]), *best.items()])
-    confirm = stages._fit(plan, f"{plan.name}_confirm", spec,
-                          tuple({k: v for k, v in c.items() if k != "arm"} for c in grid), 2,
-                          False, fetch)
+    confirm = stages.fit_stage(plan, f"{plan.name}_confirm", spec,
+                               tuple({k: v for k, v in c.items() if k != "arm"} for c in grid),
+                               2, False, fetch)
     confirmed = per_trial(confirm)
     out = pd.DataFrame(rows)
     fresh_table = fresh_scores(confirmed, best, l1[0], fresh)

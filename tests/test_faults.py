@@ -314,7 +314,8 @@ def test_twenty_concurrent_trials_on_two_cpus(tiny_model_dir, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "RAYSAE_RAY_ADDRESS": "", "RAY_AUTH_TOKEN": marker,
            "AWS_SECRET_ACCESS_KEY": marker, "HF_TOKEN": marker}
     args = ["--model", str(tiny_model_dir), "--hook", HOOK, "--context-length", "32",
-            "--targets", "8", "--num-trials", "20", "--seeds", "0", "--max-concurrent", "20",
+            "--targets", "8", "--num-trials", "20", "--rung", "0", "--seeds", "0",
+            "--max-concurrent", "20",
             "--cpus-per-trial", "0.1", "--total-tokens", "5120", "--cache-tokens", "4096",
             "--batch-size", "256", "--storage", str(tmp_path / "tune"),
             "--results", str(tmp_path / "results")]

@@ -42,8 +42,10 @@ STAGE_SECONDS: dict[str, float] = {}
 """Wall time of each stage run by this process (for search.json's provenance)."""
 
 
-def _fit(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
-         fetch_to: Path) -> pd.DataFrame:
+def fit_stage(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
+              fetch_to: Path) -> pd.DataFrame:
+    """Run (or resume) one stage as a Tune experiment ``name`` (``grid``: fixed trial
+    configs; empty: Optuna's proposals); its results table, with its wall time recorded."""
     stage = name.rsplit("_", 1)[-1] if not plan.grid else "grid"
     start = time.perf_counter()
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
@@ -124,34 +126,26 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     frames, fetch = [], Path(results_dir) / contract.FETCHED_DIR
     STAGE_SECONDS.clear()  # this search's stages only (a process may run several searches)
     if plan.grid:
-        frames.append(_fit(plan, plan.name, plan.spec, plan.grid, 0, resume, fetch))
+        frames.append(fit_stage(plan, plan.name, plan.spec, plan.grid, 0, resume, fetch))
     else:
-        refs = _fit(plan, f"{plan.name}_refs", plan.spec, reference_grid(plan), 0, resume,
-                    fetch)
+        refs = fit_stage(plan, f"{plan.name}_refs", plan.spec, reference_grid(plan), 0,
+                         resume, fetch)
         frames.append(refs)
         spec = plan.spec
         if spec.lambda_mode == "control":
             spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
-        from raysae.search.rungs import halving_stop, stage_rung_tokens
-
-        total = spec.train.total_tokens
-        searched = _fit(plan, f"{plan.name}_search", replace(
-            spec, rung_tokens=stage_rung_tokens(plan.search, total),
-            stop_tokens=halving_stop(plan.search, total)), (), 1, resume, fetch)
-        frames.append(searched)
-        if halving_stop(plan.search, total):  # successive halving's second rung: the end
-            searched = _fit(plan, f"{plan.name}_promote", spec, promotion_grid(plan, searched),
-                            1, resume, fetch)
-            frames.append(searched)
+        proposed, searched = propose(plan, spec, resume, fetch)
+        frames += proposed
         grid = confirmation_grid(plan, searched)
         if grid:
-            frames.append(_fit(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))
+            frames.append(fit_stage(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))
         factor = plan.search.budget_check
         if factor:
             longer = replace(spec, train=replace(
                 spec.train, total_tokens=int(round(spec.train.total_tokens * factor))))
-            frames.append(_fit(plan, f"{plan.name}_budget", longer, budget_grid(plan, searched),
-                               3, resume, fetch).assign(budget=float(factor)))
+            frames.append(fit_stage(plan, f"{plan.name}_budget", longer,
+                                    budget_grid(plan, searched), 3, resume, fetch
+                                    ).assign(budget=float(factor)))
     trials = _clean(pd.concat(frames, ignore_index=True))
     if "budget" in trials:
         trials["budget"] = trials["budget"].fillna(1.0)
@@ -171,6 +165,24 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
         trials, dict(STAGE_SECONDS), trial_slots(search), search.cpus_per_trial))
     contract.write_search_json(out, record)
     return out
+
+
+def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
+            ) -> tuple[list[pd.DataFrame], pd.DataFrame]:
+    """Optuna's proposals: the search stage and, under successive halving, the promotion
+    of the best at the rung to the full budget (``spec``: the references' zero point set).
+    Returns (their tables, the one the best proposals are chosen from)."""
+    from raysae.search.rungs import halving_stop, stage_rung_tokens
+
+    total = spec.train.total_tokens
+    searched = fit_stage(plan, f"{plan.name}_search", replace(
+        spec, rung_tokens=stage_rung_tokens(plan.search, total),
+        stop_tokens=halving_stop(plan.search, total)), (), 1, resume, fetch_to)
+    if not halving_stop(plan.search, total):
+        return [searched], searched
+    promoted = fit_stage(plan, f"{plan.name}_promote", spec, promotion_grid(plan, searched), 1,
+                         resume, fetch_to)
+    return [searched, promoted], promoted
 
 
 def trial_slots(search) -> int:
@@ -214,4 +226,5 @@ def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:
                       for b in sorted(set(budgets))], ignore_index=True)
 
 
-__all__ = ["run_search", "confirmation_grid", "reference_ce", "penalty_of"]
+__all__ = ["run_search", "fit_stage", "propose", "confirmation_grid", "reference_ce",
+           "penalty_of"]
