@@ -45,9 +45,10 @@ def per_trial(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates("tune_trial_id")
 
 
-def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
-    """The three steps of the module docstring; returns one row per arm."""
+def compare(plan, results: Path, fresh: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The three steps of the module docstring; returns (one row per arm, every trial)."""
     from raysae.search import stages
+    from raysae.search.results import clean_trials
     from raysae.search.tune_setup import reference_grid
 
     fetch = results / "fetched"
@@ -55,13 +56,14 @@ def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
     refs = stages.fit_stage(plan, f"{plan.name}_refs", plan.spec, tuple(l1), 0, False, fetch)
     spec = dataclasses.replace(plan.spec, reference_ce=stages.reference_ce(
         refs, plan.search.targets))
-    rows, best = [], {}
+    rows, best, every = [], {}, [refs]
     for arm, (sampler, n, rung, promote) in ARMS.items():
         search = dataclasses.replace(plan.search, sampler=sampler, num_trials=n, rung=rung,
                                      promote=promote)
         arm_plan = dataclasses.replace(plan, name=f"{plan.name}-{arm}", search=search)
         start = time.perf_counter()
         frames, chosen_from = stages.propose(arm_plan, spec, False, fetch)
+        every.extend(frames)
         seconds = time.perf_counter() - start
         trials = per_trial(pd.concat(frames, ignore_index=True))
         best[arm] = stages.best_configs(arm_plan, chosen_from, 1)[0]
@@ -81,7 +83,7 @@ def compare(plan, results: Path, fresh: int) -> pd.DataFrame:
     fresh_table = fresh_scores(confirmed, best, l1[0], fresh)
     out = out.merge(paired(fresh_table, "tpe3"), on="arm", how="left")
     fresh_table.to_parquet(results / "fresh_seeds.parquet")
-    return out
+    return out, clean_trials(pd.concat([*every, confirm], ignore_index=True))
 
 
 def fresh_scores(confirmed: pd.DataFrame, best: dict, l1: dict, fresh: int) -> pd.DataFrame:
@@ -128,7 +130,7 @@ def main() -> None:
     def run_search(plan, results, resume=False, settings=None):
         results = Path(results)
         results.mkdir(parents=True, exist_ok=True)
-        table = compare(plan, results, args.fresh)
+        table, trials = compare(plan, results, args.fresh)
         with pd.option_context("display.width", 200, "display.max_colwidth", 90):
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         base = table.set_index("arm")["search_seconds"]["tpe3"]
@@ -137,7 +139,7 @@ def main() -> None:
         table.to_parquet(results / "sampler_comparison.parquet")
         from raysae.analysis import contract
 
-        contract.write_trials(pd.DataFrame({"status": ["finished"]}), results)
+        contract.write_trials(trials, results)  # every trial it ran, as the job writes them
         return results
 
     job.run_search = run_search

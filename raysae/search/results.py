@@ -102,7 +102,7 @@ def _error_reason(error: BaseException) -> str:
     return (lines[-1] if lines else text)[:300]
 
 
-def _clean(df: pd.DataFrame) -> pd.DataFrame:
+def clean_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
     for col in contract.trial_columns():
         if col not in df:

@@ -33,7 +33,7 @@ import pandas as pd
 from raysae.analysis import contract, provenance
 from raysae.core.kinds import DEFAULT_KIND, baseline_labels
 from raysae.search import interrupt
-from raysae.search.results import _clean, collect_artifacts, results_frame
+from raysae.search.results import clean_trials, collect_artifacts, results_frame
 from raysae.search.scratch import remove_scratch_folders
 from raysae.search.space import penalty_of
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
@@ -146,7 +146,7 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
             frames.append(fit_stage(plan, f"{plan.name}_budget", longer,
                                     budget_grid(plan, searched), 3, resume, fetch
                                     ).assign(budget=float(factor)))
-    trials = _clean(pd.concat(frames, ignore_index=True))
+    trials = clean_trials(pd.concat(frames, ignore_index=True))
     if "budget" in trials:
         trials["budget"] = trials["budget"].fillna(1.0)
     out = Path(results_dir)

@@ -196,7 +196,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "node_id": _node_id(), "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    from raysae.search.rungs import RUNG_METRIC, RungScorer
+    from raysae.search.rungs import RungScorer
 
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
@@ -213,7 +213,8 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         if rungs.due(live):  # scored mid-training; ASHA may stop the trial at this report
             out.update(rungs.score(live), setup_seconds=started - entered,
                        train_seconds=time.monotonic() - started - rungs.seconds)
-        halt = bool(spec.stop_tokens) and RUNG_METRIC in out and live.tokens >= spec.stop_tokens
+        halt = (bool(spec.stop_tokens) and "rung_tokens" in out  # this report scored a rung
+                and live.tokens >= spec.stop_tokens)
         due = (time.monotonic() - written["at"] >= spec.run.checkpoint_seconds
                and not live.done and not halt)
         written["bytes"] += _report(out, live if due else None)
