@@ -56,6 +56,21 @@ def test_importances_need_enough_trials():
     assert report.param_importances(trials, []) is None  # a sweep proposes nothing
 
 
+def test_importances_of_a_halving_search_use_the_rung_scores():
+    """Under successive halving every proposal ended at its rung (status stopped, no final
+    objective): the importances are over the rung scores Optuna saw, and equal the ones
+    over the same numbers as finished objectives."""
+    import numpy as np
+
+    trials = make_trials(0)
+    finished = trials[(trials["experiment"] == "syn") & (trials["status"] == "finished")
+                      ].assign(stage="search")
+    stopped = finished.assign(status="stopped", rung_objective=finished["objective"],
+                              objective=np.nan, trial_objective=np.nan)
+    assert report.param_importances(stopped, SPACE) == pytest.approx(
+        report.param_importances(finished.assign(trial_objective=np.nan), SPACE))
+
+
 def test_sparse_directories_still_give_a_page(tmp_path):
     make_results(tmp_path, extras=False)  # no ablations, feature stats or samples
     (tmp_path / "search.json").unlink()

@@ -52,8 +52,7 @@ def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | 
         trials = trials[trials["stage"] == "search"]
         if "rung_objective" in trials and len(trials) and (trials["status"] == "stopped").all():
             # successive halving: every proposal ended at its rung, scored as Optuna saw it
-            trials = trials.assign(status="finished", objective=trials["rung_objective"],
-                                   trial_objective=trials["rung_objective"])
+            trials = trials.assign(status="finished", objective=trials["rung_objective"])
     else:
         trials = trials[~trials["experiment"].astype(str).str.endswith("_refs")]
     ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
