@@ -10,7 +10,17 @@ import pytest
 from search_helpers import make_spec
 
 from raysae.search.config import SearchConfig
-from raysae.search.rungs import RUNG_METRIC, RungOptunaSearch, rung_scheduler, stage_rung_tokens
+from raysae.search.rungs import (
+    ASHA,
+    HALVING,
+    NO_RUNG,
+    RUNG_METRIC,
+    RungOptunaSearch,
+    halving_stop,
+    rung_policy,
+    rung_scheduler,
+    stage_rung_tokens,
+)
 from raysae.search.space import SearchSpace
 from raysae.settings import SettingError
 
@@ -31,12 +41,29 @@ def test_asha_is_built_only_for_a_stage_with_rungs():
     spec = make_spec(activations="unused", model="unused", d_in=8, d_sae=32,
                      total_tokens=80_000, lambda_mode="control",
                      targets=(8.0,), rung_tokens=(10_000,))
-    asha = rung_scheduler(0.125, spec)
+    asha_search = SearchConfig(rung=0.125, promote=0)
+    asha = rung_scheduler(asha_search, spec)
     assert [m for m, _ in asha._brackets[0]._rungs][-1] == 10_000  # the first milestone
     assert asha._reduction_factor == 8 and asha._time_attr == "tokens_seen"
     assert asha._max_t == 80_000 and asha._metric == RUNG_METRIC
-    assert rung_scheduler(0.0, spec) is None  # off
-    assert rung_scheduler(0.125, dataclasses.replace(spec, rung_tokens=())) is None  # refs
+    assert rung_scheduler(SearchConfig(rung=0.0, promote=0), spec) is None  # off
+    assert rung_scheduler(asha_search, dataclasses.replace(spec, rung_tokens=())) is None  # refs
+    assert rung_scheduler(SearchConfig(rung=0.125), spec) is None  # halving: no scheduler
+
+
+def test_the_policy_follows_rung_and_promote():
+    """Halving by default; ASHA with promote 0; no rung when it is 0 or when no more
+    proposals than promote would be tried (all would go on); halving stops every proposal
+    at the rung's tokens, the other policies none."""
+    assert rung_policy(SearchConfig()) == HALVING
+    assert rung_policy(SearchConfig(promote=0)) == ASHA
+    assert rung_policy(SearchConfig(rung=0.0)) == NO_RUNG
+    assert rung_policy(SearchConfig(num_trials=2, promote=2)) == NO_RUNG
+    assert halving_stop(SearchConfig(rung=0.125), 80_000) == 10_000
+    assert halving_stop(SearchConfig(rung=0.125, promote=0), 80_000) == 0
+    assert stage_rung_tokens(SearchConfig(num_trials=1), 80_000) == ()
+    with pytest.raises(SettingError, match="promote"):
+        SearchConfig(promote=-1)
 
 
 def test_optuna_hears_a_stopped_proposal_as_pruned_with_its_rung_score():
@@ -57,6 +84,23 @@ def test_optuna_hears_a_stopped_proposal_as_pruned_with_its_rung_score():
                                          optuna.trial.TrialState.COMPLETE]
     assert trials[0].intermediate_values == {125: 0.2}
     assert trials[1].intermediate_values == {125: -0.1} and trials[1].value == -0.15
+
+
+def test_under_halving_optuna_takes_the_rung_score_as_the_value_told_once():
+    """A halving proposal ends on the report that scored its rung: Tune hands that report
+    to on_trial_result and again to on_trial_complete; Optuna gets one intermediate value
+    and the trial COMPLETE with the rung score (so TPE and GP model it)."""
+    searcher = RungOptunaSearch(SearchSpace(SearchConfig()), metric="objective", mode="min",
+                                sampler=optuna.samplers.RandomSampler(seed=0),
+                                rung_is_final=True)
+    assert searcher.suggest("a")
+    scored = {"objective": math.nan, "tokens_seen": 125, RUNG_METRIC: 0.3,
+              "training_iteration": 2}
+    searcher.on_trial_result("a", scored)
+    searcher.on_trial_complete("a", scored)
+    (trial,) = searcher._ot_study.get_trials(deepcopy=False)
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.3
+    assert trial.intermediate_values == {125: 0.3}
 
 
 @pytest.mark.parametrize(("name", "cls"), [("tpe", optuna.samplers.TPESampler),

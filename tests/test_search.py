@@ -71,6 +71,7 @@ def test_space_is_built_from_the_registry():
         penalty=("power", "tanh", "log"),
         lambda_mode="search",
         objective="pareto",
+        rung=0.0,
         ranges={"power.p": (0.3, 0.9)},
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
