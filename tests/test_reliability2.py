@@ -316,7 +316,7 @@ def test_corrupt_shard_fails_each_trial_once_and_job_names_cause(small_cache, ti
         for trial in analysis.trials:  # ended by their own final report: never retried
             assert trial.status == "TERMINATED" and trial.run_metadata.num_failures == 0
             assert trial.last_result["status"] == "error"
-            error = (Path(trial.local_path) / "error.txt").read_text()
+            error = (Path(trial.path) / "error.txt").read_text()  # in --storage
             assert "NonFiniteActivationsError: activation batches" in error
 
 

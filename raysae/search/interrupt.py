@@ -80,13 +80,15 @@ def stop_on_signals():
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        stopped = _state["signum"] is not None
+        if not stopped:  # after a stop signal a second one still exits at once, until exit
+            for s, handler in old.items():
+                signal.signal(s, handler)
         if old_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old_env
-        _state.update(signum=None, in_tune=False, active=False)
+        _state.update(in_tune=False, active=False)
 
 
 @contextlib.contextmanager

@@ -167,12 +167,14 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     from ray import tune
 
     reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-    try:
-        trial_dir = tune.get_context().get_trial_dir()
-        if trial_dir and os.path.isdir(trial_dir):
-            Path(trial_dir, "error.txt").write_text("".join(
-                traceback.format_exception(type(err), err, err.__traceback__)))
-    except OSError:
+    try:  # the trial's folder in --storage, from any node: a reused actor's working folder
+        storage = tune.get_context().get_storage()  # (get_trial_dir) is never synced there
+        storage.storage_filesystem.create_dir(storage.trial_fs_path, recursive=True)
+        with storage.storage_filesystem.open_output_stream(
+                storage.trial_fs_path.rstrip("/") + "/error.txt") as out:
+            out.write("".join(traceback.format_exception(type(err), err,
+                                                         err.__traceback__)).encode())
+    except (OSError, AttributeError):
         pass
     try:
         base = _base_row(spec, train_config(spec, config))
