@@ -175,10 +175,11 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
     from raysae.search.rungs import halving_stop, stage_rung_tokens
 
     total = spec.train.total_tokens
+    stop = halving_stop(plan.search, total)
     searched = fit_stage(plan, f"{plan.name}_search", replace(
-        spec, rung_tokens=stage_rung_tokens(plan.search, total),
-        stop_tokens=halving_stop(plan.search, total)), (), 1, resume, fetch_to)
-    if not halving_stop(plan.search, total):
+        spec, rung_tokens=stage_rung_tokens(plan.search, total), stop_tokens=stop), (), 1,
+        resume, fetch_to)
+    if not stop:
         return [searched], searched
     promoted = fit_stage(plan, f"{plan.name}_promote", spec, promotion_grid(plan, searched), 1,
                          resume, fetch_to)

@@ -16,6 +16,7 @@ feature statistics and, optionally, global-threshold removal curves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -96,14 +97,31 @@ def _report(row: dict[str, Any], trainer: LadderTrainer | None = None, extra=Non
     return size
 
 
-def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
+def _trial_file(name: str):
+    """(filesystem, path) of a file in this trial's folder in --storage, reachable from any
+    node and across attempts: a reused actor's ``get_trial_dir()`` is a working folder that
+    Tune never syncs there, and a retry may run in another one."""
     from ray import tune
+
+    storage = tune.get_context().get_storage()
+    storage.storage_filesystem.create_dir(storage.trial_fs_path, recursive=True)
+    return storage.storage_filesystem, storage.trial_fs_path.rstrip("/") + "/" + name
+
+
+def _write_trial_file(name: str, text: str) -> None:
+    fs, path = _trial_file(name)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
+    import pyarrow.fs as pafs
 
     if spec.inject_failure_at_step is None or step < spec.inject_failure_at_step:
         return
-    marker = Path(tune.get_context().get_trial_dir()) / ".raysae_injected_failure"
-    if not marker.exists():
-        marker.write_text(str(step))
+    fs, marker = _trial_file(".raysae_injected_failure")
+    if fs.get_file_info(marker).type == pafs.FileType.NotFound:
+        _write_trial_file(".raysae_injected_failure", str(step))
         if spec.inject_failure_kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at step {step} (TrialSpec.inject_failure_at_step)")
@@ -167,15 +185,9 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     from ray import tune
 
     reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-    try:  # the trial's folder in --storage, from any node: a reused actor's working folder
-        storage = tune.get_context().get_storage()  # (get_trial_dir) is never synced there
-        storage.storage_filesystem.create_dir(storage.trial_fs_path, recursive=True)
-        with storage.storage_filesystem.open_output_stream(
-                storage.trial_fs_path.rstrip("/") + "/error.txt") as out:
-            out.write("".join(traceback.format_exception(type(err), err,
-                                                         err.__traceback__)).encode())
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):  # the trial still reports its error
+        _write_trial_file("error.txt", "".join(
+            traceback.format_exception(type(err), err, err.__traceback__)))
     try:
         base = _base_row(spec, train_config(spec, config))
     except Exception:  # the config itself may be what failed
