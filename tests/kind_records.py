@@ -23,8 +23,8 @@ from raysae.core.training import train_ladder  # noqa: E402
 
 RECORDS = Path(__file__).resolve().parent / "records"
 TENSORS, METRICS = RECORDS / "kinds.safetensors", RECORDS / "kinds.json"
-D_IN, D_SAE, STEPS, BATCH = 16, 64, 60, 64
-TARGETS = (2.0, 4.0, 8.0)
+D_IN, D_SAE, STEPS, BATCH = 16, 64, 150, 64
+TARGETS = (4.0, 8.0, 16.0)
 LOGGED = ("l0", "mse", "fvu", "cos_sim", "l2_ratio", "loss", "recon_loss", "penalty_loss",
           "lam", "dead_fraction")
 
@@ -49,8 +49,8 @@ CASES: dict[str, dict] = {
 
 
 def config(case: str) -> TrainConfig:
-    return TrainConfig(sae=SAEConfig(D_IN, D_SAE), lam=0.3, total_tokens=BATCH * STEPS,
-                       batch_size=BATCH, lr=3e-3, log_every=20, seed=5,
+    return TrainConfig(sae=SAEConfig(D_IN, D_SAE), lam=0.1, total_tokens=BATCH * STEPS,
+                       batch_size=BATCH, lr=3e-3, log_every=20, seed=5, control_gain=0.04,
                        dead_window_tokens=BATCH * 10, **CASES[case])
 
 
