@@ -54,3 +54,39 @@ def use_plugin(monkeypatch, module: str):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     monkeypatch.setenv(kind_registry.PLUGINS_ENV, module)
     return importlib.import_module(module)
+
+
+RUN_COLUMNS = ("trial_id", "tune_trial_id", "trial_dir", "checkpoint_path", "node_id",
+               "gpu_ids", "restored_from_step", "restored_from_tokens", "checkpoint_bytes",
+               "tokens_per_second", "train_tokens_per_second", "iterations_since_restore",
+               "training_iteration", "experiment_tag", "status_reason", "checkpoint_dir_name")
+"""Columns of trials.parquet that describe a run (ids, paths, nodes, times, attempts), not
+what was trained: they may differ between an interrupted run and an uninterrupted one."""
+
+
+def assert_same_trials(got, want, *, tol: float = 1e-6, keys=("stage", "label", "seed",
+                                                                "target_l0")) -> None:
+    """Two trials tables hold the same SAEs with the same results: every column but the
+    run's own (``RUN_COLUMNS``, ``*_seconds``) equal, numbers to ``tol`` (relative and
+    absolute), rows matched by ``keys``."""
+    import numpy as np
+    import pandas as pd
+
+    def key(df):
+        return df.sort_values(list(keys)).reset_index(drop=True)
+
+    got, want = key(got), key(want)
+    assert len(got) == len(want), (len(got), len(want))
+    columns = [c for c in want.columns if c not in RUN_COLUMNS and not c.endswith("_seconds")]
+    assert set(columns) <= set(got.columns), set(columns) - set(got.columns)
+    for col in columns:
+        a, b = got[col], want[col]
+        if pd.api.types.is_numeric_dtype(b) and not pd.api.types.is_bool_dtype(b):
+            np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=tol,
+                                       atol=tol, equal_nan=True, err_msg=col)
+        elif b.map(lambda v: isinstance(v, (list, np.ndarray))).any():
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float),
+                                           rtol=tol, atol=tol, err_msg=col)
+        else:
+            assert a.astype(str).tolist() == b.astype(str).tolist(), col

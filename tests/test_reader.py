@@ -74,6 +74,40 @@ def test_order_is_set_by_the_seed(ids_cache):
     assert np.array_equal(one, again) and not np.array_equal(one, other)
 
 
+@pytest.mark.parametrize("start", [0, 1, 100, 1_009, 1_010, 4_999, 5_003, 7_777, 12_000])
+@pytest.mark.parametrize("block_rows, window", [(101, 2), (37, 1)])
+def test_a_reader_started_mid_stream_gives_the_rest_of_the_same_stream(ids_cache, start,
+                                                                        block_rows, window):
+    """A restarted trial asks for its seed's stream from the row it reached: the rows are
+    those an uninterrupted reader gives from there, in the same batches when the restart is
+    at a batch boundary (epochs, windows and blocks cut anywhere)."""
+    path, _ = ids_cache
+    total, batch = 13_000, 100
+    whole = _ids(iter_activation_batches(path, batch, n_tokens=total, seed=7,
+                                         block_rows=block_rows, window=window))
+    rest = list(iter_activation_batches(path, batch, n_tokens=total - start, seed=7,
+                                        start=start, block_rows=block_rows, window=window))
+    assert np.array_equal(_ids(rest), whole[start:])
+    if start % batch == 0:
+        assert [len(b) for b in rest] == [batch] * ((total - start) // batch)
+
+
+def test_live_stream_started_mid_stream_replays_the_rest(tmp_path):
+    """The live pipeline's restart: the same rows as the uninterrupted stream from there."""
+    from raysae.activations.batches import shuffled_batches, skip_rows
+
+    def chunks(epoch):
+        for i in range(0, 900, 70):
+            yield np.arange(epoch * 900 + i, epoch * 900 + min(i + 70, 900),
+                            dtype=np.float32)[:, None]
+
+    whole = torch.cat(list(shuffled_batches(chunks, 64, 2000, 200, seed=3)))
+    for start in (0, 64, 640, 1280, 1300):
+        rest = list(skip_rows(shuffled_batches(chunks, 64, 2000, 200, seed=3), start))
+        assert torch.equal(torch.cat(rest), whole[start:])
+        assert start % 64 or all(len(b) == 64 for b in rest[:-1])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_batches_keep_the_stored_dtype_and_values(tmp_path, dtype):
     x = torch.randn(700, 16) * 3

@@ -235,7 +235,7 @@ def test_resume_with_changed_settings_is_refused(tiny_model_dir, tmp_path, capsy
                      targets=(16.0, 32.0), num_trials=1, seeds=0, total_tokens=4096,
                      cache_tokens=2048, batch_size=256, storage=str(tmp_path / "tune"),
                      results=str(tmp_path / "results"), report=False, name="s")
-    path = stored.store(cfg, "s", results_dir(cfg, "s"), False)
+    path = Path(stored.store(cfg, "s", False))
     assert path == tmp_path / "tune" / "s" / "job_settings.json"
     before = path.read_bytes()
     assert cli.main(["search", *argv, "--resume", "--targets", "16", "64",
@@ -248,10 +248,10 @@ def test_resume_with_changed_settings_is_refused(tiny_model_dir, tmp_path, capsy
     # Resources and folders may change on resume; --resume-changed accepts the rest.
     cfg2 = job_config(**{**_flat(cfg), "max_concurrent": 1, "cpus_per_trial": 0.5,
                          "resume": True})
-    assert stored.check_resume(cfg2, "s", tmp_path / "results", False) == []
+    assert stored.check_resume(cfg2, "s", False) == []
     cfg3 = job_config(**{**_flat(cfg), "targets": (16.0, 64.0), "resume": True,
                          "resume_changed": True})
-    assert stored.check_resume(cfg3, "s", tmp_path / "results", False) == [
+    assert stored.check_resume(cfg3, "s", False) == [
         "--targets 16 32 -> 16 64"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from search_helpers import make_plan, make_spec
+from search_helpers import assert_same_trials, make_plan, make_spec
 
 from raysae.activations.cache import build_cache
 from raysae.activations.source import ActivationSource
@@ -219,7 +219,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
             assert row.rung_objective > order["rung_objective"].iloc[:i].min()
     assert len(best_configs(plan, searched, 5)) == len(finished)
     study = optuna.load_study(study_name="r5", storage=study_storage(
-        study_path(plan.results, "r5"), fresh=False))
+        study_path(plan.results, "r5")))
     states = sorted(t.state.name for t in study.trials)
     assert states == sorted(["PRUNED"] * len(stopped) + ["COMPLETE"] * len(finished))
     assert all(len(t.intermediate_values) == 1 for t in study.trials)
@@ -253,7 +253,7 @@ def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_di
     assert set(confirmed["seed"]) == {1}
     assert set(confirmed["label"]) - {"L1", "sqrt", "sqrt(sqrt)"} == {winner}
     study = optuna.load_study(study_name="h5", storage=study_storage(
-        study_path(plan.results, "h5"), fresh=False))
+        study_path(plan.results, "h5")))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
     assert sorted(t.value for t in study.trials) == pytest.approx(
         sorted(searched["rung_objective"]))
@@ -264,37 +264,42 @@ def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_di
     assert {"search", "promote", "confirm"} <= set(spent)
 
 
+def _restart_plan(tiny_model_dir, tiny_cache, storage, every, **fault):
+    """A 40-step control ladder checkpointed by wall time: every report (0 s) or only the
+    final one (an hour); ``fault``: where and how it fails once."""
+    spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(4.0, 8.0),
+                 checkpoint_seconds=every, **fault)
+    return make_plan("restart", str(storage), spec, grid=({"p": 0.5, "eps": 0.0},),
+                     targets=(4.0, 8.0), max_failures=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tiny_cache, tmp_path_factory):
+    """The restart test's trial, never interrupted."""
+    tmp = tmp_path_factory.mktemp("whole")
+    out = run_search(_restart_plan(tiny_model_dir, tiny_cache, tmp / "tune", 0), tmp / "r")
+    return pd.read_parquet(out / "trials.parquet")
+
+
 @pytest.mark.parametrize(("kind", "every", "restored"),
                          [("raise", 0, 30), ("sigkill", 0, 30), ("raise", 3600, 0)])
 def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
-    tiny_model_dir, tiny_cache, tmp_path, kind, every, restored
+    tiny_model_dir, tiny_cache, tmp_path, kind, every, restored, uninterrupted
 ):
-    """An exception, or the trial's worker process killed by SIGKILL, mid-training.
-    Checkpoints by wall time: every report (0 s), or only the final one (an hour)."""
+    """An exception, or the trial's worker process killed by SIGKILL, mid-training: the
+    trial continues from its last checkpoint on its seed's stream, and ends with exactly the
+    uninterrupted trial's results (issue #35)."""
     started = time.time()
     # Reports at steps 10, 20, 30, 40; the failure comes at 30 (after that report).
-    spec = _spec(
-        tiny_model_dir,
-        tiny_cache,
-        inject_failure_at_step=25,
-        lambda_mode="control",
-        targets=(4.0, 8.0),
-        checkpoint_seconds=every,
-        inject_failure_kind=kind,
-    )
-    settings = make_plan(
-        "restart",
-        str(tmp_path / "tune"),
-        spec,
-        grid=({"p": 0.5, "eps": 0.0},),
-        targets=(4.0, 8.0),
-        max_failures=1,
-    )
-    trials = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet")
+    plan = _restart_plan(tiny_model_dir, tiny_cache, tmp_path / "tune", every,
+                         inject_failure_at_step=25, inject_failure_kind=kind)
+    trials = pd.read_parquet(run_search(plan, tmp_path / "r") / "trials.parquet")
     assert len(trials) == 2  # one row per ladder member, not two per restart
     assert set(trials["status"]) == {"finished"} and set(trials["steps"]) == {40}
-    # Every member resumed from the last checkpoint before the failure.
+    # Every member resumed from the last checkpoint before the failure, and says so.
     assert set(trials["restored_from_step"]) == {restored}
+    assert set(trials["restored_from_tokens"]) == {restored * 512}
+    assert_same_trials(trials, uninterrupted)
     assert (trials["checkpoint_bytes"] > 0).all()  # this attempt's, final checkpoint included
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
     # Checkpoint scratch folders live in the node's raysae cache (a killed worker's is

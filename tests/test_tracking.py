@@ -163,28 +163,38 @@ def test_optuna_dashboard_serves_the_study(tracked):
         proc.wait(timeout=30)
 
 
-def test_close_study_fails_proposals_a_killed_driver_left_running(tmp_path):
-    """A proposal whose driver died (RUNNING in the journal, unknown to Tune's restored
-    searcher) is closed as FAIL with its reason; finished ones are untouched."""
+def test_journal_is_written_locally_and_in_storage_and_closes_orphans(tmp_path):
+    """The searcher's study (in memory) is written out whole as the journal, in the results
+    folder and in --storage; at the stage's end a proposal whose driver died (RUNNING,
+    never restored) is written as FAIL with its reason; finished ones are untouched; a new
+    head's resume fetches the journal from --storage."""
     import optuna
 
-    from raysae.search.tracking import close_study, study_storage
+    from raysae.search import tracking
 
-    path = study_path(tmp_path, NAME)
-    study = optuna.create_study(study_name=NAME, storage=study_storage(path, fresh=True))
+    path, storage = study_path(tmp_path / "results", NAME), str(tmp_path / "tune")
+    tracking.use_journal(path, storage, NAME)
+    study = optuna.create_study(study_name=NAME)
     done = study.ask()
     done.suggest_float("power.p", 0.1, 1.0)
     study.tell(done, 0.5)
     orphan = study.ask()
     orphan.suggest_float("power.p", 0.1, 1.0)
-    assert close_study(path, NAME) == 1
-    states = {t.number: t for t in optuna.load_study(
-        study_name=NAME, storage=study_storage(path, fresh=False)).trials}
-    assert states[done.number].state == optuna.trial.TrialState.COMPLETE
-    assert states[done.number].value == 0.5
-    assert states[orphan.number].state == optuna.trial.TrialState.FAIL
-    assert "interrupted" in states[orphan.number].user_attrs["raysae_status"]
-    assert close_study(path, NAME) == 0
+    assert tracking.mirror_study(study) == 0
+    running = optuna.load_study(study_name=NAME, storage=tracking.study_storage(path))
+    assert [t.state.name for t in running.trials] == ["COMPLETE", "RUNNING"]
+    assert tracking.close_journal() == 1
+    kept = tmp_path / "tune" / NAME / path.name
+    for journal in (path, kept):
+        states = {t.number: t for t in optuna.load_study(
+            study_name=NAME, storage=tracking.study_storage(journal)).trials}
+        assert states[done.number].state == optuna.trial.TrialState.COMPLETE
+        assert states[done.number].value == 0.5
+        assert states[orphan.number].state == optuna.trial.TrialState.FAIL
+        assert "interrupted" in states[orphan.number].user_attrs["raysae_status"]
+    path.unlink()
+    assert tracking.fetch_journal(storage, NAME, path) and path.read_bytes() == kept.read_bytes()
+    assert not tracking.fetch_journal(storage, NAME, path)  # a local one is kept
 
 
 def test_wandb_flag_alone_names_the_default_project():

@@ -75,12 +75,24 @@ def shuffled_batches(chunks: Callable[[int], Iterator[np.ndarray]], batch_size: 
                 yield torch.from_numpy(np.ascontiguousarray(batch))
 
 
+def skip_rows(batches: Iterator[torch.Tensor], rows: int) -> Iterator[torch.Tensor]:
+    """``batches`` without their first ``rows`` rows (a batch cut there keeps its tail)."""
+    for batch in batches:
+        if rows >= len(batch):
+            rows -= len(batch)
+            continue
+        yield batch[rows:] if rows else batch
+        rows = 0
+
+
 def _live_batches(source: ActivationSource, batch_size: int, n_tokens: int | None,
-                  seed: int) -> Iterator[torch.Tensor]:
+                  seed: int, start: int = 0) -> Iterator[torch.Tensor]:
     """The model runs in this process, on its device (a trial's own GPU share, as SAELens's
     activation store does; a Ray Data pool would ask for GPUs and CPUs of its own that the
     trials hold), and each epoch harvests the corpus's next blocks: no token twice until the
-    corpus runs out."""
+    corpus runs out. ``start``: the stream is harvested again from its beginning and its
+    first ``start`` rows dropped (the shuffle buffer's order depends on every row before),
+    so a restart replays exactly, at the price of harvesting those rows again."""
     epochs = source_block_stream(source)
 
     def chunks(epoch: int) -> Iterator[np.ndarray]:  # called once per epoch, in order
@@ -89,12 +101,13 @@ def _live_batches(source: ActivationSource, batch_size: int, n_tokens: int | Non
         for batch in iter_harvest(source, blocks, in_process=True, order=order):
             yield from_storage(np.asarray(batch["act"]), source.dtype)
 
-    return shuffled_batches(chunks, batch_size, n_tokens or source.n_tokens,
-                            LIVE_SHUFFLE_BUFFER, seed)
+    stream = shuffled_batches(chunks, batch_size, (n_tokens or source.n_tokens) + start,
+                              LIVE_SHUFFLE_BUFFER, seed)
+    return skip_rows(stream, start) if start else stream
 
 
 def iter_activation_batches(source: ActivationSource | str | os.PathLike, batch_size: int, *,
-                            n_tokens: int | None = None, seed: int = 0,
+                            n_tokens: int | None = None, seed: int = 0, start: int = 0,
                             expect: ActivationSource | None = None,
                             block_rows: int = BLOCK_ROWS, window: int = WINDOW_SHARDS,
                             prefetch: int = PREFETCH, pin_memory: bool | None = None,
@@ -103,18 +116,21 @@ def iter_activation_batches(source: ActivationSource | str | os.PathLike, batch_
 
     `n_tokens` rows in all (default: one pass); more than a cache holds loops over it again
     (every row once per epoch), while the live pipeline harvests the corpus's next tokens. `seed`
-    fixes the order. A cache's batches keep its stored dtype (float32, float16, bfloat16;
+    fixes the order; `start` begins that many rows into it (a restarted trial continues its
+    seed's stream where it stopped: the batches are those an uninterrupted reader gives from
+    row `start` on). A cache's batches keep its stored dtype (float32, float16, bfloat16;
     trainers convert on their device); the live pipeline's are float32.
     Cache only: `expect` refuses a cache built with other settings; every shard's checksum is
     checked here, before any batch; `block_rows` / `window` set the shuffle (see
     `raysae.activations.reader`), `prefetch` how many batches a thread prepares ahead, and
     `pin_memory` (default: when CUDA is available) pins the batch buffers.
     """
-    if min(batch_size, n_tokens or 1, block_rows, window, prefetch) < 1:
+    if min(batch_size, n_tokens or 1, block_rows, window, prefetch) < 1 or start < 0:
         raise ValueError(f"batch_size={batch_size}, n_tokens={n_tokens}, block_rows="
-                         f"{block_rows}, window={window}, prefetch={prefetch} must be >= 1")
+                         f"{block_rows}, window={window}, prefetch={prefetch} must be >= 1 "
+                         f"and start={start} >= 0")
     if isinstance(source, ActivationSource):
-        return _live_batches(source, batch_size, n_tokens, seed)
+        return _live_batches(source, batch_size, n_tokens, seed, start)
     manifest = open_for_reading(source, expect)
     dtype, d_in, shards = manifest["dtype"], manifest["d_in"], manifest["shards"]
     arrays = [map_shard(source, entry, dtype, d_in) for entry in shards]
@@ -127,7 +143,7 @@ def iter_activation_batches(source: ActivationSource | str | os.PathLike, batch_
                 advise_willneed(arrays[i])
 
         segments = plan_segments([s["rows"] for s in shards], seed, block_rows=block_rows,
-                                 window=window, on_window=ahead)
+                                 window=window, start=start, on_window=ahead)
         buffers = BatchBuffers(d_in, dtype, pin=pin)
         return batch_stream(BatchMaker(arrays, segments, buffers), batch_size, total)
 

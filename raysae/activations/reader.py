@@ -5,7 +5,10 @@ Order: each epoch permutes the shards (a permutation per epoch, from the seed), 
 into windows of ``window`` shards, cuts the window's shards into blocks of ``block_rows``
 contiguous rows and permutes those blocks. Rows were already shuffled within each shard when
 it was written, so a block is a random sample of its shard, and a batch mixes blocks from
-the whole window. The row stream runs on across epochs; every row comes once per epoch.
+the whole window. The row stream runs on across epochs; every row comes once per epoch. The
+stream is a function of (seed, row index): a reader started ``start`` rows in gives exactly
+the rows an uninterrupted reader gives from there (a restarted trial replays its seed's
+order, raysae.search.trainable).
 
 Batches: the rows of one batch are copied block by block (plain slice copies, no gather of a
 whole buffer) into a fresh batch buffer (pinned with CUDA) in the stored dtype: float16
@@ -35,29 +38,48 @@ _END, _ERROR = "end", "error"
 
 
 def plan_segments(shard_rows: list[int], seed: int, *, block_rows: int = BLOCK_ROWS,
-                  window: int = WINDOW_SHARDS,
+                  window: int = WINDOW_SHARDS, start: int = 0,
                   on_window: Callable[[list[int]], None] | None = None,
                   ) -> Iterator[tuple[int, int, int]]:
-    """(shard, start, stop) row runs in reading order, epoch after epoch, without end.
-    ``on_window`` is called with the shards of each window and of the next one."""
-    if block_rows < 1 or window < 1:
-        raise ValueError(f"block_rows={block_rows} and window={window} must be >= 1")
+    """(shard, start, stop) row runs in reading order, epoch after epoch, without end,
+    beginning ``start`` rows into it: the order is a function of the seed and the epoch
+    alone, so a restarted reader continues exactly where an earlier one stopped (whole
+    epochs and windows are skipped by arithmetic, not read). ``on_window`` is called with
+    the shards of each window read and of the next one."""
+    if block_rows < 1 or window < 1 or start < 0:
+        raise ValueError(f"block_rows={block_rows} and window={window} must be >= 1 and "
+                         f"start={start} >= 0")
     rows = np.asarray(shard_rows, dtype=np.int64)
-    epoch = 0
+    per_epoch = int(rows.sum())
+    if per_epoch < 1:
+        raise ValueError("the cache holds no rows; rebuild it")
+    epoch, skip = divmod(start, per_epoch)
     while True:
         rng = np.random.default_rng([seed % 2**63, epoch])
         order = rng.permutation(len(rows))
         for w in range(0, len(order), window):
             shards = order[w : w + window]
-            if on_window is not None:
-                on_window(order[w : w + 2 * window].tolist())
             counts = -(-rows[shards] // block_rows)
             shard = np.repeat(shards, counts)
-            start = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-            start *= block_rows
-            perm = rng.permutation(len(shard))
-            stop = np.minimum(start + block_rows, rows[shard])
-            yield from zip(shard[perm].tolist(), start[perm].tolist(), stop[perm].tolist())
+            first = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+            first *= block_rows
+            perm = rng.permutation(len(shard))  # drawn for every window: the stream's order
+            in_window = int(rows[shards].sum())
+            if skip >= in_window:
+                skip -= in_window
+                continue
+            if on_window is not None:
+                on_window(order[w : w + 2 * window].tolist())
+            stop = np.minimum(first + block_rows, rows[shard])
+            shard, first, stop = shard[perm], first[perm], stop[perm]
+            if skip:  # cut into this window: drop whole runs, then part of one
+                ends = np.cumsum(stop - first)
+                cut = int(np.searchsorted(ends, skip, side="right"))
+                before = int(ends[cut - 1]) if cut else 0
+                shard, first, stop = shard[cut:], first[cut:].copy(), stop[cut:]
+                first[0] += skip - before
+                skip = 0
+            yield from zip(shard.tolist(), first.tolist(), stop.tolist())
         epoch += 1
 
 

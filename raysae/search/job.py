@@ -91,7 +91,7 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     name = job_name(cfg, sweep)
     results = results_dir(cfg, name)
     model, d_in = check_inputs(cfg, results, sweep)
-    changed = stored.check_resume(cfg, name, results, sweep)
+    changed = stored.check_resume(cfg, name, sweep)
     if changed:
         print(f"raysae: --resume-changed: continuing {name!r} with changed settings: "
               f"{'; '.join(changed)}", flush=True)
@@ -166,10 +166,12 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
           f"{info.get('dashboard_url') or 'off'}", flush=True)
     interrupt.reinstall()  # after ray.init, whose SIGTERM handler would kill the driver
     check_cluster(cfg, sweep, info, d_in)
+    stored.store(cfg, name, sweep)  # before any work a later --resume would continue
+    if cfg.run.resume and not sweep:
+        tracking.fetch_journal(cfg.run.storage, name, study_path(results, name))
     activations, source = prepare_activations(cfg, model, on_cluster=info["mode"] == "cluster")
     plan = _plan(cfg, sweep, name, info.get("resources", {}),
                  trial_spec(cfg, sweep, activations, source, model, d_in), results)
-    stored.store(cfg, name, results, sweep)  # what a later --resume is checked against
     out = run_search(plan, results, resume=cfg.run.resume, settings=cfg.to_dict())
     print(f"raysae: trials table: {out / 'trials.parquet'}")
     check_finished(out)

@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raysae.search.members import heldout, rung_score
+from raysae.search.tracking import mirror_study
 
 if TYPE_CHECKING:
     from raysae.core.config import TrainConfig
@@ -72,6 +73,13 @@ class RungOptunaSearch(OptunaSearch):
             result = ({**result, self.metric: float(result[RUNG_METRIC])} if self.rung_is_final
                       else {k: v for k, v in result.items() if k != self.metric})  # PRUNED
         super().on_trial_complete(trial_id, result, error)
+        mirror_study(self._ot_study)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment checkpoint of the searcher (its study in memory, in --storage
+        with the experiment); the journal is written out with it (raysae.search.tracking)."""
+        super().save(checkpoint_path)
+        mirror_study(self._ot_study)
 
 
 def unscored(spec) -> dict[str, float]:

@@ -51,10 +51,10 @@ def fit_stage(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, name, fetch_to)
-    if stage == "search" and plan.results is not None:
-        from raysae.search.tracking import close_study, study_path
+    if stage == "search":
+        from raysae.search.tracking import close_journal
 
-        close_study(study_path(plan.results, plan.name), plan.name)
+        close_journal()
     remove_scratch_folders(frame.get("tune_trial_id", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
     return frame.assign(stage=stage)

@@ -1,19 +1,21 @@
 """A search's stored settings: what `--resume` checks its flags against.
 
 At start the job writes its whole config to ``STORAGE/NAME/job_settings.json`` (atomically;
-for a remote --storage, next to the results). A resumed search compares the settings that
-change results (everything but where and how it runs: folders, Ray address, report, resources,
-retries) with the stored ones; a difference is refused with the list of them, unless
---resume-changed (raysae.search.run_settings.RunSettings) accepts it.
+in --storage itself, local or s3://, so a new head resumes from the storage alone). A resumed
+search compares the settings that change results (everything but where and how it runs:
+folders, Ray address, report, resources, retries) with the stored ones; a difference is
+refused with the list of them, unless --resume-changed (raysae.search.run_settings.
+RunSettings) accepts it. A resume finds what it continues or says what is missing: no
+stored settings beside Tune experiments of the search, or nothing stored at all, is an
+error that names the file, never a silent fresh start.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from raysae import io
+from raysae.search import storage_files
 from raysae.settings import flag_name
 
 SETTINGS_FILE = "job_settings.json"
@@ -23,14 +25,6 @@ NOT_RESULTS = {
     "activations": {"cache"},  # where a cache lies; its settings are checked against the model
 }
 """Settings that do not change a search's results: free to differ on --resume."""
-
-
-def settings_path(cfg, name: str, results: Path) -> Path:
-    """Where the search's settings are stored (under --storage when it is local)."""
-    storage = cfg.run.storage
-    if "://" in storage:
-        return Path(results) / SETTINGS_FILE
-    return Path(storage).expanduser().resolve() / name / SETTINGS_FILE
 
 
 def result_settings(cfg, sweep: bool) -> dict[str, Any]:
@@ -65,28 +59,43 @@ def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def check_resume(cfg, name: str, results: Path, sweep: bool) -> list[str]:
+def check_resume(cfg, name: str, sweep: bool) -> list[str]:
     """On --resume: the differences from the stored settings (refused unless
-    --resume-changed); [] when nothing changed or nothing was stored."""
-    path = settings_path(cfg, name, results)
-    if not cfg.run.resume or not path.is_file():
+    --resume-changed); [] when nothing changed. A missing or unreadable settings file is an
+    error naming it."""
+    if not cfg.run.resume:
         return []
+    storage, where = cfg.run.storage, storage_files.where(cfg.run.storage, name, SETTINGS_FILE)
+    data = storage_files.read(storage, name, SETTINGS_FILE)
+    if data is None:
+        found = storage_files.experiments(storage, name)
+        if found:
+            raise ValueError(f"--resume of search {name!r}: its settings file {where} is "
+                             f"missing, though its Tune experiments {found} are there; "
+                             "restore the file, or start a new search with another --name")
+        raise ValueError(f"--resume: there is no search {name!r} in --storage "
+                         f"{storage_files.storage_root(storage)} (no {SETTINGS_FILE}, no Tune "
+                         "experiment); check --storage and --name, or drop --resume to "
+                         "start it")
     try:
-        stored = json.loads(path.read_text()).get("result_settings") or {}
-    except (OSError, ValueError):
-        return []
+        stored = json.loads(data)["result_settings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume of search {name!r}: {where} is not a settings file "
+                         f"({err}); restore it, or start a new search with another --name"
+                         ) from None
     diff = differences(stored, result_settings(cfg, sweep))
     if diff and not cfg.run.resume_changed:
         raise ValueError(f"--resume of search {name!r} with settings that change its results: "
-                         f"{'; '.join(diff)} (stored in {path}); pass the stored values, "
+                         f"{'; '.join(diff)} (stored in {where}); pass the stored values, "
                          "a new --name for a new search, or --resume-changed to continue "
                          "anyway (see --help)")
     return diff
 
 
-def store(cfg, name: str, results: Path, sweep: bool) -> Path:
-    """Write the search's settings (atomic), before any Tune experiment starts."""
-    path = settings_path(cfg, name, results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return io.write_json(path, {"name": name, "result_settings": result_settings(cfg, sweep),
-                                "config": json.loads(json.dumps(cfg.to_dict(), default=str))})
+def store(cfg, name: str, sweep: bool) -> str:
+    """Write the search's settings to its folder in --storage, whole or not at all, before
+    any work a resume would continue; returns where."""
+    record = {"name": name, "result_settings": result_settings(cfg, sweep),
+              "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
+    return storage_files.write(cfg.run.storage, name, SETTINGS_FILE,
+                               json.dumps(record, indent=2).encode())

@@ -14,15 +14,24 @@ has. So every Tune experiment of a search gets:
 Both log every numeric value a trial reports, flattened with "/": the ladder's means and
 ``ladder/<member>/<metric>`` per member (raysae.search.trainable.ladder_scalars).
 
-The search stage's Optuna study is kept in an Optuna journal file in the results folder
-(``study_path``), named after the search, so ``optuna.load_study`` and optuna-dashboard open
-it after the job, and ``--resume`` continues the same study.
+The search stage's Optuna study lives in memory in the searcher, which Tune saves with its
+experiment in --storage: a resume continues the same study from the storage alone. It is
+written out as an Optuna journal file (``study_path``: RESULTS/<name>.optuna-journal.log, and
+the same file in STORAGE/NAME), named after the search, whenever the searcher is saved (each
+experiment checkpoint, each finished proposal) and at the stage's end, so
+``optuna.load_study`` and optuna-dashboard open it during and after the job. The journal is
+a copy, rewritten whole each time from the searcher's study: it never lags Tune's state by
+more than a checkpoint, and a journal lost with a head is rebuilt from Tune's.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from raysae import io
+from raysae.search import storage_files
 
 JOURNAL_SUFFIX = ".optuna-journal.log"
 """The study journal's file name is the search name plus this (optuna-dashboard opens it)."""
@@ -35,37 +44,80 @@ def study_path(results: str | os.PathLike, name: str) -> Path:
     return Path(results) / f"{name}{JOURNAL_SUFFIX}"
 
 
-def study_storage(path: Path, fresh: bool):
-    """Optuna's journal-file storage at ``path`` (``fresh``: an earlier journal of the same
-    name is replaced, so a new search never appends to an old study)."""
+def study_storage(path: Path):
+    """Optuna's journal-file storage at ``path`` (reading a journal this module wrote)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        path.unlink(missing_ok=True)
-        Path(f"{path}.lock").unlink(missing_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def close_study(path: Path, name: str) -> int:
-    """After the search stage: any trial of the study still RUNNING (its proposal was made
-    by a driver that was then killed, and Tune's restored searcher never heard of it) is
-    marked FAIL with the reason in its user attributes, so the journal holds only finished
-    or failed proposals. Returns how many were closed."""
+_JOURNAL: dict[str, Any] = {}
+"""Where this driver writes the current search's journal (``use_journal``): the search
+stage's searcher, new or restored by Tune, writes its study there."""
+INTERRUPTED = "interrupted: proposed before the driver stopped; not restored by --resume"
+
+
+def use_journal(local: Path | None, storage: str, name: str) -> None:
+    """Write the journal of search ``name`` to ``local`` and to ``STORAGE/NAME``."""
+    _JOURNAL.clear()
+    _JOURNAL.update(local=local, storage=storage, name=name)
+
+
+def mirror_study(study, *, final: bool = False) -> int:
+    """Write ``study`` (the searcher's, in memory) as the search's journal, whole, locally
+    and in --storage; ``final`` (the stage has ended): a trial still RUNNING (proposed by a
+    driver that was then killed, never restored) is written as FAIL with the reason in its
+    user attributes. Returns how many were so closed."""
+    import tempfile
+
     import optuna
 
-    if not path.exists():
+    if not _JOURNAL or study is None:
         return 0
-    study = optuna.load_study(study_name=name, storage=study_storage(path, fresh=False))
-    stale = [t for t in study.get_trials(deepcopy=False)
-             if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in stale:
-        study._storage.set_trial_user_attr(
-            trial._trial_id, "raysae_status",
-            "interrupted: proposed before the driver stopped; not restored by --resume")
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(stale)
+    _JOURNAL["study"] = study
+    name, local = _JOURNAL["name"], _JOURNAL["local"]
+    trials, closed = [], 0
+    for t in study.get_trials(deepcopy=True):
+        if final and t.state == optuna.trial.TrialState.RUNNING:
+            t = optuna.trial.create_trial(
+                state=optuna.trial.TrialState.FAIL, params=t.params,
+                distributions=t.distributions, system_attrs=t.system_attrs,
+                user_attrs={**t.user_attrs, "raysae_status": INTERRUPTED},
+                intermediate_values=t.intermediate_values)
+            closed += 1
+        trials.append(t)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}{JOURNAL_SUFFIX}"
+        copy = optuna.create_study(study_name=name, storage=study_storage(path),
+                                   directions=study.directions)
+        for key, value in study.user_attrs.items():
+            copy.set_user_attr(key, value)
+        copy.add_trials(trials)
+        data = path.read_bytes()
+    if local is not None:
+        io.write_bytes(local, data)
+    storage_files.write(_JOURNAL["storage"], name, path.name, data)
+    return closed
+
+
+def close_journal() -> int:
+    """At the search stage's end: its journal written a last time, proposals a killed driver
+    left RUNNING closed as FAIL (``mirror_study``); how many were closed."""
+    return mirror_study(_JOURNAL.get("study"), final=True)
+
+
+def fetch_journal(storage: str, name: str, local: Path) -> bool:
+    """On --resume: the journal kept in --storage, copied to ``local`` when that is missing
+    (a new head); the searcher rewrites it from Tune's state at its next save. Returns
+    whether one was copied."""
+    if local.exists():
+        return False
+    data = storage_files.read(storage, name, f"{name}{JOURNAL_SUFFIX}")
+    if data is None:
+        return False
+    io.write_bytes(local, data)
+    return True
 
 
 def wandb_offline() -> bool:

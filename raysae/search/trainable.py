@@ -54,9 +54,10 @@ def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, see
         source = str(build_cache(src, os.path.dirname(source), progress=False, in_process=True,
                                  lock_timeout=spec.data.cache_wait_seconds))
     left = cfg.total_tokens - tokens_done
-    # A different seed after a restart: the resumed trial sees a fresh shuffle, not a replay.
-    return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1),
-                                   seed=seed + tokens_done)
+    # A restart continues the seed's stream at the row it reached: the same rows, in the
+    # same batches, as an uninterrupted trial and its seed partners see.
+    return iter_activation_batches(source, cfg.batch_size, n_tokens=max(left, 1), seed=seed,
+                                   start=tokens_done)
 
 
 def make_trainer(spec: TrialSpec, cfg: TrainConfig, data: bytes | None = None):
@@ -207,7 +208,8 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     cfg = train_config(spec, config)
     trainer = _restore(spec, cfg)
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
-            "node_id": _node_id(), "gpu_ids": _gpu_ids()}
+            "restored_from_tokens": trainer.tokens, "node_id": _node_id(),
+            "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
     from raysae.search.rungs import RungScorer

@@ -16,6 +16,7 @@ from raysae.core.metrics import progress_columns
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
 from raysae.search.spec import TrialSpec
+from raysae.search.storage_files import storage_root
 from raysae.search.trainable import run_trial
 
 
@@ -69,10 +70,10 @@ class SearchPlan:
                 "settings": settings}
 
 
-def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False):
+def build_searcher(plan: SearchPlan, seed_offset: int = 0):
     """OptunaSearch (``search.sampler``, seeded) behind a ConcurrencyLimiter; its study is
-    kept in the results folder's journal when the plan has one (``resume``: the earlier
-    journal is continued, else replaced)."""
+    in memory (Tune saves it with the experiment in --storage) and written out as the
+    search's journal (raysae.search.tracking)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
@@ -81,15 +82,10 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0, resume: bool = False)
     if plan.search.objective == "pareto":
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
     sampler = make_sampler(plan.search, plan.spec.train.seed + seed_offset)
-    storage = None
-    if plan.results is not None:
-        from raysae.search.tracking import study_path, study_storage
-
-        storage = study_storage(study_path(plan.results, plan.name), fresh=not resume)
     from raysae.search.rungs import HALVING, RungOptunaSearch, rung_policy
 
     searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
-                                sampler=sampler, storage=storage, study_name=plan.name,
+                                sampler=sampler, study_name=plan.name,
                                 rung_is_final=rung_policy(plan.search) == HALVING)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.search.max_concurrent)
 
@@ -129,11 +125,6 @@ def _label(target: float) -> str:
     return f"{target:g}".replace(".", "p")
 
 
-def storage_root(storage: str) -> str:
-    """Absolute local path or an untouched URI (pyarrow resolves s3://, gs://, ...)."""
-    return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
-
-
 def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, ...],
                index: int, resume: bool):
     """A new Tuner, or the restored one when ``resume`` and the experiment exists."""
@@ -146,6 +137,11 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         tune.with_parameters(run_trial, spec=spec),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial or 0.0})
     path = f"{storage_root(plan.storage).rstrip('/')}/{name}"
+    if not grid:  # the search stage's searcher writes its study out here
+        from raysae.search.tracking import study_path, use_journal
+
+        use_journal(None if plan.results is None else study_path(plan.results, plan.name),
+                    plan.storage, plan.name)
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
@@ -153,7 +149,7 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         searcher, num_samples, scheduler = None, 1, None
         param_space: dict[str, Any] = {"point": tune.grid_search(list(grid))}
     else:
-        searcher, num_samples, param_space = (build_searcher(plan, index, resume),
+        searcher, num_samples, param_space = (build_searcher(plan, index),
                                               search.num_trials, {})
         from raysae.search.rungs import rung_scheduler
 
