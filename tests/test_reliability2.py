@@ -432,3 +432,26 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny_model_dir, tmp_path)
     finally:
         _kill_if_running(proc)
     assert not alive, [(p.name(), p.cmdline()) for p in alive]
+
+
+def test_resume_with_nothing_stored_names_what_is_missing(tiny_model_dir, tmp_path):
+    """A resume never starts afresh silently: no search of that name in --storage, or Tune
+    experiments whose settings file is gone, is an error naming the file."""
+    from raysae.search import stored
+    from raysae.search.config import job_config
+
+    cfg = job_config(model=str(tiny_model_dir), hook=HOOK, storage=str(tmp_path / "tune"),
+                     name="s", resume=True)
+    with pytest.raises(ValueError, match=r"--resume: there is no search 's' in --storage "
+                                         r".*tune \(no job_settings.json, no Tune experiment\)"):
+        stored.check_resume(cfg, "s", False)
+    (tmp_path / "tune" / "s_refs").mkdir(parents=True)
+    (tmp_path / "tune" / "s_refs" / "tuner.pkl").write_bytes(b"")  # what can_restore looks for
+    with pytest.raises(ValueError, match=r"its settings file .*tune/s/job_settings.json is "
+                                         r"missing, though its Tune experiments \['s_refs'\]"):
+        stored.check_resume(cfg, "s", False)
+    stored.store(job_config(**{**_flat(cfg), "resume": False}), "s", False)
+    assert stored.check_resume(cfg, "s", False) == []
+    (tmp_path / "tune" / "s" / "job_settings.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a settings file"):
+        stored.check_resume(cfg, "s", False)
