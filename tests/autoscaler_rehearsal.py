@@ -16,9 +16,11 @@ The documented cluster run (docs/cluster.md) on this one machine:
   autoscaler config in RAYSAE_AUTOSCALER_CONFIG, and small token counts.
 
 Scenarios (--scenario): ``plain`` runs the search once; ``live`` runs it with --live (no
-cache: each trial runs the model on its own GPU share). ``driver-kill`` SIGKILLs the driver
-once a reference trial has finished and another has a checkpoint in S3 (and the experiment
-state was synced after it), then runs the same command with --resume. ``worker-kill``
+cache: each trial runs the model on its own GPU share); ``fault-baseline`` runs the fault
+scenarios' search with no fault (what they must reproduce). ``driver-kill`` SIGKILLs the
+driver once a reference trial has finished and another has a checkpoint in S3 (and the
+experiment state was synced after it), deletes the head's local results folder (a new
+head), then runs the same command with --resume. ``worker-kill``
 has the provider terminate the worker node running a trial that has a checkpoint in S3 (as
 a cloud console or a spot interruption would; see PROVIDER): the autoscaler launches a
 replacement, and Tune retries the trial from its checkpoint. Both fault scenarios train
@@ -40,6 +42,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,7 +62,7 @@ MAX_WORKERS = 2
 OBJECT_STORE = 100 * 1024**2
 JOB_NAME = "exponent_search"
 TAIL = 8000
-SCENARIOS = ("plain", "live", "driver-kill", "worker-kill")
+SCENARIOS = ("plain", "live", "fault-baseline", "driver-kill", "worker-kill")
 FAULT_ARGS = ["--total-tokens", "131072", "--expansion", "2", "--log-every", "4",
               "--checkpoint-seconds", "4", "--max-failures", "3"]
 """Fault scenarios: trials of ~128 steps with a checkpoint every ~4 s, so a fault lands
@@ -396,6 +399,8 @@ def run_job_with_fault(cmd: list, env: dict, cwd: Path, log: Path, timeout: floa
                                 start_new_session=True)
         injected = inject_fault(proc, scenario, env, ray_tmp, fault, deadline,
                                 cmd[cmd.index("--address") + 1], terminate_dir)
+        if injected and scenario == "driver-kill":  # a new head: nothing but the storage
+            shutil.rmtree(cwd / "results", ignore_errors=True)
         if not (injected and scenario == "driver-kill"):
             try:
                 return proc.wait(timeout=max(deadline - time.monotonic(), 1)), False
@@ -457,7 +462,7 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
         elif scenario != "plain":
             cmd += FAULT_ARGS
         summary.update(command=cmd, scenario=scenario)
-        if scenario in ("plain", "live"):
+        if scenario in ("plain", "live", "fault-baseline"):
             rc, timed_out = run_job(cmd, env, head_home, job_log, timeout)
         else:
             fault: dict = {}

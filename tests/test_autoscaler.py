@@ -34,6 +34,7 @@ from autoscaler_rehearsal import (  # noqa: E402  (tests/ is on sys.path, as for
 )
 from isolated import run_rehearsal  # noqa: E402
 from pythia_checkpoint import build_pythia70m_checkpoint  # noqa: E402
+from search_helpers import assert_same_trials  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,14 @@ def pythia_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("pile-like"))
+
+
+@pytest.fixture(scope="module")
+def fault_baseline(pythia_dir, corpus_dir, tmp_path_factory):
+    """The fault scenarios' search on the cluster, never interrupted: what they reproduce."""
+    return _finished_table(_run_rehearsal(pythia_dir, corpus_dir,
+                                          tmp_path_factory.mktemp("baseline"),
+                                          "fault-baseline"))
 
 
 def _run_rehearsal(model: Path, corpus: Path, workdir: Path, scenario: str = "plain",
@@ -212,10 +221,12 @@ def _finished_table(summary: dict) -> pd.DataFrame:
     return trials
 
 
-def test_driver_killed_mid_search_resumes_from_s3(pythia_dir, corpus_dir, tmp_path):
+def test_driver_killed_mid_search_resumes_from_s3(pythia_dir, corpus_dir, tmp_path,
+                                                 fault_baseline):
     """The driver dies (SIGKILL) while a reference trial is training and another has
-    finished; the same command with --resume keeps the finished trial's row as it was and
-    restores the unfinished ones from their checkpoints in S3."""
+    finished, and the head's results folder goes with it; the same command with --resume,
+    from S3 alone, keeps the finished trial's row as it was and restores the unfinished
+    ones from their checkpoints in S3: the uninterrupted search's table, to 1e-6."""
     summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "driver-kill")
     why = _diagnosis(summary)
     fault = summary.get("fault", {})
@@ -235,13 +246,15 @@ def test_driver_killed_mid_search_resumes_from_s3(pythia_dir, corpus_dir, tmp_pa
     for tid in running:  # restored from its checkpoint in S3
         mine = trials[trials["tune_trial_id"] == tid]
         assert (mine["restored_from_step"] > 0).all(), (mine.to_dict("records"), why)
+    assert_same_trials(trials, fault_baseline)
 
 
 def test_terminated_worker_is_replaced_and_its_trial_resumes_from_s3(pythia_dir, corpus_dir,
-                                                                     tmp_path):
+                                                                     tmp_path, fault_baseline):
     """The provider terminates the worker node running a checkpointed trial (as a cloud
     console or a spot interruption would): the autoscaler launches another node, and Tune
-    retries the trial from its checkpoint in S3 on a live node."""
+    retries the trial from its checkpoint in S3 on a live node; its rows equal the
+    uninterrupted search's to 1e-6."""
     summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "worker-kill")
     why = _diagnosis(summary)
     fault = summary.get("fault", {})
@@ -261,6 +274,7 @@ def test_terminated_worker_is_replaced_and_its_trial_resumes_from_s3(pythia_dir,
     replacement = {n["NodeID"] for n in live} - at_fault
     assert replacement, (at_fault, live)
     assert set(trials["node_id"]) & replacement, trials[["label", "node_id"]].to_string()
+    assert_same_trials(trials, fault_baseline)
 
 
 def test_live_search_on_an_autoscaling_cluster(pythia_dir, corpus_dir, tmp_path):
