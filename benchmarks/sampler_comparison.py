@@ -48,7 +48,7 @@ def per_trial(frame: pd.DataFrame) -> pd.DataFrame:
 def compare(plan, results: Path, fresh: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The three steps of the module docstring; returns (one row per arm, every trial)."""
     from raysae.search import stages
-    from raysae.search.results import clean_trials
+    from raysae.search.trials_table import clean_trials
     from raysae.search.tune_setup import reference_grid
 
     fetch = results / "fetched"
@@ -137,7 +137,7 @@ def main() -> None:
         for arm, s in table.set_index("arm")["search_seconds"].items():
             print(f"{arm}: search stage {s:.1f} s = {s / base:.2f}x tpe3")
         table.to_parquet(results / "sampler_comparison.parquet")
-        from raysae.analysis import contract
+        from raysae.results import contract
 
         contract.write_trials(trials, results)  # every trial it ran, as the job writes them
         return results

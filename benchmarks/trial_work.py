@@ -9,9 +9,9 @@ from raysae.core.training import train_ladder
 from raysae.search import preflight
 from raysae.search.config import job_config
 from raysae.search.job import prepare_activations, trial_spec
-from raysae.search.members import evaluate_members
-from raysae.search.spec import TrialSpec, train_config
-from raysae.search.trainable import _activation_batches, make_trainer
+from raysae.search.trial.members import evaluate_members
+from raysae.search.trial.spec import TrialSpec, train_config
+from raysae.search.trial.trainable import _activation_batches, make_trainer
 
 
 def local_spec(**settings) -> TrialSpec:

@@ -4,8 +4,9 @@ A ``ray.cluster_utils.Cluster`` on this machine: a head with no CPUs (it runs on
 driver: Tune + Optuna) and two 1-CPU workers, so the two 1-CPU trials of a 2-trial search
 must land on different nodes. Once both trials have reported (and checkpointed), the worker
 of one of them is removed and a replacement worker added, as an autoscaler would; Tune
-restarts the lost trial from its checkpoint on the node that has room. The summary (nodes,
-the removed node, the trials table's path) goes to a JSON file for the test to check.
+restarts the lost trial from its checkpoint on the node that has room. The same search then
+runs again with no node lost. The summary (nodes, the removed node, both trials tables'
+paths) goes to a JSON file for the test to check.
 
 Run with RAY_TMPDIR set to a private folder: the cluster then records its address there,
 not in /tmp/ray, so no other process on the machine can attach to it by accident.
@@ -115,7 +116,12 @@ def run(model: str, workdir: Path) -> dict:
         if "error" in result:
             raise result["error"]
         trials = pd.read_parquet(result["out"] / "trials.parquet")
+        whole = run_search(make_plan("mn", str(workdir / "tune-whole"), settings.spec,
+                                     grid=settings.grid, max_concurrent=2),
+                           workdir / "results-whole")  # the same search, no node lost
+        seconds["uninterrupted_done"] = time.perf_counter() - t0
         log.update(trials=str(result["out"] / "trials.parquet"),
+                   uninterrupted_trials=str(whole / "trials.parquet"),
                    first_nodes={k: r["node_id"] for k, r in _rows(experiment, 0).items()},
                    final_nodes=dict(zip(trials["trial_dir"].map(lambda p: Path(p).name),
                                         trials["node_id"])))

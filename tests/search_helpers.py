@@ -5,7 +5,7 @@ from __future__ import annotations
 from raysae.core.config import SAEConfig, TrainConfig
 from raysae.search.config import ActivationSettings, ModelSettings, SearchConfig
 from raysae.search.run_settings import RunSettings
-from raysae.search.spec import TrialSpec
+from raysae.search.trial.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan
 
 TRAIN_KEYS = ("total_tokens", "batch_size", "lr", "lam", "log_every", "seed")

@@ -17,10 +17,11 @@ from search_helpers import use_plugin
 
 import raysae
 from raysae import cli
-from raysae.analysis import claims, contract, plots, report
+from raysae.analysis import claims, plots, report
 from raysae.core import kind_registry
 from raysae.core.kinds import DEFAULT_KIND, KINDS, baseline_kinds, default_baselines, register_kind
 from raysae.core.sae import ARCHITECTURES
+from raysae.results import contract
 from raysae.search.config import SearchConfig, job_config
 from raysae.search.stages import compare_trials
 

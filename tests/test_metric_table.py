@@ -13,12 +13,13 @@ from search_helpers import use_plugin
 from test_pareto import make_results
 
 import raysae
-from raysae.analysis import contract, pareto, plots, report
+from raysae.analysis import pareto, plots, report
 from raysae.core import metrics
 from raysae.core.config import SAEConfig
 from raysae.core.sae import SAE
 from raysae.evaluation.spliced_ce import Evaluator
 from raysae.lm import corpus
+from raysae.results import contract
 
 ROOT = Path(raysae.__file__).resolve().parent
 HOOK = "blocks.0.hook_resid_post"
@@ -81,7 +82,7 @@ def test_a_higher_is_better_metric_keeps_its_highest_values_on_the_front():
 def test_the_progress_table_shows_a_registered_metric(toy, tmp_path):
     from search_helpers import make_plan, make_spec
 
-    from raysae.search.trainable import _mean_row
+    from raysae.search.trial.trainable import _mean_row
     from raysae.search.tune_setup import progress_table
 
     spec = make_spec(activations=str(tmp_path), model="m", hook=HOOK, d_in=32, d_sae=128,

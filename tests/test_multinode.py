@@ -1,6 +1,7 @@
 """Multi-node rehearsal: a head and two worker nodes (ray.cluster_utils.Cluster); the two
 trials of a search run on different nodes; one worker is removed mid-search and the search
-still ends with a complete table (the lost trial restarts from its checkpoint elsewhere).
+still ends with a complete table (the lost trial restarts from its checkpoint elsewhere),
+equal to the same search's with no node lost.
 
 The cluster lives in a subprocess (one Ray runtime per process; the session's ``ray_local``
 may be running here) with its own RAY_TMPDIR, so its address file and session folders are
@@ -16,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from isolated import run_rehearsal
+from search_helpers import assert_same_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -54,5 +56,7 @@ def test_trials_spread_over_nodes_and_survive_losing_a_worker(tiny_model_dir, tm
     assert set(final.values()) <= workers | {summary["replacement_node"]}
     row = trials[trials["trial_dir"].map(lambda p: Path(p).name) == lost].iloc[0]
     assert row["restored_from_step"] > 0 and row["steps"] == 200
+    # and its numbers are the uninterrupted search's (issue #35)
+    assert_same_trials(trials, pd.read_parquet(summary["uninterrupted_trials"]))
     for col in ("l0", "ce_sae", "objective"):
         assert trials[col].notna().all(), col

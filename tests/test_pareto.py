@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from optuna._hypervolume import compute_hypervolume
 
-from raysae.analysis import contract, pareto
+from raysae.analysis import pareto
+from raysae.results import contract
 
 CE_CLEAN, CE_ZERO, CROSS = 4.02, 7.5, 15.0
 TARGETS = (8.0, 16.0, 32.0, 64.0)

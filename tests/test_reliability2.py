@@ -228,7 +228,6 @@ def test_concurrency_comes_from_the_cluster_at_its_largest(tmp_path, monkeypatch
 def test_resume_with_changed_settings_is_refused(tiny_model_dir, tmp_path, capsys):
     from raysae.search import stored
     from raysae.search.config import job_config
-    from raysae.search.job import results_dir
 
     argv = _base(tiny_model_dir, tmp_path, "--targets", "16", "32", "--name", "s")
     cfg = job_config(model=str(tiny_model_dir), hook=HOOK, context_length=32,
@@ -269,7 +268,7 @@ def _flat(cfg) -> dict:
 
 
 def test_resumed_table_keeps_earlier_finished_rows(tmp_path):
-    from raysae.analysis import contract
+    from raysae.results import contract
     from raysae.search.stages import keep_earlier_rows
 
     cols = {c: [1.0, 1.0] for c in contract.trial_columns()}

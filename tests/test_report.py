@@ -216,7 +216,8 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
 
 def _ladder_results(root):
     """A searched ladder with 3 paired seeds: sqrt beats L1 clearly at 16, not at 8."""
-    from raysae.analysis import confidence, contract
+    from raysae.analysis import confidence
+    from raysae.results import contract
 
     rng = np.random.default_rng(0)
     rows = []

@@ -10,7 +10,7 @@ import pytest
 from search_helpers import make_spec
 
 from raysae.search.config import SearchConfig
-from raysae.search.rungs import (
+from raysae.search.multifidelity import (
     ASHA,
     HALVING,
     NO_RUNG,

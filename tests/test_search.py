@@ -19,8 +19,8 @@ from raysae.activations.cache import build_cache
 from raysae.activations.source import ActivationSource
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, penalty_of, reference_configs
-from raysae.search.spec import BAD_OBJECTIVE, objective
 from raysae.search.stages import run_search
+from raysae.search.trial.spec import BAD_OBJECTIVE, objective
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 32
@@ -186,10 +186,10 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     stops the ones outside the best quarter so far; they keep one row with status stopped
     and their rung score (held-out, timed as evaluation), reach Optuna as pruned with it,
     and are never confirmed."""
-    from raysae.search.results import results_frame
-    from raysae.search.rungs import stage_rung_tokens
+    from raysae.search.multifidelity import stage_rung_tokens
     from raysae.search.stages import best_configs
     from raysae.search.tracking import study_path, study_storage
+    from raysae.search.trials_table import results_frame
     from raysae.search.tune_setup import make_tuner
 
     spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(8.0,),
@@ -304,7 +304,7 @@ def test_failed_trial_resumes_from_checkpoint_with_same_step_count(
     assert sorted(trials["target_l0"]) == [4.0, 8.0]
     # Checkpoint scratch folders live in the node's raysae cache (a killed worker's is
     # removed when the trial restarts), never in Tune's folders or the system temp folder.
-    from raysae.search.scratch import CKPT_PREFIX, scratch_root
+    from raysae.search.trial.scratch import CKPT_PREFIX, scratch_root
 
     assert not list((tmp_path / "tune").rglob(CKPT_PREFIX + "*"))  # Tune would upload them
     for trial_id in trials["tune_trial_id"]:  # the node's scratch, cleaned after the stage

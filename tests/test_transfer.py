@@ -124,7 +124,7 @@ def test_job_precision_flags_reach_every_trial():
     from raysae.cli.search import add_job_flags
     from raysae.search.config import job_config
     from raysae.search.job import trial_spec
-    from raysae.search.spec import train_config
+    from raysae.search.trial.spec import train_config
 
     parser = argparse.ArgumentParser()
     add_job_flags(parser, sweep=False)

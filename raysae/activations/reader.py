@@ -8,7 +8,7 @@ it was written, so a block is a random sample of its shard, and a batch mixes bl
 the whole window. The row stream runs on across epochs; every row comes once per epoch. The
 stream is a function of (seed, row index): a reader started ``start`` rows in gives exactly
 the rows an uninterrupted reader gives from there (a restarted trial replays its seed's
-order, raysae.search.trainable).
+order, raysae.search.trial.trainable).
 
 Batches: the rows of one batch are copied block by block (plain slice copies, no gather of a
 whole buffer) into a fresh batch buffer (pinned with CUDA) in the stored dtype: float16

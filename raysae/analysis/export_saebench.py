@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysae.analysis import contract
+from raysae.results import contract
 
 FORMATS = ("saebench",)
 """Export formats ``export_results`` writes."""

@@ -1,6 +1,6 @@
 """CE-vs-L0 Pareto analysis of a penalty search: frontiers, hypervolume, matched-L0 CE.
 
-Inputs: one results folder, read through raysae.analysis.contract (which names the files,
+Inputs: one results folder, read through raysae.results.contract (which names the files,
 the required columns of trials.parquet and the keys of search.json). ``family`` is the
 reference label (L1, sqrt, sqrt(sqrt)) or the searched family's registry name (power, tanh,
 log); ``label`` names the penalty with its parameters.
@@ -22,8 +22,8 @@ import moocore
 import numpy as np
 import pandas as pd
 
-from raysae.analysis import contract
 from raysae.core.metrics import metric_names, sign
+from raysae.results import contract
 
 FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)")
 """The study's reference families come first; searched families (power, tanh, log, ...) after."""

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from raysae import io
-from raysae.analysis import claims, contract, pareto, plots
+from raysae.analysis import claims, pareto, plots
 from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, subtitle, table
 from raysae.core import metrics as metric_table
+from raysae.results import contract
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this

@@ -134,7 +134,7 @@ class SearchConfig:
     rung: float = 0.0625
     """Multi-fidelity: each proposal's ladder is scored (the search's objective, held-out)
     at this fraction of the token budget, and stopped there as ``promote`` says
-    (raysae.search.rungs). References and confirmations always train to the full budget;
+    (raysae.search.multifidelity). References and confirmations always train to the full budget;
     0 (the default with objective pareto): proposals do too."""
     promote: int = 2
     """With ``rung``: K > 0 is successive halving, every proposal stops at the rung and the

@@ -12,9 +12,9 @@ from pathlib import Path
 from raysae.core.config import SAEConfig
 from raysae.search import capacity, interrupt, preflight, stored, tracking
 from raysae.search.config import JobConfig
-from raysae.search.spec import TrialSpec
 from raysae.search.stages import run_search
 from raysae.search.tracking import study_path
+from raysae.search.trial.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan, grid_points
 
 

@@ -3,8 +3,8 @@
 1. ``<name>_refs``: the references (the study's L1, sqrt, sqrt(sqrt), and the baseline SAE
    kinds) as a fixed grid, seed 0. L1's CE per target becomes the search's zero point.
 2. ``<name>_search``: Optuna's ``num_trials`` proposals (each trial scores its whole ladder;
-   raysae.search.spec), stopped at ``rung`` (raysae.search.rungs; status ``stopped``): all
-   of them under successive halving, whose ``<name>_promote`` stage then trains the
+   raysae.search.trial.spec), stopped at ``rung`` (raysae.search.multifidelity; status
+   ``stopped``): all of them under successive halving, whose ``<name>_promote`` stage then trains the
    ``promote`` best at the rung to the full budget, seed 0; under ASHA, those outside the
    best seen there.
 3. ``<name>_confirm`` (``seeds`` R > 1): the best ``confirm_best`` proposals and every
@@ -16,7 +16,7 @@
    with k times the training tokens, seeds 0 .. R-1; their rows carry ``budget`` k (1 for
    the others) and comparisons are made within each budget.
 
-A sweep is one grid stage. Results always come from Tune's ResultGrids (raysae.search.results).
+A sweep is one grid stage. Results always come from Tune's ResultGrids (raysae.search.trials_table).
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from typing import Any
 
 import pandas as pd
 
-from raysae.analysis import contract, provenance
+from raysae.analysis import provenance
 from raysae.core.kinds import DEFAULT_KIND, baseline_labels
+from raysae.results import contract
 from raysae.search import interrupt
-from raysae.search.results import clean_trials, collect_artifacts, results_frame
-from raysae.search.scratch import remove_scratch_folders
 from raysae.search.space import penalty_of
+from raysae.search.trial.scratch import remove_scratch_folders
+from raysae.search.trials_table import clean_trials, collect_artifacts, results_frame
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
 
 STAGE_SECONDS: dict[str, float] = {}
@@ -87,7 +88,7 @@ def budget_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
 
 def promotion_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
     """Successive halving: the ``promote`` proposals with the best rung scores, seed 0."""
-    from raysae.search.rungs import RUNG_METRIC
+    from raysae.search.trial.rungs import RUNG_METRIC
 
     return tuple(best_configs(plan, searched, plan.search.promote, by=RUNG_METRIC,
                               statuses=("stopped",)))
@@ -172,7 +173,7 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
     """Optuna's proposals: the search stage and, under successive halving, the promotion
     of the best at the rung to the full budget (``spec``: the references' zero point set).
     Returns (their tables, the one the best proposals are chosen from)."""
-    from raysae.search.rungs import halving_stop, stage_rung_tokens
+    from raysae.search.multifidelity import halving_stop, stage_rung_tokens
 
     total = spec.train.total_tokens
     stop = halving_stop(plan.search, total)

@@ -12,7 +12,7 @@ has. So every Tune experiment of a search gets:
   machine has no W&B API key.
 
 Both log every numeric value a trial reports, flattened with "/": the ladder's means and
-``ladder/<member>/<metric>`` per member (raysae.search.trainable.ladder_scalars).
+``ladder/<member>/<metric>`` per member (raysae.search.trial.trainable.ladder_scalars).
 
 The search stage's Optuna study lives in memory in the searcher, which Tune saves with its
 experiment in --storage: a resume continues the same study from the storage alone. It is

@@ -1,7 +1,7 @@
 """Ray Tune + Optuna: one search as Tune experiments (the plan, the searcher, the tuner).
 
 The stages that run them (references, search, confirmation) are in raysae.search.stages;
-the results table is built from Tune's ResultGrid in raysae.search.results, never from the
+the results table is built from Tune's ResultGrid in raysae.search.trials_table, never from the
 Optuna study (after a restore the study can hold duplicated or orphaned trials).
 """
 
@@ -15,9 +15,9 @@ from raysae.core.config import check_targets
 from raysae.core.metrics import progress_columns
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
-from raysae.search.spec import TrialSpec
 from raysae.search.storage_files import storage_root
-from raysae.search.trainable import run_trial
+from raysae.search.trial.spec import TrialSpec
+from raysae.search.trial.trainable import run_trial
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class SearchPlan:
                 "grid": list(self.grid)}
 
     def record(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """search.json's content (raysae.analysis.contract.SEARCH_KEYS): what the search
+        """search.json's content (raysae.results.contract.SEARCH_KEYS): what the search
         was, for the analysis, which never imports the search."""
         from raysae.core.penalties import reference_points
 
@@ -82,7 +82,7 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0):
     if plan.search.objective == "pareto":
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
     sampler = make_sampler(plan.search, plan.spec.train.seed + seed_offset)
-    from raysae.search.rungs import HALVING, RungOptunaSearch, rung_policy
+    from raysae.search.multifidelity import HALVING, RungOptunaSearch, rung_policy
 
     searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
                                 sampler=sampler, study_name=plan.name,
@@ -151,7 +151,7 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
     else:
         searcher, num_samples, param_space = (build_searcher(plan, index),
                                               search.num_trials, {})
-        from raysae.search.rungs import rung_scheduler
+        from raysae.search.multifidelity import rung_scheduler
 
         scheduler = rung_scheduler(plan.search, spec)
     stage = name[len(plan.name) + 1:] or "grid"

@@ -3,7 +3,7 @@ evaluate.
 
 Training reports (every ``log_every`` steps) carry the ladder's mean lambda, metrics (the
 metrics table's columns the trainer reports) and tokens_seen with ``objective = NaN``; the
-final report adds ``objective`` (the trial's frontier score, raysae.search.spec), ``status``,
+final report adds ``objective`` (the trial's frontier score, raysae.search.trial.spec), ``status``,
 the members' mean metrics and ``members``: one row per SAE (its target, lambda, status and
 the evaluator's metrics-table columns), which the results table expands into one row per
 (trial, target). One diverging member does not end the others.
@@ -33,9 +33,9 @@ from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 from raysae.core.metrics import metric_names
 from raysae.core.training import train_ladder
-from raysae.search.members import evaluate_members
-from raysae.search.scratch import CKPT_PREFIX, remove_stale_checkpoint_folders, scratch_dir
-from raysae.search.spec import TrialSpec, frontier_score, train_config
+from raysae.search.trial.members import evaluate_members
+from raysae.search.trial.scratch import CKPT_PREFIX, remove_stale_checkpoint_folders, scratch_dir
+from raysae.search.trial.spec import TrialSpec, frontier_score, train_config
 
 STATE_FILE = "trainer_state.pt"
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
@@ -192,7 +192,7 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     try:
         base = _base_row(spec, train_config(spec, config))
     except Exception:  # the config itself may be what failed
-        from raysae.search.rungs import unscored
+        from raysae.search.trial.rungs import unscored
 
         base = unscored(spec)
     tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
@@ -212,7 +212,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    from raysae.search.rungs import RungScorer
+    from raysae.search.trial.rungs import RungScorer
 
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
@@ -301,7 +301,7 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
     label = cfg.penalty.label if kind.name == DEFAULT_KIND else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
     from raysae.core.recipes import UNIT_NORM
-    from raysae.search.rungs import unscored
+    from raysae.search.trial.rungs import unscored
 
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
             "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,

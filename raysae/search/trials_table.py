@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysae.analysis import contract
-from raysae.search.spec import BAD_OBJECTIVE
+from raysae.results import contract
+from raysae.search.trial.spec import BAD_OBJECTIVE
 
 PER_TRIAL = ("members", "members_l0", "objective", "ladder")
 
@@ -28,7 +28,7 @@ def local_checkpoint(checkpoint, fetch_to: Path | None) -> str:
     SAEs in SAELens layout, feature statistics, removal curves) copied under ``fetch_to``."""
     import pyarrow.fs as pafs
 
-    from raysae.search.trainable import STATE_FILE
+    from raysae.search.trial.trainable import STATE_FILE
 
     fs = checkpoint.filesystem
     if fs is None or isinstance(fs, pafs.LocalFileSystem) or fetch_to is None:
@@ -79,9 +79,9 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
 
 
 def _rung_columns(result) -> dict:
-    """The trial's score at its first rung (raysae.search.rungs), from its report history:
+    """The trial's score at its first rung (raysae.search.multifidelity), from its report history:
     a finished proposal's last report no longer carries it."""
-    from raysae.search.rungs import RUNG_METRIC
+    from raysae.search.trial.rungs import RUNG_METRIC
 
     history = getattr(result, "metrics_dataframe", None)
     if history is None or RUNG_METRIC not in history:

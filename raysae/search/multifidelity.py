@@ -1,34 +1,23 @@
-"""Multi-fidelity search stages. Each proposal's ladder is scored at its rung (a fraction of
-the token budget, ``SearchConfig.rung``), and one of two policies (``rung_policy``) stops it:
+"""Multi-fidelity search stages (the driver side). Each proposal's ladder is scored at its
+rung (a fraction of the token budget, ``SearchConfig.rung``; the trial's side is
+raysae.search.trial.rungs), and one of two policies (``rung_policy``) stops it:
 successive halving (``promote`` K > 0: every proposal ends at the rung, Optuna takes the rung
 score as its value, and the stages train the K best to the full budget) or Ray Tune's ASHA
 (K = 0: a proposal goes on unless its score is outside the best seen there; Optuna hears the
 rung score of a stopped one as PRUNED, so TPE learns from it too).
 
-A trial scores its ladder at a rung with the search's own objective on held-out text
-(``RungScorer``, in the trial); references and confirmations are never stopped.
+References and confirmations are never stopped.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import TYPE_CHECKING
 
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from raysae.search.members import heldout, rung_score
 from raysae.search.tracking import mirror_study
-
-if TYPE_CHECKING:
-    from raysae.core.config import TrainConfig
-    from raysae.core.ladder import LadderTrainer
-    from raysae.search.spec import TrialSpec
-
-RUNG_METRIC, RUNG_TIME = "rung_objective", "tokens_seen"
-"""What a rung report carries and ASHA compares, and the report's clock."""
-
+from raysae.search.trial.rungs import RUNG_METRIC, RUNG_TIME
 
 HALVING, ASHA, NO_RUNG = "halving", "asha", "none"
 
@@ -82,13 +71,6 @@ class RungOptunaSearch(OptunaSearch):
         mirror_study(self._ot_study)
 
 
-def unscored(spec) -> dict[str, float]:
-    """What every report of a stage with rungs carries before its rung's score: ASHA makes
-    Tune check that each report has its metric, so NaN (ASHA and RungOptunaSearch skip
-    non-finite values); nothing in a stage without rungs."""
-    return {RUNG_METRIC: math.nan} if spec.rung_tokens else {}
-
-
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -124,30 +106,3 @@ def halving_stop(search, total_tokens: int) -> int:
     """Under successive halving, the tokens at which every proposal ends (its rung scored);
     0 otherwise (TrialSpec.stop_tokens)."""
     return rung_tokens(search.rung, total_tokens) if rung_policy(search) == HALVING else 0
-
-
-class RungScorer:
-    """A trial's multi-fidelity rungs (``TrialSpec.rung_tokens``): when its ladder passes
-    one, the report carries ``rung_objective`` (the search's objective on held-out text, as
-    the ladder stands) and ``rung_tokens``; ASHA reads the first (``rung_scheduler``).
-    A trial restored past a rung does not score it again (its earlier attempt reported it).
-    ``seconds``: time spent scoring, counted as evaluation, not training."""
-
-    def __init__(self, spec: TrialSpec, cfg: TrainConfig, tokens_done: int) -> None:
-        self.spec, self.cfg = spec, cfg
-        self.pending = sorted(t for t in spec.rung_tokens if t > tokens_done)
-        self.evaluator, self.seconds = None, 0.0
-
-    def due(self, trainer: LadderTrainer) -> bool:
-        return bool(self.pending) and trainer.tokens >= self.pending[0] and not trainer.done
-
-    def score(self, trainer: LadderTrainer) -> dict[str, float]:
-        start = time.monotonic()
-        passed = [t for t in self.pending if t <= trainer.tokens]
-        self.pending = self.pending[len(passed):]
-        if self.evaluator is None:
-            self.evaluator = heldout(self.spec, self.cfg)
-        value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
-        self.seconds += time.monotonic() - start
-        return {RUNG_METRIC: value, "rung_tokens": passed[-1],
-                "eval_seconds": self.seconds}

@@ -10,10 +10,10 @@ from typing import Any
 
 import pandas as pd
 
-from raysae.analysis import contract
 from raysae.core.config import TrainConfig
 from raysae.core.outcome import DIVERGED, FINISHED
-from raysae.search.spec import BAD_OBJECTIVE, TrialSpec, frontier_score, member_objective
+from raysae.results import contract
+from raysae.search.trial.spec import BAD_OBJECTIVE, TrialSpec, frontier_score, member_objective
 
 SWEEP_FILE = contract.ARTIFACT_FILES["ablations"]
 FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")

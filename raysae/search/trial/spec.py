@@ -78,7 +78,7 @@ class TrialSpec:
     early."""
     stop_tokens: int = 0
     """Successive halving's search stage: the trial ends once it has scored its rung at this
-    many tokens (raysae.search.rungs.halving_stop); 0: it trains to the full budget."""
+    many tokens (raysae.search.multifidelity.halving_stop); 0: it trains to the full budget."""
     threshold_sweep: bool = False
     sweep_points: int = 10
     plugins: tuple[str, ...] = field(default_factory=plugin_modules)
