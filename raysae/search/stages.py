@@ -4,9 +4,9 @@
    kinds) as a fixed grid, seed 0. L1's CE per target becomes the search's zero point.
 2. ``<name>_search``: Optuna's ``num_trials`` proposals (each trial scores its whole ladder;
    raysae.search.trial.spec), stopped at ``rung`` (raysae.search.multifidelity; status
-   ``stopped``): all of them under successive halving, whose ``<name>_promote`` stage then trains the
-   ``promote`` best at the rung to the full budget, seed 0; under ASHA, those outside the
-   best seen there.
+   ``stopped``): all of them under successive halving, whose ``<name>_promote`` stage then
+   trains the ``promote`` best at the rung to the full budget, seed 0; under ASHA, those
+   outside the best seen there.
 3. ``<name>_confirm`` (``seeds`` R > 1): the best ``confirm_best`` proposals and every
    reference retrained with seeds 1 .. R-1. Paired design: seed r gives every penalty the same
    SAE initialisation and the same activation order, so stage 1-2's seed-0 SAEs are the
