@@ -47,13 +47,14 @@ def per_trial(frame: pd.DataFrame) -> pd.DataFrame:
 
 def compare(plan, results: Path, fresh: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The three steps of the module docstring; returns (one row per arm, every trial)."""
+    from raysae.results.vocabulary import Stage
     from raysae.search import stages
     from raysae.search.trials_table import clean_trials
     from raysae.search.tune_setup import reference_grid
 
     fetch = results / "fetched"
     l1 = [c for c in reference_grid(plan) if "kind" not in c][:1]
-    refs = stages.fit_stage(plan, f"{plan.name}_refs", plan.spec, tuple(l1), 0, False, fetch)
+    refs = stages.fit_stage(plan, Stage.REFS, plan.spec, tuple(l1), 0, False, fetch)
     spec = dataclasses.replace(plan.spec, reference_ce=stages.reference_ce(
         refs, plan.search.targets))
     rows, best, every = [], {}, [refs]
@@ -75,7 +76,7 @@ def compare(plan, results: Path, fresh: int) -> tuple[pd.DataFrame, pd.DataFrame
                      "best": str(best[arm]), "seed0_objective": chosen["trial_objective"]})
     grid = tuple({**c, "seed": s, "arm": arm} for s in range(1, fresh + 1)
                  for arm, c in [("L1", l1[0]), *best.items()])
-    confirm = stages.fit_stage(plan, f"{plan.name}_confirm", spec,
+    confirm = stages.fit_stage(plan, Stage.CONFIRM, spec,
                                tuple({k: v for k, v in c.items() if k != "arm"} for c in grid),
                                2, False, fetch)
     confirmed = per_trial(confirm)

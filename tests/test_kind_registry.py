@@ -34,10 +34,10 @@ TOY = "tests.toy_kind"
 def toy(monkeypatch):
     """The toy kind, for this test only (search_helpers.use_plugin)."""
     cls = use_plugin(monkeypatch, TOY).ToyKind
-    KINDS.pop(cls.name, None)  # its first import registered it; this test owns it now
+    KINDS.remove(cls.name)  # its first import registered it; this test owns it now
     register_kind(cls)
     yield cls
-    KINDS.pop(cls.name, None)
+    KINDS.remove(cls.name)
 
 
 def test_the_cli_and_the_config_offer_a_new_baseline_kind(toy, capsys):

@@ -30,7 +30,8 @@ TOY = "tests.toy_metric"
 def toy(monkeypatch):
     """The toy metric, for this test only (search_helpers.use_plugin)."""
     module = use_plugin(monkeypatch, TOY)
-    metrics.add_metric(module.METRIC)  # its first import registered it; this test owns it now
+    metrics.remove_metric(module.NAME)  # its first import registered it; this test owns it
+    metrics.add_metric(module.METRIC)
     yield module
     metrics.remove_metric(module.NAME)
     assert module.NAME not in contract.trial_columns()

@@ -363,4 +363,4 @@ def test_registering_a_family_is_one_decorated_function():
             register_penalty("test_nonzero_at_0")(lambda f, grad_floor: (f + 1).sum(-1))
         assert "test_nonzero_at_0" not in PENALTIES
     finally:
-        PENALTIES.pop(name, None)
+        PENALTIES.remove(name)

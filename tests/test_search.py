@@ -186,6 +186,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     stops the ones outside the best quarter so far; they keep one row with status stopped
     and their rung score (held-out, timed as evaluation), reach Optuna as pruned with it,
     and are never confirmed."""
+    from raysae.results.vocabulary import Stage
     from raysae.search.multifidelity import stage_rung_tokens
     from raysae.search.stages import best_configs
     from raysae.search.tracking import study_path, study_storage
@@ -198,7 +199,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
                      seeds=0, baselines=(), rung=0.25, promote=0, max_concurrent=1)
     plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
     spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(plan.search, 512 * 40))
-    grid = make_tuner(plan, "r5_search", spec, (), 1, resume=False).fit()
+    grid = make_tuner(plan, Stage.SEARCH, spec, (), 1, resume=False).fit()
     searched = results_frame(grid, "r5_search").assign(stage="search")
     assert len(searched) == 5 and set(searched["status"]) <= {"finished", "stopped"}
     stopped = searched[searched["status"] == "stopped"]

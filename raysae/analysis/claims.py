@@ -18,6 +18,7 @@ import pandas as pd
 from raysae.analysis.confidence import REFERENCES
 from raysae.core.kinds import baseline_labels
 from raysae.core.penalties import reference_points
+from raysae.results.vocabulary import Status
 
 REFERENCE_LABELS = tuple(label for label, _name, _params in reference_points())
 """The penalty registry's reference labels (the study's L1, sqrt, sqrt(sqrt))."""
@@ -186,7 +187,7 @@ def target_winners(comparisons: pd.DataFrame | None) -> pd.DataFrame:
 def ladder_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Mean CE (over seeds) of every label at every target; L0 in brackets. No missing cell
     inside the ladder when every trial trained every target."""
-    done = trials[(trials["status"] == "finished") & trials["target_l0"].notna()]
+    done = trials[(trials["status"] == Status.FINISHED) & trials["target_l0"].notna()]
     if not len(done):
         return pd.DataFrame()
     g = done.groupby(["label", "target_l0"])

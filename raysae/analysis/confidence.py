@@ -54,15 +54,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-FINISHED = "finished"
+from raysae.results.vocabulary import SELECTION_STAGES, Status
+
 REFERENCES = ("L1", "sqrt")
 BASES = ("target", "matched_l0")
 """``target``: both SAEs trained for the same target L0. ``matched_l0``: the label's CE read
 off its own ladder at the reference's achieved held-out L0 (per seed, linear in log L0
 between the two rungs around it, never beyond its ends), so an L0 miss is not charged as CE."""
-SELECTION_STAGES = ("search", "promote")
-"""Rows of these stages are the replicate that chose a searched proposal (its seed 0): the
-search stage, and successive halving's promotion of the best at the rung."""
 KEYS = ("family", "label", "reference", "basis", "target_l0")
 COLUMNS = (*KEYS, "n_seeds", "delta_ce_mean", "ci_low", "ci_high", "significant",
            "se", "t_quantile", "interval", "l0_reference", "fresh_seeds_only")
@@ -91,7 +89,7 @@ def _cells(trials: pd.DataFrame) -> pd.DataFrame:
     missing = {"family", "label", "seed", "target_l0", "ce_sae", "status"} - set(trials)
     if missing:
         raise ValueError(f"trials lacks columns {sorted(missing)}")
-    t = trials[(trials["status"] == FINISHED) & trials["ce_sae"].notna()].copy()
+    t = trials[(trials["status"] == Status.FINISHED) & trials["ce_sae"].notna()].copy()
     if "ce_sae_blocks" not in t:
         t["ce_sae_blocks"] = None
     if "l0" not in t:

@@ -64,13 +64,14 @@ import numpy as np
 import pandas as pd
 
 from raysae.results import contract
+from raysae.results.vocabulary import Status
 
 FORMATS = ("saebench",)
 """Export formats ``export_results`` writes."""
 EXPORT_DIR = "export"
 """Under the results folder: the default home of every export, one folder per format."""
 EVAL_TYPE_ID = "core"
-NOT_SAVED = ("error", "diverged")
+NOT_SAVED = (Status.ERROR, Status.DIVERGED)
 """Trial statuses whose SAE was never saved: no JSON for them."""
 
 

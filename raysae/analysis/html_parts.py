@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raysae.results.vocabulary import Status
+
 CSS = """
 body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#222;
  max-width:1020px;margin:2em auto;padding:0 1.2em;background:#fcfcfb}
@@ -95,8 +97,9 @@ def subtitle(results_dir, counts) -> str:
     """The folder and what its trials came to (``counts``: family x status): finished SAEs,
     diverged or errored ones, and proposals a multi-fidelity search stopped at their rung
     (no SAEs; not failures)."""
-    stopped = int(counts["stopped"].sum()) if "stopped" in counts else 0
-    bad = int(counts.drop(columns=["finished", "stopped"], errors="ignore").to_numpy().sum())
+    stopped = int(counts[Status.STOPPED].sum()) if Status.STOPPED in counts else 0
+    done = counts.drop(columns=[Status.FINISHED, Status.STOPPED], errors="ignore")
+    bad = int(done.to_numpy().sum())
     more = f", {stopped} proposals stopped at their rung (no SAEs)" if stopped else ""
     return (f"<p class='sub'>{html.escape(str(results_dir))} · "
             f"{int(counts['finished'].sum())} finished SAEs, {bad} diverged or errored (left "

@@ -24,6 +24,7 @@ import pandas as pd
 
 from raysae.core.metrics import metric_names, sign
 from raysae.results import contract
+from raysae.results.vocabulary import Status
 
 FAMILY_ORDER = ("L1", "sqrt", "sqrt(sqrt)")
 """The study's reference families come first; searched families (power, tanh, log, ...) after."""
@@ -78,7 +79,7 @@ def points_table(trials: pd.DataFrame, ablations: pd.DataFrame | None = None,
     trial and are dropped.
     """
     _require(trials, contract.REQUIRED_TRIAL_COLUMNS, "trials")
-    done = trials[trials["status"] == "finished"].copy()
+    done = trials[trials["status"] == Status.FINISHED].copy()
     done["source"], done["parameter"] = "trial", 0.0
     keep = ["trial_id", "family", "source", "parameter", "l0", "ce_sae"]
     keep += param_columns(done) + [c for c in metric_names() if c in done and c not in keep]
@@ -285,7 +286,7 @@ def default_targets(trials: pd.DataFrame, points: pd.DataFrame, n: int = 5) -> l
         t = pd.to_numeric(trials["target_l0"], errors="coerce").dropna().unique()
         if len(t):
             return sorted(float(v) for v in t)
-    trained = trials.loc[trials["status"] == "finished", "l0"] if "status" in trials else []
+    trained = trials.loc[trials["status"] == Status.FINISHED, "l0"] if "status" in trials else []
     l0 = pd.to_numeric(pd.Series(trained), errors="coerce")
     l0 = l0[l0 > 0]
     if len(l0) == 0:
@@ -306,7 +307,7 @@ def summary_table(trials: pd.DataFrame, points: pd.DataFrame, targets, tol: floa
     ``saved_vs_<fam>`` = front_<fam>(l0) - y_best, positive when the best is better; NaN
     where that family's front does not reach that L0. One row per target, even with no match.
     """
-    done = trials[(trials["status"] == "finished") & (trials["l0"] > 0)]
+    done = trials[(trials["status"] == Status.FINISHED) & (trials["l0"] > 0)]
     frs = {fam: front(points, y, fam) for fam in compare}
     rows = []
     for t in targets:

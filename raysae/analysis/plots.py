@@ -22,6 +22,7 @@ from raysae import io
 from raysae.core.kinds import kind_styles
 from raysae.core.metrics import frontier_metrics, reconstruction_names, sign
 from raysae.core.metrics import label as metric_label
+from raysae.results.vocabulary import Status
 
 STYLE = {
     "L1": {"color": "#1f5fa8", "ls": "-", "marker": "o"},
@@ -197,7 +198,7 @@ def optuna_history(trials: pd.DataFrame, path, direction: str = "minimize") -> P
     """Objective per trial in table order, coloured by family, with the running best."""
     fig, ax = plt.subplots(figsize=(8.5, 3.6))
     t = trials.reset_index(drop=True)
-    ok = (t["status"] == "finished") & np.isfinite(t["objective"])
+    ok = (t["status"] == Status.FINISHED) & np.isfinite(t["objective"])
     for fam in dict.fromkeys(t.loc[ok, "family"]):
         sub = t[ok & (t["family"] == fam)]
         ax.scatter(sub.index, sub["objective"], s=18, color=style(fam)["color"],

@@ -20,6 +20,7 @@ from raysae.analysis import claims, pareto, plots
 from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, subtitle, table
 from raysae.core import metrics as metric_table
 from raysae.results import contract
+from raysae.results.vocabulary import Stage, Status
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
@@ -29,7 +30,7 @@ def representatives(trials: pd.DataFrame, table: pd.DataFrame | None) -> dict:
     """Per family, the finished SAE in `table` whose L0 is closest (in log) to a common L0."""
     if table is None or not len(table):
         return {}
-    done = trials[(trials["status"] == "finished") & (trials["l0"] > 0)]
+    done = trials[(trials["status"] == Status.FINISHED) & (trials["l0"] > 0)]
     done = done[done["trial_id"].isin(set(table["trial_id"]))]
     if not len(done):
         return {}
@@ -50,13 +51,14 @@ def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | 
     if not space or "experiment" not in trials:
         return None
     if "stage" in trials and trials["stage"].notna().any():  # Optuna's own proposals only
-        trials = trials[trials["stage"] == "search"]
-        if "rung_objective" in trials and len(trials) and (trials["status"] == "stopped").all():
+        trials = trials[trials["stage"] == Stage.SEARCH]
+        stopped = trials["status"] == Status.STOPPED
+        if "rung_objective" in trials and len(trials) and stopped.all():
             # successive halving: every proposal ended at its rung, scored as Optuna saw it
-            trials = trials.assign(status="finished", objective=trials["rung_objective"])
+            trials = trials.assign(status=Status.FINISHED, objective=trials["rung_objective"])
     else:
         trials = trials[~trials["experiment"].astype(str).str.endswith("_refs")]
-    ok = trials[(trials["status"] == "finished") & np.isfinite(trials["objective"])]
+    ok = trials[(trials["status"] == Status.FINISHED) & np.isfinite(trials["objective"])]
     if "tune_trial_id" in ok and ok["tune_trial_id"].notna().all():  # one score per trial
         ok = ok.drop_duplicates("tune_trial_id").assign(objective=lambda d: d[
             "trial_objective"].where(d["trial_objective"].notna(), d["objective"]))
@@ -215,7 +217,7 @@ def _refs(hv: pd.DataFrame) -> str:
 def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
     """The page as one HTML string."""
     counts = res.trials.groupby(["family", "status"]).size().unstack(fill_value=0)
-    counts = counts.reindex(columns=sorted(set(counts.columns) | {"finished"}), fill_value=0)
+    counts = counts.reindex(columns=sorted({*counts.columns, Status.FINISHED}), fill_value=0)
     fig_html = [f'<figure id="fig-{i}"><img alt="{html.escape(ti)}" src="{img(p)}">'
                 f"<figcaption><b>{html.escape(ti)}.</b> {html.escape(cap)}</figcaption></figure>"
                 for i, (ti, cap, p) in enumerate(figs)]

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from raysae.registry import Registry
+
 
 class SAELoadError(ValueError):
     """An SAE directory is missing, truncated, or not what it claims to be."""
@@ -47,21 +49,17 @@ class Architecture:
         return {}
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 def register_architecture(cls: type[Architecture]) -> type[Architecture]:
     """Class decorator: register one instance under ``cls.name``."""
-    ARCHITECTURES[cls.name] = cls()
+    ARCHITECTURES.add(cls.name, cls())
     return cls
 
 
 def get_architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"architecture {name!r} is not one of {tuple(ARCHITECTURES)}"
-                         ) from None
+    return ARCHITECTURES.get_entry(name)
 
 
 register_architecture(Architecture)

@@ -12,11 +12,13 @@ import importlib
 import os
 from typing import Any
 
+from raysae.registry import Registry
+
 SAEKind = Any
 """A registered kind: an instance of a raysae.core.kinds.SAEKind subclass (named here, not
 imported, so the registry imports no kind and nothing that imports it loops back)."""
 
-KINDS: dict[str, SAEKind] = {}
+KINDS: Registry[SAEKind] = Registry("SAE kind", "kinds")
 DEFAULT_KIND = "relu"
 """The kind of a config, trial or checkpoint that names none (raysae.core.kinds.ReLUKind)."""
 PLUGINS_ENV = "RAYSAE_PLUGINS"
@@ -36,16 +38,13 @@ def register_kind(cls: type[SAEKind]) -> type[SAEKind]:
         raise TypeError(f"kind {cls.name!r}: saved as architecture "
                         f"{cls.saelens_architecture!r}, which is not one of "
                         f"{tuple(ARCHITECTURES)} (raysae.core.architectures)")
-    KINDS[cls.name] = cls()
+    KINDS.add(cls.name, cls())
     return cls
 
 
 def get_kind(name: str) -> SAEKind:
     """Look a kind up by name; the error lists the registered ones."""
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown SAE kind {name!r}; registered kinds: {sorted(KINDS)}") from None
+    return KINDS.get_entry(name)
 
 
 NO_BASELINES = "none"  # ``--baselines none``: train no baseline kind (SearchConfig)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raysae.registry import Registry
+
 LOW_FREQUENCY = 1e-5
 _EPS = 1e-12
 PerToken = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,17 +60,17 @@ class Metric:
                              f"and divide_by one of {DIVISORS}")
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def add_metric(metric: Metric) -> Metric:
-    """Register (or replace) a metric; table order is the order of every derived list."""
-    METRICS[metric.name] = metric
-    return metric
+    """Register a metric (a taken name is refused); table order is the order of every
+    derived list."""
+    return METRICS.add(metric.name, metric)
 
 
 def remove_metric(name: str) -> None:
-    METRICS.pop(name, None)
+    METRICS.remove(name)
 
 
 def register_metric(name: str, label: str, **fields) -> Callable[[PerToken], PerToken]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raysae.core.sae import SAE
+from raysae.results.vocabulary import Status
 
-FINISHED, DIVERGED, DATA_EXHAUSTED = "finished", "diverged", "data_exhausted"
+FINISHED, DIVERGED, DATA_EXHAUSTED = Status.FINISHED, Status.DIVERGED, Status.DATA_EXHAUSTED
 
 
 class NonFiniteActivationsError(ValueError):

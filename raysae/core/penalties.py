@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raysae.registry import Registry
+
 DEFAULT_GRAD_FLOOR = 1e-4
 
 
@@ -135,7 +137,7 @@ class PenaltySpec:
                          f"are: {list(self.param_names()) or 'none'}")
 
 
-PENALTIES: dict[str, PenaltySpec] = {}
+PENALTIES: Registry[PenaltySpec] = Registry("penalty", "penalties")
 
 
 def register_penalty(
@@ -150,8 +152,7 @@ def register_penalty(
     """
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if name in PENALTIES:
-            raise ValueError(f"penalty {name!r} is already registered")
+        PENALTIES.require_free(name)
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
         spec = PenaltySpec(name, fn, tuple(params), doc)
         refs = {label: spec.validate(point) for label, point in (references or {}).items()}
@@ -159,7 +160,7 @@ def register_penalty(
             if float(fn(torch.zeros(1, 1), grad_floor=DEFAULT_GRAD_FLOOR, **point)) != 0.0:
                 raise ValueError(f"penalty {name!r} has rho(0) != 0 at {point}; a penalty must "
                                  "vanish at 0 (raysae.core.sparse_step never evaluates zeros)")
-        PENALTIES[name] = PenaltySpec(name, fn, tuple(params), doc, refs)
+        PENALTIES.add(name, PenaltySpec(name, fn, tuple(params), doc, refs))
         return fn
 
     return wrap
@@ -167,12 +168,7 @@ def register_penalty(
 
 def get_penalty(name: str) -> PenaltySpec:
     """Look a penalty up by name; the error lists the registered ones."""
-    try:
-        return PENALTIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown penalty {name!r}; registered penalties: {sorted(PENALTIES)}"
-        ) from None
+    return PENALTIES.get_entry(name)
 
 
 class _FlooredPower(torch.autograd.Function):

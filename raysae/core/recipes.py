@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raysae.registry import Registry
+
 WEIGHTINGS = ("none", "inside", "outside")
 
 
@@ -62,23 +64,18 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: grad_clip must be None or > 0")
 
 
-RECIPES: dict[str, Recipe] = {}
+RECIPES: Registry[Recipe] = Registry("recipe")
 UNIT_NORM = "study"
 """The recipe of the kinds without a penalty (TopK, BatchTopK)."""
 
 
 def register_recipe(recipe: Recipe) -> Recipe:
     """Add a recipe under its name (the ``--recipe`` flag lists them)."""
-    RECIPES[recipe.name] = recipe
-    return recipe
+    return RECIPES.add(recipe.name, recipe)
 
 
 def get_recipe(name: str) -> Recipe:
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; registered recipes: {sorted(RECIPES)}"
-                         ) from None
+    return RECIPES.get_entry(name)
 
 
 register_recipe(Recipe(

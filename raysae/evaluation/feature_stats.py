@@ -188,6 +188,10 @@ def _sample_frame(f: torch.Tensor) -> pd.DataFrame:
     return df
 
 
+SUMMARY_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
+"""The columns of ``summarize`` that each SAE's row in trials.parquet carries."""
+
+
 def summarize(per_feature: pd.DataFrame, activation_sample: pd.DataFrame) -> dict:
     """Dead and low-frequency counts/fractions and the sample's median nonzero activation."""
     freq = torch.as_tensor(per_feature["frequency"].to_numpy(np.float64, copy=True))

@@ -281,8 +281,7 @@ def evaluate_sae(evaluator: Evaluator, sae,
     """
     out = evaluator.evaluate(sae)
     summary = feature_stats.summarize(*feature_stats.feature_statistics(evaluator, sae, n_tokens))
-    out.update({k: summary[k] for k in ("dead_fraction", "low_freq_fraction", "median_nonzero",
-                                        "feature_tokens")})
+    out.update({k: summary[k] for k in feature_stats.SUMMARY_COLUMNS})
     return out
 
 

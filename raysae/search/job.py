@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from raysae.core.config import SAEConfig
+from raysae.results.vocabulary import EVALUATED
 from raysae.search import capacity, interrupt, preflight, stored, tracking
 from raysae.search.config import JobConfig
 from raysae.search.stages import run_search
@@ -137,7 +138,7 @@ def check_finished(out: Path) -> None:
     import pandas as pd
 
     trials = pd.read_parquet(out / "trials.parquet")
-    if trials["status"].isin(["finished", "partial"]).any():
+    if trials["status"].isin(EVALUATED).any():
         return
     reasons = trials.get("status_reason", pd.Series(dtype=object)).dropna()
     reasons = reasons[reasons.astype(str).str.strip() != ""]

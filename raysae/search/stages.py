@@ -33,6 +33,7 @@ import pandas as pd
 from raysae.analysis import provenance
 from raysae.core.kinds import DEFAULT_KIND, baseline_labels
 from raysae.results import contract
+from raysae.results.vocabulary import EVALUATED, Stage, Status
 from raysae.search import interrupt
 from raysae.search.space import penalty_of
 from raysae.search.trial.scratch import remove_scratch_folders
@@ -43,16 +44,15 @@ STAGE_SECONDS: dict[str, float] = {}
 """Wall time of each stage run by this process (for search.json's provenance)."""
 
 
-def fit_stage(plan: SearchPlan, name: str, spec, grid, index: int, resume: bool,
+def fit_stage(plan: SearchPlan, stage: Stage, spec, grid, index: int, resume: bool,
               fetch_to: Path) -> pd.DataFrame:
-    """Run (or resume) one stage as a Tune experiment ``name`` (``grid``: fixed trial
-    configs; empty: Optuna's proposals); its results table, with its wall time recorded."""
-    stage = name.rsplit("_", 1)[-1] if not plan.grid else "grid"
+    """Run (or resume) one stage as its Tune experiment (``grid``: fixed trial configs;
+    empty: Optuna's proposals); its results table, with its wall time recorded."""
     start = time.perf_counter()
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
-        result_grid = make_tuner(plan, name, spec, grid, index, resume).fit()
-    frame = results_frame(result_grid, name, fetch_to)
-    if stage == "search":
+        result_grid = make_tuner(plan, stage, spec, grid, index, resume).fit()
+    frame = results_frame(result_grid, plan.experiment(stage), fetch_to)
+    if stage == Stage.SEARCH:
         from raysae.search.tracking import close_journal
 
         close_journal()
@@ -65,7 +65,7 @@ def reference_ce(refs: pd.DataFrame, targets) -> tuple[float, ...] | None:
     """L1's ce_sae per target (seed 0), or None when any is missing."""
     if not {"family", "status", "target_l0", "ce_sae"} <= set(refs.columns):
         return None  # e.g. every reference failed before its final report
-    l1 = refs[(refs["family"] == "L1") & (refs["status"] == "finished")]
+    l1 = refs[(refs["family"] == "L1") & (refs["status"] == Status.FINISHED)]
     by_target = dict(zip(l1["target_l0"], l1["ce_sae"]))
     values = tuple(by_target.get(float(t), math.nan) for t in targets)
     return values if all(math.isfinite(v) for v in values) else None
@@ -91,11 +91,11 @@ def promotion_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]
     from raysae.search.trial.rungs import RUNG_METRIC
 
     return tuple(best_configs(plan, searched, plan.search.promote, by=RUNG_METRIC,
-                              statuses=("stopped",)))
+                              statuses=(Status.STOPPED,)))
 
 
 def best_configs(plan: SearchPlan, searched: pd.DataFrame, n: int, by: str = "trial_objective",
-                 statuses=("finished", "partial")) -> list[dict]:
+                 statuses=EVALUATED) -> list[dict]:
     """The ``n`` best proposals (by the search objective, or ``by``) as trial configs."""
     best = []
     if len(searched) and by in searched:
@@ -127,9 +127,9 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     frames, fetch = [], Path(results_dir) / contract.FETCHED_DIR
     STAGE_SECONDS.clear()  # this search's stages only (a process may run several searches)
     if plan.grid:
-        frames.append(fit_stage(plan, plan.name, plan.spec, plan.grid, 0, resume, fetch))
+        frames.append(fit_stage(plan, Stage.GRID, plan.spec, plan.grid, 0, resume, fetch))
     else:
-        refs = fit_stage(plan, f"{plan.name}_refs", plan.spec, reference_grid(plan), 0,
+        refs = fit_stage(plan, Stage.REFS, plan.spec, reference_grid(plan), 0,
                          resume, fetch)
         frames.append(refs)
         spec = plan.spec
@@ -139,12 +139,12 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
         frames += proposed
         grid = confirmation_grid(plan, searched)
         if grid:
-            frames.append(fit_stage(plan, f"{plan.name}_confirm", spec, grid, 2, resume, fetch))
+            frames.append(fit_stage(plan, Stage.CONFIRM, spec, grid, 2, resume, fetch))
         factor = plan.search.budget_check
         if factor:
             longer = replace(spec, train=replace(
                 spec.train, total_tokens=int(round(spec.train.total_tokens * factor))))
-            frames.append(fit_stage(plan, f"{plan.name}_budget", longer,
+            frames.append(fit_stage(plan, Stage.BUDGET, longer,
                                     budget_grid(plan, searched), 3, resume, fetch
                                     ).assign(budget=float(factor)))
     trials = clean_trials(pd.concat(frames, ignore_index=True))
@@ -177,12 +177,12 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
 
     total = spec.train.total_tokens
     stop = halving_stop(plan.search, total)
-    searched = fit_stage(plan, f"{plan.name}_search", replace(
+    searched = fit_stage(plan, Stage.SEARCH, replace(
         spec, rung_tokens=stage_rung_tokens(plan.search, total), stop_tokens=stop), (), 1,
         resume, fetch_to)
     if not stop:
         return [searched], searched
-    promoted = fit_stage(plan, f"{plan.name}_promote", spec, promotion_grid(plan, searched), 1,
+    promoted = fit_stage(plan, Stage.PROMOTE, spec, promotion_grid(plan, searched), 1,
                          resume, fetch_to)
     return [searched, promoted], promoted
 
@@ -206,7 +206,7 @@ def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
     except (OSError, ValueError):
         return trials
     lost = earlier[~earlier["trial_id"].isin(trials["trial_id"])
-                   & earlier["status"].isin(["finished", "partial", "diverged", "stopped"])]
+                   & earlier["status"].isin([*EVALUATED, Status.DIVERGED, Status.STOPPED])]
     if not len(lost):
         return trials
     return pd.concat([trials, lost], ignore_index=True).sort_values(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from raysae.results import contract
+from raysae.results.vocabulary import Status
 from raysae.search.trial.spec import BAD_OBJECTIVE
 
 PER_TRIAL = ("members", "members_l0", "objective", "ladder")
@@ -61,8 +62,8 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
                  "trial_objective": metrics.get("objective", math.nan)}
         trial.setdefault("penalty", config.get("penalty"))
         trial.update(_rung_columns(result))
-        if trial.get("status") == "running" and result.error is None:
-            trial["status"] = "stopped"  # by the stage's scheduler at a rung (ASHA)
+        if trial.get("status") == Status.RUNNING and result.error is None:
+            trial["status"] = Status.STOPPED  # by the stage's scheduler at a rung (ASHA)
         trial["tune_trial_id"] = metrics.get("trial_id") or os.path.basename(result.path)
         trial["trial_dir"] = result.path
         trial["checkpoint_path"] = (local_checkpoint(result.checkpoint, fetch_to)
@@ -72,7 +73,7 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
             row = {**trial, **member}
             row["trial_id"] = f"{trial['tune_trial_id']}-m{member.get('member', 0)}"
             if result.error is not None:
-                row["status"] = "error"
+                row["status"] = Status.ERROR
                 row["status_reason"] = _error_reason(result.error)
             rows.append(row)
     return pd.DataFrame(rows)
@@ -108,8 +109,8 @@ def clean_trials(df: pd.DataFrame) -> pd.DataFrame:
         if col not in df:
             df[col] = math.nan
     if "status" in df:
-        df["status"] = df["status"].fillna("error")
-    bad = df["status"].isin(["error", "diverged"]) | df["objective"].isna()
+        df["status"] = df["status"].fillna(Status.ERROR)
+    bad = df["status"].isin([Status.ERROR, Status.DIVERGED]) | df["objective"].isna()
     df.loc[bad, "objective"] = BAD_OBJECTIVE
     drop = [c for c in df.columns if c.startswith(("config/", "time_", "timestamp", "pid",
                                                    "hostname", "node_ip", "date", "done"))]

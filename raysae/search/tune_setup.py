@@ -13,6 +13,7 @@ from typing import Any
 
 from raysae.core.config import check_targets
 from raysae.core.metrics import progress_columns
+from raysae.results.vocabulary import Stage
 from raysae.search.config import SearchConfig
 from raysae.search.space import SearchSpace, reference_configs
 from raysae.search.storage_files import storage_root
@@ -47,9 +48,13 @@ class SearchPlan:
             object.__setattr__(self, "spec", replace(self.spec,
                                                      targets=tuple(self.search.targets)))
 
+    def experiment(self, stage: Stage) -> str:
+        """The Tune experiment of ``stage``: ``NAME_<stage>``, a sweep's grid ``NAME``."""
+        return self.name if stage == Stage.GRID else f"{self.name}_{stage}"
+
     @property
     def kind(self) -> str:
-        return "grid" if self.grid else self.search.objective
+        return Stage.GRID if self.grid else self.search.objective
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "storage": self.storage, "kind": self.kind,
@@ -125,7 +130,7 @@ def _label(target: float) -> str:
     return f"{target:g}".replace(".", "p")
 
 
-def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, ...],
+def make_tuner(plan: SearchPlan, stage: Stage, spec: TrialSpec, grid: tuple[dict, ...],
                index: int, resume: bool):
     """A new Tuner, or the restored one when ``resume`` and the experiment exists."""
     from ray import tune
@@ -136,6 +141,7 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial or 0.0})
+    name = plan.experiment(stage)
     path = f"{storage_root(plan.storage).rstrip('/')}/{name}"
     if not grid:  # the search stage's searcher writes its study out here
         from raysae.search.tracking import study_path, use_journal
@@ -154,7 +160,6 @@ def make_tuner(plan: SearchPlan, name: str, spec: TrialSpec, grid: tuple[dict, .
         from raysae.search.multifidelity import rung_scheduler
 
         scheduler = rung_scheduler(plan.search, spec)
-    stage = name[len(plan.name) + 1:] or "grid"
     run_config = tune.RunConfig(
         callbacks=tune_callbacks(plan.name, stage, plan.results, plan.wandb),
         name=name, storage_path=storage_root(plan.storage),

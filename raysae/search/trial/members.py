@@ -16,7 +16,6 @@ from raysae.results import contract
 from raysae.search.trial.spec import BAD_OBJECTIVE, TrialSpec, frontier_score, member_objective
 
 SWEEP_FILE = contract.ARTIFACT_FILES["ablations"]
-FEATURE_COLUMNS = ("dead_fraction", "low_freq_fraction", "median_nonzero", "feature_tokens")
 
 
 def _feature_source(spec: TrialSpec, evaluator):
@@ -93,7 +92,7 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator
         stats[k] = feature_stats.feature_statistics(_feature_source(spec, evaluator), sae,
                                                     spec.data.feature_tokens)
         summary = feature_stats.summarize(*stats[k])
-        row.update({c: summary[c] for c in FEATURE_COLUMNS})
+        row.update({c: summary[c] for c in feature_stats.SUMMARY_COLUMNS})
         target = None if math.isnan(row["target_l0"]) else row["target_l0"]
         row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.search.beta,
                                             spec.search.tol)

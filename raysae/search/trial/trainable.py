@@ -33,6 +33,7 @@ from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 from raysae.core.metrics import metric_names
 from raysae.core.training import train_ladder
+from raysae.results.vocabulary import Status
 from raysae.search.trial.members import evaluate_members
 from raysae.search.trial.scratch import CKPT_PREFIX, remove_stale_checkpoint_folders, scratch_dir
 from raysae.search.trial.spec import TrialSpec, frontier_score, train_config
@@ -196,7 +197,7 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
 
         base = unscored(spec)
     tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
-                 "status": "error", "status_reason": reason})
+                 "status": Status.ERROR, "status_reason": reason})
 
 
 def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
@@ -224,7 +225,7 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         if rate is not None:
             row["tokens_per_second"] = rate
         out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
-               "status": "running", "checkpoint_bytes": written["bytes"],
+               "status": Status.RUNNING, "checkpoint_bytes": written["bytes"],
                "ladder": ladder_scalars(rows)}
         if rungs.due(live):  # scored mid-training; ASHA may stop the trial at this report
             out.update(rungs.score(live), setup_seconds=started - entered,
@@ -254,9 +255,8 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
               "eval_seconds": time.monotonic() - trained + rungs.seconds,
               "train_tokens_per_second": (trainer.tokens - first_token)
               / max(trained - started, 1e-9)}
-    status = "finished" if all(m["status"] == "finished" for m in members) else (
-        "diverged" if all(m["status"] == "diverged" for m in members) else members[0]["status"]
-        if len({m["status"] for m in members}) == 1 else "partial")
+    statuses = {m["status"] for m in members}
+    status = next(iter(statuses)) if len(statuses) == 1 else Status.PARTIAL
     final = {**base, **_mean_row([m for m in members if "l0" in m] or members),
              "objective": frontier_score(members, spec), "status": status,
              "members": json.dumps(members), "checkpoint_bytes": written["bytes"], **timing,
