@@ -22,7 +22,18 @@ from typing import Any
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
-class SettingError(ValueError):
+class UserError(ValueError):
+    """Bad input the user can fix (a setting, a file, a model, a cluster that can never run
+    a trial, a resume with nothing to resume): the CLI prints its message as one line and
+    exits 2. Any other exception is a bug and keeps its traceback (raysae.cli)."""
+
+
+class JobFailed(RuntimeError):
+    """A job ran but produced nothing (no trial finished): the CLI prints the cause as one
+    line and exits 1."""
+
+
+class SettingError(UserError):
     """A setting out of range: ``{field} {value} is invalid: {allowed}; {fix}``."""
 
     def __init__(self, field: str, value: Any, allowed: str, fix: str = ""):

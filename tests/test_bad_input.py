@@ -21,6 +21,7 @@ from raysae.activations.cache import build_cache, default_cache_root
 from raysae.activations.source import ActivationSource
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 HOOK = "blocks.0.hook_resid_post"
 CACHE_TOKENS = 2048
 
@@ -220,3 +221,32 @@ def test_ablation_cli_refuses_truncated_config(tmp_path, capsys):
     assert "cfg.json is not valid JSON" in _error_line(capsys)
     assert not (path / "ablation").exists()
     json.loads(text)  # the original was valid: the truncation is what was refused
+
+
+BUG = """
+import sys
+import raysae.cli.report
+from raysae.cli import main
+
+def boom(args):
+    raise ValueError("an internal bug, not bad input")
+
+raysae.cli.report.report_command = boom
+sys.exit(main(["report", sys.argv[1]]))
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
+    """Only a UserError becomes one line and exit 2; a ValueError raised by a bug inside a
+    command keeps its traceback and exits 1 (issue #36)."""
+    bug = subprocess.run([sys.executable, "-c", BUG, str(tmp_path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert bug.returncode == 1, bug.stderr[-2000:]
+    assert "Traceback (most recent call last)" in bug.stderr
+    assert bug.stderr.strip().splitlines()[-1] == "ValueError: an internal bug, not bad input"
+    user = subprocess.run([sys.executable, "-m", "raysae", "report", str(tmp_path / "none")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert user.returncode == 2
+    assert user.stderr.strip().splitlines() == [
+        f"raysae report: error: {tmp_path / 'none' / 'trials.parquet'} not found; point at a "
+        "folder written by a search"], user.stderr

@@ -26,6 +26,7 @@ import numpy as np
 
 from raysae import io
 from raysae.activations.source import from_storage
+from raysae.settings import UserError
 
 STORAGE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 META_COLUMNS = ("block_id", "pos", "token")
@@ -34,7 +35,7 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 _DIGESTS_LOCK = threading.Lock()
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that is corrupt, was built with other settings, or by another raysae."""
 
 

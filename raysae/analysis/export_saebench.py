@@ -65,6 +65,7 @@ import pandas as pd
 
 from raysae.results import contract
 from raysae.results.vocabulary import Status
+from raysae.settings import UserError
 
 FORMATS = ("saebench",)
 """Export formats ``export_results`` writes."""
@@ -122,30 +123,30 @@ def export_results(results_dir: str | os.PathLike, out: str | os.PathLike | None
     temp folder beside ``out`` and renamed, replacing an earlier export. Returns (out, the
     names). Bad input raises ValueError saying what is wrong and the fix."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; pass one of {list(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; pass one of {list(FORMATS)}")
     root = Path(results_dir)
     if not root.is_dir():
-        raise ValueError(f"{root}: no such folder; pass the results folder a search wrote "
+        raise UserError(f"{root}: no such folder; pass the results folder a search wrote "
                          f"(it holds {contract.TRIALS_FILE})")
     trials = contract.read_trials(root)
     rows = trials[~trials["status"].isin(NOT_SAVED)]
     if rows.empty:
-        raise ValueError(f"{root / contract.TRIALS_FILE} has no saved SAE (statuses: "
+        raise UserError(f"{root / contract.TRIALS_FILE} has no saved SAE (statuses: "
                          f"{sorted(set(trials['status'].astype(str)))}); export a search "
                          f"with at least one finished trial")
     if "checkpoint_path" not in rows:
-        raise ValueError(f"{root / contract.TRIALS_FILE} lacks column 'checkpoint_path', so "
+        raise UserError(f"{root / contract.TRIALS_FILE} lacks column 'checkpoint_path', so "
                          f"its SAEs cannot be found; re-run the search with this raysae")
     sources = {}
     for _, row in rows.iterrows():
         name = export_name(row)
         if name in sources:
-            raise ValueError(f"two SAEs of {root / contract.TRIALS_FILE} share the name "
+            raise UserError(f"two SAEs of {root / contract.TRIALS_FILE} share the name "
                              f"{name!r}; trial_id must be unique per SAE, re-run the search")
         sources[name] = (row, sae_folder(row, root))
     missing = [f"{row['trial_id']}" for row, folder in sources.values() if folder is None]
     if missing:
-        raise ValueError(f"the SAE folders of {len(missing)} trial(s) ({', '.join(missing[:5])}"
+        raise UserError(f"the SAE folders of {len(missing)} trial(s) ({', '.join(missing[:5])}"
                          f"{', ...' if len(missing) > 5 else ''}) are gone (trials.parquet's "
                          f"checkpoint_path, or {contract.FETCHED_DIR}/ under the results "
                          f"folder); export where the search's Tune storage is")
@@ -263,17 +264,17 @@ def _check_destination(dest: Path, root: Path) -> None:
 
     here, results = dest.resolve(), root.resolve()
     if here == results or here in results.parents:
-        raise ValueError(f"--out {dest} would replace the results folder itself; pass a "
+        raise UserError(f"--out {dest} would replace the results folder itself; pass a "
                          f"folder of its own (default: RESULTS/{EXPORT_DIR}/saebench)")
     if not dest.exists():
         return
     if not dest.is_dir():
-        raise ValueError(f"--out {dest} is a file; pass a folder")
+        raise UserError(f"--out {dest} is a file; pass a folder")
     foreign = [p.name for p in dest.iterdir()
                if not (p.is_file() and p.suffix == ".json")
                and not (p.is_dir() and (p / CONFIG_FILE).is_file())]
     if foreign:
-        raise ValueError(f"--out {dest} exists and is not an earlier export (it holds "
+        raise UserError(f"--out {dest} exists and is not an earlier export (it holds "
                          f"{sorted(foreign)[:3]}); pass a new folder or remove it")
 
 

@@ -21,6 +21,7 @@ from raysae.analysis.html_parts import CSS, img, provenance_block, settings_tabl
 from raysae.core import metrics as metric_table
 from raysae.results import contract
 from raysae.results.vocabulary import Stage, Status
+from raysae.settings import UserError
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TIE_TOL = 0.005  # nats: a family takes the lead only when lower by more than this
@@ -98,7 +99,7 @@ def analyse(res: pareto.Results) -> dict:
     """Everything the page shows, computed once: fronts, curves, crossovers, tables."""
     pts = pareto.points_table(res.trials, res.ablations)
     if not len(pts):
-        raise ValueError("no finished trial with l0 > 0 and finite ce_sae; nothing to report")
+        raise UserError("no finished trial with l0 > 0 and finite ce_sae; nothing to report")
     curves = pareto.matched_l0(pts)
     fams = pareto.families(pts)
     switch = pd.DataFrame([pareto.switch_point(curves, f) for f in fams if f != "L1"],

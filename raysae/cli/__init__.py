@@ -2,8 +2,10 @@
 
     raysae search | sweep | report | export | ablation | cache | build-model   (or python -m raysae)
 
-Every bad input, from argparse or from the configs and pre-flight checks, ends the same
-way: one line ``raysae <command>: error: <what and the fix>`` on stderr, exit status 2.
+Every bad input, from argparse or from the configs and pre-flight checks (a
+``raysae.settings.UserError``), ends the same way: one line ``raysae <command>: error: <what
+and the fix>`` on stderr, exit status 2. A search that ran but trained nothing exits 1 with
+its cause in one line; any other exception is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+
+from raysae.settings import JobFailed, SettingError, UserError, flag_name
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_text(err: Exception) -> str:
     """One line: a SettingError speaks in flags, anything else as it is."""
-    from raysae.settings import SettingError, flag_name
-
     text = err.render(flag_name) if isinstance(err, SettingError) else str(err)
     return " ".join(text.split())
 
@@ -61,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, ConnectionError) as err:  # ConnectionError: --address unreachable
+    except UserError as err:
         print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (raysae.search.interrupt)
         signum = getattr(err, "signum", 2)
         resume = "" if args.command not in ("search", "sweep") else (
@@ -73,13 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysae {args.command}: interrupted ({_signal_name(signum)}); no tables or "
               f"report written{resume}", file=sys.stderr, flush=True)
         return 128 + signum
-    except RuntimeError as err:
-        from raysae.search.job import JobFailed
-
-        if not isinstance(err, JobFailed):
-            raise
-        print(f"raysae {args.command}: error: {error_text(err)}", file=sys.stderr)
-        return 1
 
 
 def _argv(argv: list[str] | None) -> list[str]:

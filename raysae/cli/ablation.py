@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from raysae import io
+from raysae.settings import UserError
 
 STDLIB = "stdlib"  # raysae.lm.corpus.STDLIB; heavy modules load only when the command runs
 DEFAULT_HOOK = "blocks.3.hook_resid_post"  # raysae.lm.models.DEFAULT_HOOK
@@ -54,7 +55,7 @@ def add_ablation_parser(subparsers) -> argparse.ArgumentParser:
 def _check_positive(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+            raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
 
 
 def run_threshold_ablation(sae_dir, model: str | None = None, hook: str | None = None,

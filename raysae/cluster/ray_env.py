@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import socket
 
+from raysae.settings import UserError
+
 LOCAL_OBJECT_STORE_BYTES = 300 * 1024**2
 """Object store for the embedded local Ray: small, since this is a laptop-scale fallback."""
 
@@ -54,6 +56,10 @@ def _reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+class ClusterUnreachable(UserError, ConnectionError):
+    """No Ray cluster answers at the address given (or 'auto' found none)."""
+
+
 def _resolve(address: str | None) -> tuple[str | None, bool]:
     """(address to connect to or None for local, whether it came from ``ray start``'s record)."""
     explicit = address.strip() if address else _env_address()
@@ -61,7 +67,7 @@ def _resolve(address: str | None) -> tuple[str | None, bool]:
         return None, False
     if explicit and explicit != "auto":
         if "://" not in explicit and not _reachable(explicit):
-            raise ConnectionError(
+            raise ClusterUnreachable(
                 f"no Ray cluster answers at {explicit!r}: check the address (host:port of the "
                 "head's GCS, default port 6379), or unset RAYSAE_RAY_ADDRESS/RAY_ADDRESS"
             )
@@ -70,7 +76,7 @@ def _resolve(address: str | None) -> tuple[str | None, bool]:
     if recorded and _reachable(recorded):
         return recorded, True
     if explicit == "auto":
-        raise ConnectionError(
+        raise ClusterUnreachable(
             "address='auto' but no running Ray cluster was found on this machine: start one "
             "with `ray start --head` or `ray up cluster.yaml`, or pass no address to run locally"
         )

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from raysae.registry import Registry
+from raysae.settings import UserError
 
 
-class SAELoadError(ValueError):
+class SAELoadError(UserError):
     """An SAE directory is missing, truncated, or not what it claims to be."""
 
 

@@ -30,6 +30,7 @@ import torch
 
 from raysae import io
 from raysae.core import metrics
+from raysae.settings import UserError
 
 DEFAULT_TOKENS = 100_000
 SAMPLE_TOKENS = 4000
@@ -135,7 +136,7 @@ def feature_batches(source, sae, n_tokens: int | None = DEFAULT_TOKENS) -> Itera
     with torch.no_grad():
         for x in _as_activation_batches(source, n_tokens, device):
             if x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(f"activations have width {x.shape[-1]} but the SAE reads "
+                raise UserError(f"activations have width {x.shape[-1]} but the SAE reads "
                                  f"d_in={sae.cfg.d_in}; use the SAE trained on this hook")
             for chunk in x.split(_CHUNK):
                 yield sae.encode(chunk.to(device, torch.float32))

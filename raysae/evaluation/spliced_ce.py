@@ -44,6 +44,7 @@ from raysae.core import metrics
 from raysae.evaluation import feature_stats
 from raysae.lm import corpus
 from raysae.lm.models import check_hook
+from raysae.settings import UserError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 _RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_in|hook_resid_post|hook_out)$")
@@ -244,7 +245,7 @@ class Evaluator:
         order), whose plain mean is ``ce_sae``.
         """
         if sae.cfg.d_in != self.d_in:
-            raise ValueError(f"SAE reads d_in={sae.cfg.d_in} but {self.hook_name} has width "
+            raise UserError(f"SAE reads d_in={sae.cfg.d_in} but {self.hook_name} has width "
                              f"{self.d_in}; use an SAE trained on this hook")
         sae_device = sae.W_enc.device
         sums, recon = [], 0  # recon: the table's per-token sums (a device tensor)

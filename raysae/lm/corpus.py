@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysae.settings import UserError
+
 STDLIB = "stdlib"
 SPLITS = ("train", "heldout", "all")
 HELD_OUT_FRACTION = 0.1
@@ -95,10 +97,10 @@ def corpus_files(source: str | os.PathLike | Sequence) -> list[Path]:
         else:
             files += [Path(p) for p in sorted(glob.glob(str(item))) if Path(p).is_file()]
     if not files:
-        raise ValueError(f"source {source!r}: no local files found; give a path, glob or folder")
+        raise UserError(f"source {source!r}: no local files found; give a path, glob or folder")
     kinds = {_kind(f) for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"source {source!r} mixes file kinds {sorted(kinds)}; give one kind")
+        raise UserError(f"source {source!r} mixes file kinds {sorted(kinds)}; give one kind")
     return files
 
 
@@ -136,18 +138,18 @@ def iter_texts(
         if kind == "text" and len(files) > 1:
             files, row_split = split_files(files, split, held_out_fraction), "all"
         if not files:
-            raise ValueError(f"source {source!r}: split {split!r} holds no files; add files")
+            raise UserError(f"source {source!r}: split {split!r} holds no files; add files")
         ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True,
                           **({"sample_by": "document"} if kind == "text" else {}))
     else:
         try:
             ds = load_dataset(str(source), split=hf_split, streaming=True)
         except (OSError, FileNotFoundError) as err:  # offline, unknown name, no access
-            raise ValueError(f"cannot open dataset {source!r} ({err}); give local files, "
+            raise UserError(f"cannot open dataset {source!r} ({err}); give local files, "
                              "'stdlib', or a reachable hub dataset") from err
     for i, row in enumerate(ds):
         if text_column not in row:
-            raise ValueError(
+            raise UserError(
                 f"text_column={text_column!r} not in the data's columns {sorted(row)}; "
                 "pass text_column=<one of them>"
             )
@@ -204,7 +206,7 @@ def iter_token_blocks(
         n_out += n
         yield arr
     if n_out == 0:
-        raise ValueError(
+        raise UserError(
             f"source {source!r} (split {split!r}) gave no full block of {context_length} "
             "tokens; use more text or a shorter context_length"
         )

@@ -20,6 +20,7 @@ from raysae.lm.local_model import (  # noqa: F401  (re-exported: one place to ge
     default_model,
     read_metadata,
 )
+from raysae.settings import UserError
 
 DEFAULT_MODEL = "EleutherAI/pythia-70m-deduped"
 DEFAULT_HOOK = "blocks.3.hook_resid_post"
@@ -50,14 +51,14 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
 
     name = resolve_model(name_or_path)
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"model path {name!r} is not a folder; give a checkpoint dir or hub name")
+        raise UserError(f"model path {name!r} is not a folder; give a checkpoint dir or hub name")
     name = os.path.expanduser(name)
     device = device or default_device()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model = TransformerBridge.boot_transformers(name, device=device)
     except OSError as err:  # hub unreachable / unknown name: say what to do
-        raise ValueError(
+        raise UserError(
             f"cannot load model {name!r} ({err.__class__.__name__}: {str(err)[:200]}); "
             "give a local checkpoint folder (e.g. `raysae build-model`) or check the hub name"
         ) from err
@@ -84,7 +85,7 @@ def check_hook(model, hook_name: str, model_name: str | None = None) -> str:
     close = difflib.get_close_matches(hook_name, names, n=3, cutoff=0.6)
     resid = [n for n in names if n.endswith("hook_resid_post")]
     span = f" (residual stream: {resid[0]} .. {resid[-1]})" if resid else ""
-    raise ValueError(f"--hook {hook_name} is not a hook of model {model_name or '(in memory)'};"
+    raise UserError(f"--hook {hook_name} is not a hook of model {model_name or '(in memory)'};"
                      f" close matches: {close or 'none'}; pass --hook with a valid name{span}")
 
 
@@ -95,7 +96,7 @@ def hook_layer(hook_name: str) -> int:
         return int(match.group(1))
     if hook_name.startswith(_EMBED_HOOKS):
         return -1
-    raise ValueError(
+    raise UserError(
         f"hook {hook_name!r} is not inside a block or the embedding; use "
         "stop_layer(model, hook) (None: run the full forward) for final-layer hooks"
     )

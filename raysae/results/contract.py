@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from raysae import io
+from raysae.settings import UserError
 from raysae.core.metrics import metric_names
 
 TRIALS_FILE = "trials.parquet"
@@ -91,7 +92,7 @@ def write_trials(trials: pd.DataFrame, out: str | os.PathLike) -> Path:
 def read_trials(root: str | os.PathLike) -> pd.DataFrame:
     path = Path(root) / TRIALS_FILE
     if not path.is_file():
-        raise ValueError(f"{path} not found; point at a folder written by a search")
+        raise UserError(f"{path} not found; point at a folder written by a search")
     trials = pd.read_parquet(path)
     require_columns(trials, REQUIRED_TRIAL_COLUMNS, TRIALS_FILE)
     return trials

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from raysae.settings import UserError
+
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 """Where `ray up` leaves the cluster's autoscaler config on the head node (env
 RAYSAE_AUTOSCALER_CONFIG overrides): its node types are what the cluster could get."""
@@ -123,20 +125,20 @@ def check_cluster(nodes: list[dict], *, cpus: float, gpus: float, memory: int,
         return max((float(r.get(key, 0) or 0) for r in pool), default=0.0)
 
     if cpus > most("CPU"):
-        raise ValueError(f"--cpus-per-trial {cpus:g} asks for {cpus:g} CPUs per trial, but the "
+        raise UserError(f"--cpus-per-trial {cpus:g} asks for {cpus:g} CPUs per trial, but the "
                          f"largest node of {where} has {most('CPU'):g}; no trial could ever "
                          f"start; pass --cpus-per-trial {most('CPU'):g} or less, or add "
                          "bigger nodes")
     if gpus > most("GPU"):
         have = (f"the largest node of {where} has {most('GPU'):g}" if most("GPU")
                 else f"no node of {where} has a GPU")
-        raise ValueError(f"--gpus-per-trial {gpus:g} asks for {gpus:g} GPUs per trial, but "
+        raise UserError(f"--gpus-per-trial {gpus:g} asks for {gpus:g} GPUs per trial, but "
                          f"{have}; no trial could ever start; pass --gpus-per-trial "
                          f"{most('GPU'):g}{' or less' if most('GPU') else ''}, or add GPU nodes")
     room = max((float(r.get("memory", 0) or 0) + float(r.get("object_store_memory", 0) or 0)
                 for r in pool), default=0.0)
     if room and memory > room:
-        raise ValueError(f"one trial needs about {_gib(memory)} of memory (its ladder's SAEs, "
+        raise UserError(f"one trial needs about {_gib(memory)} of memory (its ladder's SAEs, "
                          f"gradients and Adam state, and the [members, batch, d_sae] step "
                          f"temporaries), but the largest node of {where} has {_gib(room)}; "
                          "lower --expansion, --batch-size or the number of --targets")

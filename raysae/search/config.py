@@ -30,6 +30,7 @@ from raysae.search.ranges import check_log_range, range_field, range_fields
 from raysae.search.run_settings import RunSettings, SweepSettings
 from raysae.settings import (
     SettingError,
+    UserError,
     is_int,
     is_number,
     positive_int,
@@ -310,7 +311,7 @@ def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) 
     ranges = {searchable[k]: tuple(v) for k, v in values.items() if k in searchable}
     unknown = sorted(k for k in values if k not in known and k not in searchable)
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; see raysae.search.config")
+        raise UserError(f"unknown setting(s) {unknown}; see raysae.search.config")
     if ranges:
         values["ranges"] = ranges
     train_values = {k: v for k, v in values.items() if k not in TRAIN_INTERNAL}

@@ -17,6 +17,7 @@ from raysae.search.stages import run_search
 from raysae.search.tracking import study_path
 from raysae.search.trial.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan, grid_points
+from raysae.settings import JobFailed
 
 
 def job_name(cfg: JobConfig, sweep: bool) -> str:
@@ -112,10 +113,6 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     except BaseException:  # any failure or interrupt leaves no empty results folder
         preflight.remove_if_empty(made)
         raise
-
-
-class JobFailed(RuntimeError):
-    """The search ran but no trial finished (the CLI prints the cause, exit status 1)."""
 
 
 def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from raysae.settings import UserError
+
 MIN_FREE_BYTES = 100 * 1024**2
 """A results/storage/cache folder with less free space than this is refused up front."""
 _PATH_EXTS = (".parquet", ".json", ".jsonl", ".txt", ".py", ".md")
@@ -36,17 +38,17 @@ def check_model_name(model: str | None) -> None:
     path = Path(os.path.expanduser(model))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ValueError(f"--model {model} is not a model checkpoint folder (no config.json)"
+            raise UserError(f"--model {model} is not a model checkpoint folder (no config.json)"
                              "; give a Hugging Face checkpoint folder or a hub name")
         return
     if _path_like(model):
-        raise ValueError(f"--model {model}: no such folder; give an existing checkpoint folder "
+        raise UserError(f"--model {model}: no such folder; give an existing checkpoint folder "
                          "(e.g. one made by `raysae build-model`) or a hub name")
     if _offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-            raise ValueError(f"--model {model} is neither a local folder nor a cached hub model,"
+            raise UserError(f"--model {model} is neither a local folder nor a cached hub model,"
                              " and HF_HUB_OFFLINE is set; give a checkpoint folder (`raysae "
                              "build-model`), omit --model for the local model, or go online")
 
@@ -58,23 +60,23 @@ def check_corpus(source: str, text_column: str) -> None:
     if source == corpus.STDLIB:
         return
     if not corpus._is_local(source) and _path_like(source):
-        raise ValueError(f"--corpus {source}: no such file or folder; give 'stdlib', local "
+        raise UserError(f"--corpus {source}: no such file or folder; give 'stdlib', local "
                          "text/parquet/json files, or a hub dataset name")
     if corpus._is_local(source):
         try:
             files = corpus.corpus_files(source)
         except ValueError as err:
             if Path(source).is_dir():
-                raise ValueError(f"--corpus {source} is an empty folder (no files); give "
+                raise UserError(f"--corpus {source} is an empty folder (no files); give "
                                  "a folder of text/parquet/json files") from None
-            raise ValueError(f"--corpus {source}: {err}") from None
+            raise UserError(f"--corpus {source}: {err}") from None
         if all(_empty_file(f) for f in files):
-            raise ValueError(f"--corpus {source} is empty (no rows); give a dataset with text")
+            raise UserError(f"--corpus {source} is empty (no rows); give a dataset with text")
     for split in ("train", "heldout"):
         first = _first_text(source, text_column, split)
         if first is None:
             what = "empty" if split == "train" else "empty in its held-out split (used for CE)"
-            raise ValueError(f"--corpus {source} is {what}; give a dataset with more text")
+            raise UserError(f"--corpus {source} is {what}; give a dataset with more text")
 
 
 def _empty_file(path: Path) -> bool:
@@ -92,18 +94,18 @@ def _first_text(source: str, text_column: str, split: str) -> str | None:
     try:
         return next(corpus.iter_texts(source, text_column=text_column, split=split), None)
     except UnicodeDecodeError as err:
-        raise ValueError(f"--corpus {source} is not a text file (not UTF-8: byte "
+        raise UserError(f"--corpus {source} is not a text file (not UTF-8: byte "
                          f"0x{err.object[err.start]:02x} at offset {err.start}); give UTF-8 "
                          "text, parquet or json files, or 'stdlib'") from None
     except ValueError as err:
         if "text_column" in str(err):
             found = re.search(r"columns (\[[^\]]*\])", str(err))
             cols = found.group(1) if found else "see the data"
-            raise ValueError(f"--text-column {text_column} is not a column of --corpus {source}"
+            raise UserError(f"--text-column {text_column} is not a column of --corpus {source}"
                              f" (columns: {cols}); pass --text-column with one of them") from None
-        raise ValueError(f"--corpus {source}: {err}") from None
+        raise UserError(f"--corpus {source}: {err}") from None
     except Exception as err:  # datasets/pyarrow raise many types for unreadable data
-        raise ValueError(f"--corpus {source} cannot be read ({type(err).__name__}: "
+        raise UserError(f"--corpus {source} cannot be read ({type(err).__name__}: "
                          f"{' '.join(str(err).split())[:200]}); give 'stdlib', local files "
                          "or a reachable hub dataset") from None
 
@@ -113,12 +115,12 @@ def check_cache_flag(cache: str) -> dict:
     from raysae.activations.cache import MANIFEST, load_manifest
 
     if not (Path(cache) / MANIFEST).is_file():
-        raise ValueError(f"--cache {cache} holds no {MANIFEST}: not a finished activation cache;"
+        raise UserError(f"--cache {cache} holds no {MANIFEST}: not a finished activation cache;"
                          " give a folder made by `raysae cache`, or omit --cache to build one")
     try:
         return load_manifest(cache)
     except ValueError as err:  # unreadable JSON
-        raise ValueError(f"--cache {cache}: {err}; omit --cache to build one") from None
+        raise UserError(f"--cache {cache}: {err}; omit --cache to build one") from None
 
 
 def check_cache_matches(cache: str, manifest: dict, model: str, hook: str,
@@ -134,13 +136,13 @@ def check_cache_matches(cache: str, manifest: dict, model: str, hook: str,
     if not diff and manifest.get("d_in") != d_in:
         diff = [f"d_in {manifest.get('d_in')} (the model's width is {d_in})"]
     if diff:
-        raise ValueError(f"--cache {cache} was built for {', '.join(diff)}; pass the matching "
+        raise UserError(f"--cache {cache} was built for {', '.join(diff)}; pass the matching "
                          "flags, or omit --cache to build a cache for these settings")
 
 
 def check_batch(batch_size: int, cache_tokens: int, cache_flag: str) -> None:
     if batch_size > cache_tokens:
-        raise ValueError(f"--batch-size {batch_size} is larger than the activation cache "
+        raise UserError(f"--batch-size {batch_size} is larger than the activation cache "
                          f"({cache_flag}: {cache_tokens} tokens); lower --batch-size or use a "
                          "bigger cache")
 
@@ -162,7 +164,7 @@ def resolve_model(name: str | None, hook: str) -> tuple[str, int]:
         with _no_progress_bars():  # a refused input's stderr is its one error line
             lm = load_model(model, device="cpu")
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model {model}: {' '.join(str(err).split())}") from None
+        raise UserError(f"--model {model}: {' '.join(str(err).split())}") from None
     check_hook(lm, hook, model)
     return model, int(lm.cfg.d_model)
 
@@ -189,7 +191,7 @@ def check_context_length(context_length: int, model: str) -> None:
     """--context-length within the model's positions (else the cache build dies late)."""
     limit = model_max_positions(model)
     if limit is not None and context_length > limit:
-        raise ValueError(f"--context-length {context_length} is larger than the model's "
+        raise UserError(f"--context-length {context_length} is larger than the model's "
                          f"maximum of {limit} positions ({model}); pass --context-length "
                          f"{limit} or less")
 
@@ -231,7 +233,7 @@ def preflight_writable(folder: Path, *, flag: str = "--results",
         base = base.parent
     what = f"{flag} folder {folder}"
     if not base.is_dir():
-        raise ValueError(f"{what} cannot be created: {base} is a file, not a folder; "
+        raise UserError(f"{what} cannot be created: {base} is a file, not a folder; "
                          f"pass {flag} a writable folder")
     try:
         with tempfile.NamedTemporaryFile(dir=base, prefix=".raysae-write-test-") as f:
@@ -239,11 +241,11 @@ def preflight_writable(folder: Path, *, flag: str = "--results",
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise ValueError(f"{what} is not writable ({exc.strerror} in {base}); pass {flag} a "
+        raise UserError(f"{what} is not writable ({exc.strerror} in {base}); pass {flag} a "
                          "writable folder") from None
     free = shutil.disk_usage(base).free
     if free < min_free_bytes:
-        raise ValueError(f"{what} has only {free / 1024**2:.1f} MiB free (need "
+        raise UserError(f"{what} has only {free / 1024**2:.1f} MiB free (need "
                          f"{min_free_bytes // 1024**2} MiB); free space or pass {flag} "
                          "elsewhere")
 

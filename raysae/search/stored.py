@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from raysae.search import storage_files
-from raysae.settings import flag_name
+from raysae.settings import UserError, flag_name
 
 SETTINGS_FILE = "job_settings.json"
 NOT_RESULTS = {
@@ -70,22 +70,22 @@ def check_resume(cfg, name: str, sweep: bool) -> list[str]:
     if data is None:
         found = storage_files.experiments(storage, name)
         if found:
-            raise ValueError(f"--resume of search {name!r}: its settings file {where} is "
+            raise UserError(f"--resume of search {name!r}: its settings file {where} is "
                              f"missing, though its Tune experiments {found} are there; "
                              "restore the file, or start a new search with another --name")
-        raise ValueError(f"--resume: there is no search {name!r} in --storage "
+        raise UserError(f"--resume: there is no search {name!r} in --storage "
                          f"{storage_files.storage_root(storage)} (no {SETTINGS_FILE}, no Tune "
                          "experiment); check --storage and --name, or drop --resume to "
                          "start it")
     try:
         stored = json.loads(data)["result_settings"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"--resume of search {name!r}: {where} is not a settings file "
+        raise UserError(f"--resume of search {name!r}: {where} is not a settings file "
                          f"({err}); restore it, or start a new search with another --name"
                          ) from None
     diff = differences(stored, result_settings(cfg, sweep))
     if diff and not cfg.run.resume_changed:
-        raise ValueError(f"--resume of search {name!r} with settings that change its results: "
+        raise UserError(f"--resume of search {name!r} with settings that change its results: "
                          f"{'; '.join(diff)} (stored in {where}); pass the stored values, "
                          "a new --name for a new search, or --resume-changed to continue "
                          "anyway (see --help)")

@@ -32,6 +32,7 @@ from typing import Any
 
 from raysae import io
 from raysae.search import storage_files
+from raysae.settings import UserError
 
 JOURNAL_SUFFIX = ".optuna-journal.log"
 """The study journal's file name is the search name plus this (optuna-dashboard opens it)."""
@@ -143,7 +144,7 @@ def check_wandb() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError as err:
-        raise ValueError("--wandb needs the wandb package: pip install wandb (or raysae[track])"
+        raise UserError("--wandb needs the wandb package: pip install wandb (or raysae[track])"
                          ) from err
 
 
