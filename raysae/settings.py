@@ -16,6 +16,8 @@ import inspect
 import math
 import re
 import textwrap
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +72,36 @@ def require(ok: bool, field: str, value: Any, allowed: str, fix: str = "") -> No
     """Raise SettingError unless ``ok``."""
     if not ok:
         raise SettingError(field, value, allowed, fix)
+
+
+def choices(annotation: Any) -> tuple | None:
+    """The values of a ``Literal[...]`` annotation (also inside ``X | None``), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if (found := choices(arg)) is not None:
+                return found
+    return None
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: values for f in dataclasses.fields(cls)
+            if (values := choices(hints[f.name])) is not None}
+
+
+def check_choices(obj: Any) -> None:
+    """Every ``Literal``-typed field of the dataclass ``obj`` holds one of its values (the
+    one check of every closed choice; the flags take their choices from the same types)."""
+    for name, values in _literal_fields(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and type(None) in typing.get_args(typing.get_type_hints(
+                type(obj))[name]):
+            continue
+        require(value in values, name, value, f"must be one of {', '.join(map(str, values))}",
+                f"pass one of them to {{{name}}}")
 
 
 def positive_int(obj: Any, *names: str) -> None:

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ import torch
 from raysae.lm import corpus
 from raysae.lm.models import DEFAULT_HOOK
 
-DTYPES = ("float32", "float16", "bfloat16")
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+"""The activation cache's storage dtypes."""
+DTYPES = get_args(CacheDtype)
 # The activation cache's on-disk format; part of the cache key, so a format change rebuilds.
 FORMAT_VERSION = 2
 HARVEST_ORDER = "blocks-permuted"
@@ -51,7 +54,7 @@ class ActivationSource:
     text_column: str = "text"
     context_length: int = 128
     n_tokens: int = 1_000_000  # activation rows (BOS rows excluded when drop_bos)
-    dtype: str = "float32"  # storage dtype: float32 / float16 / bfloat16
+    dtype: CacheDtype = "float32"  # storage dtype
     drop_bos: bool = True  # drop the BOS position (its activation is an outlier)
     prepend_bos: bool = True
     batch_blocks: int = 32  # token blocks per LM forward

@@ -14,15 +14,19 @@ import types
 import typing
 from typing import Any
 
+from raysae import settings
 from raysae.settings import field_docs, flag_name
 
 _SCALARS = (int, float, str)
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(element type, is a sequence) of a field annotation such as ``tuple[float, ...] | None``."""
+    """(element type, is a sequence) of a field annotation such as ``tuple[float, ...] | None``
+    (a ``Literal`` of strings is a str)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return type(args[0]), False
     if origin in (typing.Union, types.UnionType):
         return _base_type(args[0])
     if origin in (tuple, list):
@@ -40,7 +44,9 @@ def _default(field: dataclasses.Field) -> Any:
 
 def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
                 skip: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
-    """One argument group ``title`` with a flag per field of ``cls`` (except ``skip``)."""
+    """One argument group ``title`` with a flag per field of ``cls`` (except ``skip``); a
+    ``Literal``-typed field's flag takes its values as choices, ``choices`` adds others
+    (registries)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     group = parser.add_argument_group(title)
@@ -66,6 +72,9 @@ def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
             extra = {"nargs": 2, "metavar": ("LOW", "HIGH")}
         if "const" in field.metadata:  # the flag alone means this value (--wandb)
             extra.update(nargs="?", const=field.metadata["const"])
+        closed = settings.choices(hints[field.name])
+        if closed is not None:
+            extra["choices"] = closed
         if choices and field.name in choices:
             extra["choices"] = choices[field.name]
         group.add_argument(flag_name(field.name), dest=field.name, type=kind, default=None,

@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 
 from raysae.cli.flags import add_range_flags, add_section, given
-from raysae.core.config import SPARSE_STEP_MODES, TrainConfig
+from raysae.core.config import TrainConfig
 from raysae.core.kinds import baseline_kinds, penalty_kinds
-from raysae.core.precision import BF16_MODES
 from raysae.core.recipes import RECIPES
 from raysae.search.config import (
-    LAMBDA_MODES,
     NO_BASELINES,
-    OBJECTIVES,
     PRESETS,
     TRAIN_INTERNAL,
     ActivationSettings,
@@ -49,13 +46,12 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     add_section(parser, ModelSettings, "model and data")
     add_section(parser, ActivationSettings, "activations")
     add_section(parser, TrainConfig, "training", skip=TRAIN_INTERNAL,
-                choices={"recipe": tuple(RECIPES), "autocast_bf16": BF16_MODES,
-                         "sparse_step": SPARSE_STEP_MODES})
+                choices={"recipe": tuple(RECIPES)})
     skip = ("ranges",) + (("penalty", "objective", "lambda_mode", "targets", "num_trials",
                            "beta", "tol") if sweep else ())
     add_section(parser, SearchConfig, "search", skip=skip,  # kinds: from the registry
-                choices={"objective": OBJECTIVES, "lambda_mode": LAMBDA_MODES,
-                         "kind": penalty_kinds(), "baselines": (*baseline_kinds(), NO_BASELINES)})
+                choices={"kind": penalty_kinds(),
+                         "baselines": (*baseline_kinds(), NO_BASELINES)})
     if sweep:
         add_section(parser, SweepSettings, "sweep")
     else:

@@ -8,7 +8,7 @@ setting fails before any work starts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from raysae.core.kind_registry import DEFAULT_KIND, KINDS
 from raysae.core.penalties import (
@@ -17,12 +17,12 @@ from raysae.core.penalties import (
     penalty_family,
     penalty_label,
 )
-from raysae.core.precision import BF16_MODES
 from raysae.core.recipes import RECIPES
-from raysae.settings import is_int, is_number, positive_int, require
+from raysae.settings import check_choices, is_int, is_number, positive_int, require
 
-SPARSE_STEP_MODES = ("auto", "on", "off")
-"""``TrainConfig.sparse_step``'s values (its docstring says what each does)."""
+Switch = Literal["auto", "on", "off"]
+"""A step option's values: 'auto' (the default rule; the field's docstring says which), 'on'
+always, 'off' never."""
 
 
 
@@ -145,14 +145,14 @@ class TrainConfig:
     decoder initialised at norm 0.1 as SAELens) or 'study' (unit-norm decoder rows, penalty
     on f, no clipping: the study's SAE, exactly). TopK and BatchTopK always keep unit-norm
     rows."""
-    sparse_step: str = "auto"
+    sparse_step: Switch = "auto"
     """Train with a sparse step. relu SAEs (raysae.core.sparse_step: after the encoder, only
     the active features' decoder rows and gradients are touched): 'auto' on CPU while the
     last logging step's mean L0 is at most 1/10 of d_sae, 'on' always (on a GPU it syncs
     every step). TopK and BatchTopK (raysae.core.fixed_k: the kept values decoded by index,
     no sync): 'on' only; 'auto' keeps their dense decoder, which is faster (README, "The GPU
     path"). 'off' never (dense batched matmuls)."""
-    autocast_bf16: str = "auto"
+    autocast_bf16: Switch = "auto"
     """Run the dense step's matmuls in bfloat16 autocast: 'auto' on CUDA (faster, and no CE
     cost was detected: README, "The GPU path"), 'on' everywhere (on CPU: to check its effect on
     CE), 'off' never. The penalty, the loss and the master weights stay fp32."""
@@ -189,10 +189,7 @@ class TrainConfig:
                 self.control_gain, "must be a number > 0")
         require(self.recipe in RECIPES, "recipe", self.recipe,
                 f"must be one of {sorted(RECIPES)}")
-        require(self.sparse_step in SPARSE_STEP_MODES, "sparse_step", self.sparse_step,
-                f"must be one of {', '.join(SPARSE_STEP_MODES)}")
-        require(self.autocast_bf16 in BF16_MODES, "autocast_bf16", self.autocast_bf16,
-                f"must be one of {', '.join(BF16_MODES)}")
+        check_choices(self)
         require(isinstance(self.tf32, bool), "tf32", self.tf32, "must be true or false")
         require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                 "must be an integer >= 0", "pass e.g. {seed} 0")

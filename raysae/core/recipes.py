@@ -32,10 +32,12 @@ rows on disk and features ``f_i ||d_i||``, so SAELens loads them as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from raysae.registry import Registry
+from raysae.settings import check_choices
 
-WEIGHTINGS = ("none", "inside", "outside")
+Weighting = Literal["none", "inside", "outside"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Recipe:
     """Keep decoder rows at unit norm after every step (and drop the gradient along them)."""
     decoder_init_norm: float
     """Norm of every decoder row at initialisation (the encoder starts as its transpose)."""
-    penalty_weighting: str
+    penalty_weighting: Weighting
     """How the penalty sees the decoder norms: 'none' rho(f_i); 'inside' rho(f_i ||d_i||);
     'outside' ||d_i|| rho(f_i)."""
     grad_clip: float | None
@@ -55,9 +57,7 @@ class Recipe:
     doc: str = ""
 
     def __post_init__(self) -> None:
-        if self.penalty_weighting not in WEIGHTINGS:
-            raise ValueError(f"recipe {self.name!r}: penalty_weighting "
-                             f"{self.penalty_weighting!r} is not one of {WEIGHTINGS}")
+        check_choices(self)
         if not self.decoder_init_norm > 0:
             raise ValueError(f"recipe {self.name!r}: decoder_init_norm must be > 0")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from raysae import io
-from raysae.settings import UserError
 from raysae.core.metrics import metric_names
+from raysae.settings import UserError
 
 TRIALS_FILE = "trials.parquet"
 SEARCH_FILE = "search.json"

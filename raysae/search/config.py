@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from raysae.activations.source import DTYPES
+from raysae.activations.source import CacheDtype
 from raysae.core.config import TrainConfig, check_targets
 from raysae.core.kind_registry import NO_BASELINES
 from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
@@ -31,6 +31,7 @@ from raysae.search.run_settings import RunSettings, SweepSettings
 from raysae.settings import (
     SettingError,
     UserError,
+    check_choices,
     is_int,
     is_number,
     positive_int,
@@ -38,9 +39,10 @@ from raysae.settings import (
     require,
 )
 
-OBJECTIVES = ("target", "pareto")
-LAMBDA_MODES = ("control", "search")
-SAMPLERS = ("tpe", "gp", "qmc")
+Objective = Literal["target", "pareto"]
+LambdaMode = Literal["control", "search"]
+Sampler = Literal["tpe", "gp", "qmc"]
+OBJECTIVES, LAMBDA_MODES = get_args(Objective), get_args(LambdaMode)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class ActivationSettings:
     cache: str | None = None
     """Use this existing activation cache folder (checked against the model, hook and
     context length) instead of building one."""
-    cache_dtype: str = "float32"
+    cache_dtype: CacheDtype = "float32"
     """Storage dtype of the activation cache."""
     cache_wait_seconds: float = 7200.0
     """On a cluster the first trial on each node builds the node's cache on its own GPU
@@ -99,8 +101,7 @@ class ActivationSettings:
         positive_int(self, "cache_tokens", "eval_blocks", "feature_tokens")
         require(is_number(self.cache_wait_seconds) and self.cache_wait_seconds > 0,
                 "cache_wait_seconds", self.cache_wait_seconds, "must be a number > 0")
-        require(self.cache_dtype in DTYPES, "cache_dtype", self.cache_dtype,
-                f"allowed {list(DTYPES)}", "pass one of them")
+        check_choices(self)
         if self.cache and self.live:
             raise SettingError("cache", self.cache, "{cache} and {live} exclude each other: "
                                "{live} streams activations instead of reading a cache",
@@ -123,10 +124,10 @@ class SearchConfig:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Searched range per family and parameter, keyed "family.param" (flags
     --FAMILY-PARAM-range LOW HIGH, e.g. --power-eps-range); default: the registry's."""
-    objective: str = "target"
+    objective: Objective = "target"
     """target: CE at each target L0 (one Optuna study per target); pareto: minimise
     [ce_sae, l0] (needs lambda_mode search)."""
-    lambda_mode: str = "control"
+    lambda_mode: LambdaMode = "control"
     """control: a feedback controller drives L0 to the target; search: Optuna searches lambda."""
     targets: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     """The L0 ladder: every trial trains one SAE per target, each driven to it."""
@@ -146,7 +147,7 @@ class SearchConfig:
     rung_trace: tuple[float, ...] = ()
     """More fractions of the budget where each proposal reports that score unstopped (in
     its Tune results): what benchmarks/rung_correlation.py chooses ``rung`` from."""
-    sampler: str = "tpe"
+    sampler: Sampler = "tpe"
     """Optuna's sampler of the proposals: tpe (TPESampler, its random start-up a third of
     ``num_trials``, at least 2), gp (GPSampler, a Gaussian process, same start-up), qmc
     (QMCSampler: scrambled Sobol points, no model). Seeded from the search's seed."""
@@ -188,12 +189,7 @@ class SearchConfig:
         for name in self.baselines:
             require(name in baseline_kinds(), "baselines", name, "baselines are registered "
                     f"baseline kinds: {list(baseline_kinds())}", f"pass some, or {NO_BASELINES}")
-        require(self.objective in OBJECTIVES, "objective", self.objective,
-                f"allowed {list(OBJECTIVES)}", "pass one of them")
-        require(self.sampler in SAMPLERS, "sampler", self.sampler,
-                f"allowed {list(SAMPLERS)}", "pass one of them")
-        require(self.lambda_mode in LAMBDA_MODES, "lambda_mode", self.lambda_mode,
-                f"allowed {list(LAMBDA_MODES)}", "pass one of them")
+        check_choices(self)
         if self.objective == "pareto" and self.lambda_mode == "control":
             raise SettingError("objective", "pareto", "needs {lambda_mode} search: lambda "
                                "must vary to trace a frontier", "add {lambda_mode} search")

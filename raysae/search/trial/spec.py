@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from raysae.core.config import PenaltyConfig, TrainConfig, check_targets
 from raysae.core.kind_registry import plugin_modules
-from raysae.search.config import LAMBDA_MODES, ActivationSettings, ModelSettings, SearchConfig
+from raysae.search.config import ActivationSettings, ModelSettings, SearchConfig
 from raysae.search.run_settings import RunSettings
 from raysae.search.space import penalty_of
+from raysae.settings import check_choices
 
 BAD_OBJECTIVE = 1e3
-TRIAL_LAMBDA_MODES = (*LAMBDA_MODES, "fixed")
-"""A search's lambda modes, and the sweep's fixed lambda (each trial one given lambda)."""
+TrialLambdaMode = Literal["control", "search", "fixed"]
+"""A search's lambda modes (raysae.search.config.LambdaMode), and the sweep's fixed lambda
+(each trial one given lambda)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class TrialSpec:
     activation_source: dict | None = None
     """The ActivationSource the cache was built from: a node that lacks the cache folder
     (a fresh cluster worker) builds it from this, once per node (file-locked)."""
-    lambda_mode: str = "control"
+    lambda_mode: TrialLambdaMode = "control"
     """control: each member's controller drives its L0 to its target; search: Optuna
     proposes lambda; fixed: lambda comes from the trial config (grid sweeps)."""
     targets: tuple[float, ...] = ()
@@ -87,15 +89,13 @@ class TrialSpec:
     torch_threads: int = 1
     inject_failure_at_step: int | None = None
     """Fault injection for reliability tests: fail once at this step (first attempt only)."""
-    inject_failure_kind: str = "raise"
+    inject_failure_kind: Literal["raise", "sigkill"] = "raise"
     """raise: a Python exception; sigkill: the trial's worker process SIGKILLs itself."""
 
     def __post_init__(self) -> None:
         if self.train.sae is None:
             raise ValueError("TrialSpec.train.sae is None: set the SAE shape before the search")
-        if self.lambda_mode not in TRIAL_LAMBDA_MODES:
-            raise ValueError(f"lambda_mode = {self.lambda_mode!r} is invalid: allowed "
-                             f"{TRIAL_LAMBDA_MODES}")
+        check_choices(self)
         if self.lambda_mode == "control" and not self.targets:
             raise ValueError("lambda_mode 'control' needs targets: give the L0 ladder")
         if self.targets:
