@@ -39,8 +39,7 @@ import torch
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ladder import LadderTrainer
-from raysae.core.precision import tf32_matmuls
+from raysae.core.ladder import LadderTrainer, tf32_matmuls
 from raysae.core.transfer import device_batches, to_compute
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -165,7 +165,7 @@ def test_sparse_step_resumes_exactly():
 def test_auto_keeps_the_dense_decoder_unless_fixed_k_auto_is_on(kind, monkeypatch):
     """'auto' decodes densely (the fixed-k decoder measured slower: FIXED_K_AUTO); with
     FIXED_K_AUTO it would pick the fixed-k decoder for small k, on any device."""
-    from raysae.core import step_choice
+    from raysae.core import ladder as step_choice
 
     small = LadderTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 6.0])
     large = LadderTrainer(_cfg(kind=kind, sparse_step="auto"), [2.0, 7.0])  # 7 > 64 / 10

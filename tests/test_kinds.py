@@ -141,7 +141,7 @@ def test_k_members_equal_k_single_member_ladders(kind):
 def test_kind_hooks_see_a_step_context_never_the_trainer(kind, monkeypatch):
     """Every training hook of a kind gets a StepContext (typed: config, model, step,
     targets, lambdas), whose step and lambda are the trainer's at that call."""
-    from raysae.core.step_context import StepContext
+    from raysae.core.kinds import StepContext
 
     cfg = _cfg(kind, total_tokens=256 * 6, log_every=3)
     trainer, seen = LadderTrainer(cfg, [2.0, 4.0]), []

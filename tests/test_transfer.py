@@ -13,8 +13,7 @@ from raysae.activations import batches as batches_module
 from raysae.activations.batches import iter_activation_batches
 from raysae.activations.cache import write_arrays_cache
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ladder import LadderTrainer
-from raysae.core.precision import uses_bf16
+from raysae.core.ladder import LadderTrainer, uses_bf16
 from raysae.core.transfer import device_batches
 
 D_IN = 16

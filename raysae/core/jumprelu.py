@@ -45,8 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raysae.core.kinds import SAEKind, register_kind
-from raysae.core.step_context import StepContext
+from raysae.core.kinds import SAEKind, StepContext, register_kind
 
 BANDWIDTH_FRAC = 0.1
 """The rectangle kernel's width as a fraction of a member's first-batch pre-activation RMS."""

@@ -42,6 +42,8 @@ Nothing here syncs with the host: masks and thresholds stay device tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,12 +53,39 @@ from raysae.core.fixed_k import FixedKFeatures
 from raysae.core.kind_registry import *  # noqa: F403  (the registry's API, re-exported)
 from raysae.core.kind_registry import DEFAULT_KIND, register_kind
 from raysae.core.penalties import penalty_per_token
-from raysae.core.step_context import StepContext
 
 if TYPE_CHECKING:
     from raysae.core.config import TrainConfig
 
 AUXK_COEF = 1 / 32
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One step of a ladder of K SAEs, as the kinds' hooks need it."""
+
+    cfg: TrainConfig
+    """The ladder's training config (penalty, SAE shape, schedule)."""
+    model: nn.Module
+    """The K stacked SAEs (raysae.core.ladder_sae.LadderSAE) with the kind's state."""
+    step: int
+    """0-based index of this step (in ``log_fields``: of the step just taken)."""
+    targets: torch.Tensor
+    """[K] float64 target L0 of each member, on the device."""
+    lam: torch.Tensor
+    """[K] the sparsity coefficient of each member at this step."""
+    controlling: bool
+    """Whether the L0 controller moves lambda at this step."""
+    penalty_weighting: str
+    """How the penalty sees decoder norms (raysae.core.recipes): none, inside, outside."""
+    dead_mask: Callable[[], torch.Tensor]
+    """[K, d_sae] bool: features that did not fire within the dead window."""
+
+    @property
+    def k(self) -> int:
+        """Members in the ladder."""
+        return int(self.targets.shape[0])
+
 
 def _penalty(cfg: TrainConfig, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
     """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's

@@ -16,13 +16,27 @@ steps, at the end, in ``result()`` and once on the first batch (the activation s
 member whose loss goes NaN/inf gets zero gradients from that step on and is *reported*
 diverged (its Adam state zeroed) at the next logging step; a non-finite batch trains nobody
 and raises ``NonFiniteActivationsError`` there. The loop over batches: raysae.core.training.
+
+The arithmetic of a step: bf16 autocast and TF32 matmuls, on by default on CUDA. An Ampere
+or Hopper GPU multiplies fp32 matrices at a fraction of its TF32 and bf16
+throughput (H100: 67 TFLOP/s fp32, 495 TF32, 990 bf16, dense), so a trial that left both
+off would use an eighth of the chip. The master weights, Adam's state, the penalty and the
+loss stay fp32 (raysae.core.penalties turns autocast off around the penalty). Evaluation
+never runs under these settings: the spliced CE of every trial is computed at full fp32, so
+CE stays comparable between trials trained with and without them.
+
+Which step a ladder takes (dense batched matmuls, the relu sparse step of
+raysae.core.sparse_step, or the fixed-k decoder of raysae.core.fixed_k) is decided by
+``sparse_step_now`` from ``TrainConfig.sparse_step``, the kind, the device and the measured
+break-even points.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +44,7 @@ import torch
 from raysae.core import metrics
 from raysae.core.config import TrainConfig, check_targets
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
-from raysae.core.kinds import get_kind
+from raysae.core.kinds import StepContext, get_kind
 from raysae.core.ladder_sae import LadderSAE
 from raysae.core.outcome import (
     DATA_EXHAUSTED,
@@ -41,12 +55,59 @@ from raysae.core.outcome import (
     TrainResult,
 )
 from raysae.core.penalties import penalty_scale_at_one
-from raysae.core.precision import tf32_matmuls, uses_bf16
 from raysae.core.recipes import UNIT_NORM, get_recipe
 from raysae.core.sparse_step import ActiveFeatures, active_forward
-from raysae.core.step_choice import SPARSE_STEP_MAX_DENSITY, sparse_step_now
-from raysae.core.step_context import StepContext
 from raysae.core.transfer import to_compute
+
+SPARSE_STEP_MAX_DENSITY = 1 / 10
+"""``sparse_step = "auto"`` uses the sparse step after a logging step whose members' mean L0
+is at most this fraction of d_sae (its cost follows the active entries of all members).
+Measured on 2 CPU cores (benchmarks/train_throughput.py, d_in 512, d_sae 2048, batch 4096):
+sparse / dense step time 0.27 at 2% density, 0.46 at 6%, 0.74 at 12.5%, 1.36 at 25%; at
+the local default (d_in 128, d_sae 512, batch 512, ladder 4..128, mean density 8%): 0.89
+(L1) and 0.65 (sqrt); twice as dense: 1.32 and 0.94."""
+
+FIXED_K_AUTO = False
+"""Whether ``sparse_step = "auto"`` picks the fixed-k decoder for TopK and BatchTopK (at most
+``SPARSE_STEP_MAX_DENSITY`` of d_sae per token). Off: benchmarks/gpu_check.py measured it
+slower than the dense decoder everywhere: H200 bf16, d_in 512, d_sae 2048, batch 4096,
+0.25x the dense step's speed on the ladder 8..256 and 0.43x on 8..128; 2 CPU cores, d_sae
+512: 0.50x on 4..128, 0.84-0.95x on 4..16 (embedding_bag's backward sorts the indices)."""
+
+
+def sparse_step_now(trainer) -> bool:
+    """Whether this step uses a sparse step (``TrainConfig.sparse_step``): for fixed-k
+    kinds the fixed-k decoder, only when asked ("on": no sync, but measured slower than
+    the dense decoder on CPU and on an H200, see ``FIXED_K_AUTO``), for relu kinds the
+    relu sparse step ("auto": on CPU, after a logging step with a low L0)."""
+    mode = trainer.cfg.sparse_step
+    if mode == "off":
+        return False
+    if trainer.kind.fixed_k:
+        return mode == "on" or (FIXED_K_AUTO and trainer.kind.fixed_k_l0(trainer.model)
+                                <= SPARSE_STEP_MAX_DENSITY * trainer.cfg.sae.d_sae)
+    if not trainer.kind.sparse_step:
+        return False
+    return mode == "on" or (trainer.device.type == "cpu" and trainer.sparse_auto)
+
+
+def uses_bf16(mode: str, device: torch.device) -> bool:
+    """Whether a step on ``device`` runs its dense matmuls under bf16 autocast
+    (``TrainConfig.autocast_bf16``: 'auto' on CUDA only, 'on' everywhere, 'off' never)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA matmuls (and cuDNN convolutions) may use TF32 inside the block; the previous
+    setting comes back after it, so evaluation in the same process stays full fp32."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 class LadderTrainer:
@@ -119,7 +180,7 @@ class LadderTrainer:
                            dead_mask=self.dead_mask)
 
     def sparse_now(self) -> bool:
-        """Whether this step uses a sparse step (raysae.core.step_choice)."""
+        """Whether this step uses a sparse step (``sparse_step_now``)."""
         return sparse_step_now(self)
 
     def _forward(self, x: torch.Tensor):

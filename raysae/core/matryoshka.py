@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from raysae.core.fixed_k import FixedKFeatures, fixed_k_decode
-from raysae.core.kinds import BatchTopK, register_kind
-from raysae.core.step_context import StepContext
+from raysae.core.kinds import BatchTopK, StepContext, register_kind
 
 MATRYOSHKA_FRACTIONS = (1 / 4, 1 / 2, 1.0)
 """Default prefix widths as fractions of d_sae (the last is the whole dictionary)."""
