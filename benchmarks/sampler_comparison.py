@@ -138,9 +138,11 @@ def main() -> None:
         for arm, s in table.set_index("arm")["search_seconds"].items():
             print(f"{arm}: search stage {s:.1f} s = {s / base:.2f}x tpe3")
         table.to_parquet(results / "sampler_comparison.parquet")
+        from raysae.core.metrics import metric_names
         from raysae.results import contract
 
-        contract.write_trials(trials, results)  # every trial it ran, as the job writes them
+        # every trial it ran, as the job writes them
+        contract.write_trials(trials, results, metric_names())
         return results
 
     job.run_search = run_search

@@ -22,7 +22,8 @@ from raysae.core.training import train_ladder
 
 
 def job_config(*args, **kwargs):
-    """raysae.search.config.job_config (imported on use: it pulls in the search stack)."""
+    """raysae.search.config.job_config."""
+    # on use: the search stack (pandas, pyarrow, Ray Tune) stays out of `import raysae`
     from raysae.search.config import job_config as build
 
     return build(*args, **kwargs)
@@ -30,6 +31,7 @@ def job_config(*args, **kwargs):
 
 def run_job(cfg, *, sweep: bool = False):
     """raysae.search.job.run: run a validated JobConfig; returns the results folder."""
+    # on use: the search stack (pandas, pyarrow, Ray Tune) stays out of `import raysae`
     from raysae.search.job import run
 
     return run(cfg, sweep=sweep)

@@ -20,6 +20,7 @@ from raysae import cli
 from raysae.analysis import claims, plots, report
 from raysae.core import kind_registry
 from raysae.core.kinds import DEFAULT_KIND, KINDS, baseline_kinds, default_baselines, register_kind
+from raysae.core.metrics import metric_names
 from raysae.core.sae import ARCHITECTURES
 from raysae.results import contract
 from raysae.search.config import SearchConfig, job_config
@@ -81,7 +82,7 @@ def _trials(labels) -> pd.DataFrame:
                              "ce_sae_blocks": blocks.tolist(), "experiment": "x_refs",
                              "objective": float(blocks.mean())})
     trials = pd.DataFrame(rows)
-    for col in contract.trial_columns():
+    for col in contract.trial_columns(metric_names()):
         trials[col] = trials.get(col, np.nan)
     return trials
 
@@ -96,7 +97,7 @@ def test_comparisons_claims_figures_and_report_take_a_new_baseline(toy, tmp_path
     assert f"vs_{toy.label}" in claims.target_winners(comparisons).columns
     assert f"against <b>{toy.label}</b>" in " ".join(claims.headline(comparisons))
     assert plots.style(toy.label) == toy.style
-    contract.write_trials(trials, tmp_path)
+    contract.write_trials(trials, tmp_path, metric_names())
     contract.write_comparisons(comparisons, tmp_path)
     text = report.write_report(tmp_path).read_text()
     assert f"vs_{toy.label}" in text and f"against <b>{toy.label}</b>" in text

@@ -1,20 +1,57 @@
-"""The package's shape: no import cycle inside raysae, modules of a readable size, one CLI
-that lists every subcommand, and a public API."""
+"""The package's shape: no import cycle inside raysae, the import rules between its parts
+(issue #36), imports at the top of a module unless a comment says why, modules of one job
+(a loose cap on code lines, not a line count that shapes files), one CLI that lists every
+subcommand, and a public API."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import raysae
 from raysae import cli
 
 ROOT = Path(raysae.__file__).parent
-MAX_LINES = 330
+MAX_CODE_LINES = 450
+"""Code lines (not blank, comment or docstring) of one module: far above today's largest
+(about 280); a module past it has grown a second job."""
+
+PARTS = (("raysae.search.trial", "trial"),
+         *((f"raysae.search.{m}", "settings") for m in ("config", "run_settings", "ranges",
+                                                          "space")),
+         ("raysae.search", "driver"), ("raysae.results", "results"), ("raysae.core", "core"),
+         ("raysae.activations", "activations"), ("raysae.lm", "lm"),
+         ("raysae.evaluation", "evaluation"), ("raysae.analysis", "analysis"),
+         ("raysae.cluster", "cluster"), ("raysae.cli", "cli"), ("raysae.settings", "base"),
+         ("raysae.io", "base"), ("raysae.registry", "base"), ("raysae.__main__", "api"),
+         ("raysae", "api"))
+"""Module prefix -> the part of the house it belongs to (first match)."""
+MAY_IMPORT = {
+    "base": set(),
+    "results": {"base"},
+    "core": {"base", "results"},
+    "lm": {"base"},
+    "cluster": {"base"},
+    "activations": {"base", "lm", "cluster"},
+    "evaluation": {"base", "core", "lm"},
+    "analysis": {"base", "results", "core"},
+    "settings": {"base", "core", "activations"},
+    "trial": {"base", "results", "core", "lm", "activations", "evaluation", "settings",
+              "cluster"},
+    "driver": {"base", "results", "core", "lm", "activations", "evaluation", "settings",
+               "cluster", "trial", "analysis"},
+    "cli": {"base", "results", "core", "lm", "activations", "evaluation", "settings",
+            "cluster", "trial", "analysis", "driver", "api"},
+    "api": {"base", "core", "settings", "driver", "cli"},
+}
+"""What each part may import besides itself: the trial side never the driver's modules nor
+analysis; analysis reads results and the core's registries, never search; the results
+contract and vocabulary only the base; the driver everything but the CLI."""
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT.parent).with_suffix("")
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -31,24 +68,46 @@ def _runtime_nodes(tree: ast.AST):
         yield from _runtime_nodes(node)
 
 
-def _imports(path: Path) -> set[str]:
-    """raysae modules imported at run time by a file (top-level and inside functions)."""
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """raysae modules a file imports at run time (top-level and inside functions);
+    ``from raysae.x import y`` is ``raysae.x.y`` when that is a module."""
     out: set[str] = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module.startswith("raysae"):
-                out.add(node.module)
-                out.update(f"{node.module}.{a.name}" for a in node.names)
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+                out.update(subs or {node.module})
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("raysae"))
     return out
 
 
+def _graph(root: Path = ROOT) -> dict[str, set[str]]:
+    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+    return {name: {m for m in _imports(path, set(files)) if m in files and m != name
+                   and not name.startswith(m + ".")}  # a package's own __init__ is no edge
+            for name, path in files.items()}
+
+
+def _part(module: str) -> str:
+    return next(part for prefix, part in PARTS
+                if module == prefix or module.startswith(prefix + "."))
+
+
+def forbidden_imports(root: Path = ROOT) -> list[str]:
+    """Every import that crosses the parts' rules (``MAY_IMPORT``), as "a -> b (why)"."""
+    out = []
+    for module, targets in sorted(_graph(root).items()):
+        mine = _part(module)
+        for target in sorted(targets):
+            theirs = _part(target)
+            if theirs != mine and theirs not in MAY_IMPORT[mine]:
+                out.append(f"{module} -> {target} ({mine} may not import {theirs})")
+    return out
+
+
 def test_no_import_cycle_between_raysae_modules():
-    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
-    graph = {name: {m for m in _imports(path) if m in files and m != name
-                    and not name.startswith(m + ".")}  # a package's own __init__ is no edge
-             for name, path in files.items()}
+    graph = _graph()
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -66,10 +125,87 @@ def test_no_import_cycle_between_raysae_modules():
             visit(name, [name])
 
 
-def test_modules_stay_readable():
+def test_every_import_follows_the_rules_between_parts():
+    assert not forbidden_imports(), "\n".join(forbidden_imports())
+
+
+def test_the_import_rules_catch_a_planted_forbidden_import(tmp_path):
+    """The rule check is not vacuous: a trial module importing the driver's stages, and
+    analysis importing the search, are named."""
+    copy = tmp_path / "raysae"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = copy / "search" / "trial" / "spec.py"
+    spec.write_text(spec.read_text() + "\nfrom raysae.search.stages import run_search\n")
+    report = copy / "analysis" / "claims.py"
+    report.write_text(report.read_text() + "\nfrom raysae.search.job import run\n")
+    found = forbidden_imports(copy)
+    assert found == ["raysae.analysis.claims -> raysae.search.job (analysis may not import "
+                     "driver)", "raysae.search.trial.spec -> raysae.search.stages (trial may "
+                     "not import driver)"], found
+
+
+def _code_lines(path: Path) -> int:
+    """Lines that are neither blank, comments, nor docstrings."""
+    tree = ast.parse(path.read_text())
+    docs: set[int] = set()
+    for node in ast.walk(tree):
+        for stmt in getattr(node, "body", []) if isinstance(node, (
+                ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) else []:
+            if (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+                    and isinstance(stmt.value.value, str)):
+                docs.update(range(stmt.lineno, stmt.end_lineno + 1))
+    return sum(1 for i, line in enumerate(path.read_text().splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docs)
+
+
+def test_modules_have_one_job():
     long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    assert not long, f"modules over {MAX_LINES} lines: {long}"
+            if (n := _code_lines(p)) > MAX_CODE_LINES}
+    assert not long, f"modules over {MAX_CODE_LINES} code lines: {long}"
+
+
+def unexplained_local_imports(root: Path = ROOT) -> list[str]:
+    """Imports inside functions with no comment saying why they are not at the top: one on
+    the import's line, the line above it, or a line of the same block of imports."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for block in _import_blocks(fn.body):
+                first, last = block[0].lineno, block[-1].end_lineno
+                span = lines[first - 2 : last] if first > 1 else lines[:last]
+                if not any("#" in line for line in span):
+                    out.append(f"{path.relative_to(root.parent)}:{first}")
+    return out
+
+
+def _import_blocks(body: list[ast.stmt]) -> list[list[ast.stmt]]:
+    """Runs of consecutive import statements in a function's body (and its nested blocks)."""
+    blocks, run = [], []
+    for stmt in body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            run.append(stmt)
+            continue
+        if run:
+            blocks.append(run)
+            run = []
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            inner = getattr(stmt, field, None)
+            if isinstance(inner, list) and not isinstance(stmt, (ast.FunctionDef,
+                                                                  ast.AsyncFunctionDef)):
+                blocks += _import_blocks([s for s in inner if isinstance(s, ast.stmt)]
+                                         + [s for h in inner if isinstance(h, ast.excepthandler)
+                                            for s in h.body])
+    if run:
+        blocks.append(run)
+    return blocks
+
+
+def test_imports_are_at_the_top_unless_a_comment_says_why():
+    assert not unexplained_local_imports(), "\n".join(unexplained_local_imports())
 
 
 def test_one_cli_lists_every_subcommand(capsys):

@@ -16,6 +16,7 @@ import raysae
 from raysae.analysis import pareto, plots, report
 from raysae.core import metrics
 from raysae.core.config import SAEConfig
+from raysae.core.metrics import metric_names
 from raysae.core.sae import SAE
 from raysae.evaluation.spliced_ce import Evaluator
 from raysae.lm import corpus
@@ -34,7 +35,7 @@ def toy(monkeypatch):
     metrics.add_metric(module.METRIC)
     yield module
     metrics.remove_metric(module.NAME)
-    assert module.NAME not in contract.trial_columns()
+    assert module.NAME not in contract.trial_columns(metric_names())
 
 
 def test_the_evaluator_and_the_trainer_compute_a_registered_metric(toy, tiny_model):
@@ -59,9 +60,10 @@ def test_the_contract_the_analysis_and_the_report_take_a_registered_metric(toy, 
     trials = pd.read_parquet(tmp_path / contract.TRIALS_FILE)
     trials[toy.NAME] = 2.0 * trials["fvu"] ** 0.5
     trials.to_parquet(tmp_path / contract.TRIALS_FILE)
-    assert toy.NAME in contract.trial_columns()
+    assert toy.NAME in contract.trial_columns(metric_names())
     with pytest.raises(ValueError, match=toy.NAME):
-        contract.write_trials(trials.drop(columns=toy.NAME), tmp_path / "other")
+        contract.write_trials(trials.drop(columns=toy.NAME), tmp_path / "other",
+                              metric_names())
     pts = pareto.points_table(trials)
     assert toy.NAME in pts and len(pareto.front(pts, toy.NAME)) > 0
     assert (pareto.hypervolumes(pts, toy.NAME)["hypervolume"] > 0).all()

@@ -19,6 +19,7 @@ import pytest
 from raysae import cli
 from raysae.activations.cache import build_cache, default_cache_root
 from raysae.activations.source import ActivationSource
+from raysae.core.metrics import metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -271,10 +272,10 @@ def test_resumed_table_keeps_earlier_finished_rows(tmp_path):
     from raysae.results import contract
     from raysae.search.stages import keep_earlier_rows
 
-    cols = {c: [1.0, 1.0] for c in contract.trial_columns()}
+    cols = {c: [1.0, 1.0] for c in contract.trial_columns(metric_names())}
     earlier = pd.DataFrame({**cols, "experiment": ["s_search"] * 2, "trial_id": ["a-m0", "a-m1"],
                             "status": ["finished", "finished"]})
-    contract.write_trials(earlier, tmp_path)
+    contract.write_trials(earlier, tmp_path, metric_names())
     now = earlier.iloc[:1].copy()
     kept = keep_earlier_rows(now, tmp_path)
     assert list(kept["trial_id"]) == ["a-m0", "a-m1"]

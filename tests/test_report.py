@@ -21,6 +21,7 @@ from test_pareto import SPACE, TARGETS, make_results, make_trials
 
 from raysae import cli
 from raysae.analysis import pareto, report
+from raysae.core.metrics import metric_names
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -233,9 +234,9 @@ def _ladder_results(root):
                              "ce_sae": float(np.mean(blocks)), "ce_sae_blocks": blocks,
                              "experiment": "x_refs", "objective": float(np.mean(blocks))})
     trials = pd.DataFrame(rows)
-    for col in contract.trial_columns():
+    for col in contract.trial_columns(metric_names()):
         trials[col] = trials.get(col, np.nan)
-    contract.write_trials(trials, root)
+    contract.write_trials(trials, root, metric_names())
     contract.write_comparisons(confidence.compare(trials), root)
     return root
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
 
 from raysae import io
 from raysae.activations.harvest import iter_harvest
@@ -40,6 +42,7 @@ from raysae.activations.source import (
     harvest_order,
     source_blocks,
 )
+from raysae.lm.local_model import cache_dir
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "PROGRESS", "CacheError", "build_cache",
            "load_manifest", "open_cache", "read_shard", "verify_cache", "write_arrays_cache"]
@@ -48,8 +51,6 @@ PROGRESS = "progress.json"
 
 
 def default_cache_root() -> Path:
-    from raysae.lm.local_model import cache_dir
-
     return cache_dir() / "activations"
 
 
@@ -95,8 +96,6 @@ def _stats(shards: list[dict], d_in: int) -> dict:
 
 def _harvest_into(src: ActivationSource, partial: Path, blocks: np.ndarray,
                   tokens_sha256: str, progress: bool, in_process: bool = False) -> list[dict]:
-    from tqdm.auto import tqdm
-
     shards = _resume(partial, tokens_sha256)
     bar = tqdm(total=src.n_tokens, initial=sum(s["rows"] for s in shards), unit="tok",
                desc="activations", disable=not progress, smoothing=0.1)
@@ -130,8 +129,6 @@ def build_cache(src: ActivationSource, cache_root: str | os.PathLike | None = No
     One builder per folder (a file lock; others wait for it, at most ``lock_timeout``
     seconds, then fail naming the lock). ``in_process``: harvest on this process's own
     device, not with a Ray Data actor pool (what a trial on a cluster node does)."""
-    from filelock import FileLock, Timeout
-
     root = Path(cache_root) if cache_root else default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     key = src.cache_key()

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raysae import io
 from raysae.activations.source import from_storage
@@ -137,9 +139,6 @@ def write_shard(folder: Path, index: int, batches: list[dict], dtype: str,
     """Write one shard (each file under a temp name, then renamed); return its manifest entry
     with partial sums. Non-finite activations (a broken model) are refused, naming ``origin``,
     before anything is written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cols = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
     x = from_storage(cols["act"], dtype)
     finite = np.isfinite(x).all(axis=1)
@@ -191,8 +190,6 @@ def read_shard(folder: str | os.PathLike, entry: dict, dtype: str) -> np.ndarray
 def read_meta(folder: str | os.PathLike, entry: dict,
               columns: tuple[str, ...] = META_COLUMNS) -> dict[str, np.ndarray]:
     """One shard's block_id / pos / token columns, in the same row order as its activations."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(Path(folder) / entry["meta"], columns=list(columns))
     return {k: table[k].to_numpy() for k in columns}
 

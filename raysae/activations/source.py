@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from raysae.lm import corpus
-from raysae.lm.models import DEFAULT_HOOK
+from raysae.lm.models import DEFAULT_HOOK, resolve_model
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 """The activation cache's storage dtypes."""
@@ -107,8 +107,6 @@ def _dataset_id(dataset) -> str:
 
 def model_fingerprint(model: str) -> str:
     """Hub name as is; a local checkpoint by its build hash or its config + weight sizes."""
-    from raysae.lm.models import resolve_model
-
     path = Path(os.path.expanduser(resolve_model(model)))
     if not path.is_dir():
         return model
@@ -131,9 +129,9 @@ def source_block_stream(src: ActivationSource) -> Iterator[np.ndarray]:
     """Epoch after epoch, the int32 blocks [n_blocks, context_length] a live stream harvests:
     each time the corpus's next n_blocks (fresh tokens), starting the corpus over when it
     ends. The corpus is tokenized as it is read, once per pass, never again per epoch."""
+    # on use: transformers (0.5 s to import) only when text is tokenized
     from transformers import AutoTokenizer
 
-    from raysae.lm.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(os.path.expanduser(resolve_model(src.model)))
     n = src.n_blocks

@@ -63,6 +63,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raysae.core.metrics import metric_names
+from raysae.core.sae import CONFIG_FILE, read_sae_config
 from raysae.results import contract
 from raysae.results.vocabulary import Status
 from raysae.settings import UserError
@@ -172,8 +174,6 @@ def export_name(row: pd.Series) -> str:
 def sae_folder(row: pd.Series, root: Path) -> Path | None:
     """The SAE's SAELens folder, ``<checkpoint>/sae/<member>``: the checkpoint where
     trials.parquet says, else fetched under ``RESULTS/checkpoints``; None if neither."""
-    from raysae.core.sae import CONFIG_FILE
-
     checkpoint = row.get("checkpoint_path")
     if not isinstance(checkpoint, str) or not checkpoint or "://" in checkpoint:
         return None
@@ -227,14 +227,10 @@ def saebench_record(row: pd.Series, sae_cfg: dict[str, Any], search: dict[str, A
 
 
 def _metric_columns() -> tuple[str, ...]:
-    from raysae.core.metrics import metric_names
-
     return metric_names()
 
 
 def _read_cfg(folder: Path) -> dict[str, Any]:
-    from raysae.core.sae import read_sae_config
-
     return read_sae_config(folder)
 
 
@@ -260,8 +256,6 @@ def _plain(value: Any) -> Any:
 def _check_destination(dest: Path, root: Path) -> None:
     """Refuse a destination the swap would destroy: the results folder, one of its
     parents, or any folder that is not an earlier export."""
-    from raysae.core.sae import CONFIG_FILE
-
     here, results = dest.resolve(), root.resolve()
     if here == results or here in results.parents:
         raise UserError(f"--out {dest} would replace the results folder itself; pass a "

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from raysae.core.metrics import metric_names, sign
+from raysae.core.penalties import PENALTIES
 from raysae.results import contract
 from raysae.results.vocabulary import Status
 
@@ -49,8 +50,6 @@ def _require(df: pd.DataFrame, columns, name: str) -> None:
 
 def param_columns(df: pd.DataFrame) -> list[str]:
     """The penalty's columns present: its label, every registered parameter, lambda."""
-    from raysae.core.penalties import PENALTIES
-
     names = {p.name for spec in PENALTIES.values() for p in spec.params}
     return [c for c in ("label", *sorted(names), "lam") if c in df.columns]
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from raysae.analysis.claims import claim_rows
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -267,8 +269,6 @@ def ablation_methods(ablations: pd.DataFrame, trial_id: str, path) -> Path:
 def delta_bands(comparisons: pd.DataFrame, path, reference: str = "L1") -> Path:
     """Each label's paired CE difference to the reference per target L0, with its 95%
     interval as a band (below 0: better than the reference)."""
-    from raysae.analysis.claims import claim_rows
-
     comparisons = claim_rows(comparisons)
     c = comparisons[(comparisons["reference"] == reference) & comparisons["target_l0"].notna()]
     fig, ax = plt.subplots(figsize=(8.5, 4.2))

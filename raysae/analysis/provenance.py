@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 PACKAGES = ("raysae", "torch", "ray", "optuna", "transformer_lens", "transformers", "pandas")
 
 
@@ -35,8 +37,6 @@ def git_commit() -> str:
 
 
 def hardware() -> dict[str, Any]:
-    import torch
-
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "gpus": gpus or "none", "python": platform.python_version(),

@@ -13,10 +13,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from raysae import io
 from raysae.analysis import claims, pareto, plots
+from raysae.analysis.confidence import per_seed_table
 from raysae.analysis.html_parts import CSS, img, provenance_block, settings_table, subtitle, table
 from raysae.core import metrics as metric_table
 from raysae.results import contract
@@ -47,8 +49,6 @@ def representatives(trials: pd.DataFrame, table: pd.DataFrame | None) -> dict:
 def param_importances(trials: pd.DataFrame, space: list[dict] | None) -> dict | None:
     """Optuna's importances for the objective, over the parameters the search really
     proposed (search.json's ``space``) and per family; None when too few usable trials."""
-    import optuna
-
     if not space or "experiment" not in trials:
         return None
     if "stage" in trials and trials["stage"].notna().any():  # Optuna's own proposals only
@@ -274,8 +274,6 @@ def _claims_or_headline(res: pareto.Results, a: dict) -> str:
 
 def _interval_sections(res: pareto.Results) -> list[str]:
     """The ladder table, per-target winners, every comparison and the per-seed table."""
-    from raysae.analysis.confidence import per_seed_table
-
     if res.comparisons is None or not len(res.comparisons):
         return []
     ladder = claims.ladder_table(res.trials)

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
+from raysae.cli.ablation import add_ablation_parser
+from raysae.cli.cache import add_build_model_parser, add_cache_parser
+from raysae.cli.export import add_export_parser
+from raysae.cli.report import add_report_parser
+from raysae.cli.search import add_parsers
 from raysae.settings import JobFailed, SettingError, UserError, flag_name
 
 
@@ -30,12 +36,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from raysae.cli.ablation import add_ablation_parser
-    from raysae.cli.cache import add_build_model_parser, add_cache_parser
-    from raysae.cli.export import add_export_parser
-    from raysae.cli.report import add_report_parser
-    from raysae.cli.search import add_parsers
-
     parser = Parser(prog="raysae", description=__doc__.splitlines()[0],
                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -85,8 +85,6 @@ def _argv(argv: list[str] | None) -> list[str]:
 
 
 def _signal_name(signum: int) -> str:
-    import signal
-
     try:
         return signal.Signals(signum).name
     except ValueError:

@@ -64,6 +64,7 @@ def run_threshold_ablation(sae_dir, model: str | None = None, hook: str | None =
                            n_points: int = 10, methods=None, feature_tokens: int = FEATURE_TOKENS,
                            device: str | None = None) -> dict:
     """Evaluate the SAE, sweep every method, write table, figures and statistics."""
+    # on use: the ablation's stack (the LM, matplotlib) loads when it runs, not for every command
     from raysae.analysis import ablation_plots
     from raysae.core.sae import SAE, read_sae_config
     from raysae.evaluation import feature_stats

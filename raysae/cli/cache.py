@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
+from raysae.activations.cache import build_cache, load_manifest, verify_cache
+from raysae.activations.source import DTYPES, ActivationSource
 from raysae.lm import corpus
+from raysae.lm.local_model import LocalModelSpec, build_local_model, read_metadata
+from raysae.lm.models import DEFAULT_HOOK, check_hook, load_model
 
 
 def add_build_model_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,10 +27,6 @@ def add_build_model_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_model_command(args) -> int:
-    from dataclasses import replace
-
-    from raysae.lm.local_model import LocalModelSpec, build_local_model, read_metadata
-
     spec = LocalModelSpec.tiny() if args.tiny else LocalModelSpec()
     if args.source:
         spec = replace(spec, source=tuple(args.source))
@@ -38,9 +39,6 @@ def build_model_command(args) -> int:
 
 def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     """`raysae cache`: build (or find) an activation cache; print its manifest."""
-    from raysae.activations.source import DTYPES
-    from raysae.lm.models import DEFAULT_HOOK
-
     p = subparsers.add_parser("cache", help="harvest activations into a cache (.npy shards)",
                               description=add_cache_parser.__doc__)
     p.add_argument("--model", default="local",
@@ -72,9 +70,6 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_cache_command(args) -> int:
     """Build the cache the arguments describe and print its path and manifest as JSON."""
-    from raysae.activations.cache import build_cache, load_manifest, verify_cache
-    from raysae.activations.source import ActivationSource
-
     src = ActivationSource(
         model=args.model, hook=args.hook, dataset=args.dataset, split=args.split,
         text_column=args.text_column, context_length=args.context_length,
@@ -93,6 +88,4 @@ def build_cache_command(args) -> int:
 
 def _check_hook_early(src) -> None:
     """Fail on a wrong hook name before Ray starts (a ValueError listing valid names)."""
-    from raysae.lm.models import check_hook, load_model
-
     check_hook(load_model(src.model, device="cpu"), src.hook)

@@ -3,11 +3,11 @@ SAEBench core-eval JSON, its SAELens folder copied beside it."""
 
 from __future__ import annotations
 
+from raysae.analysis.export_saebench import EXPORT_DIR, FORMATS, export_results
+
 
 def add_export_parser(subparsers) -> None:
     """Register `export RESULTS_DIR` on an argparse subparsers object."""
-    from raysae.analysis.export_saebench import EXPORT_DIR, FORMATS
-
     p = subparsers.add_parser(
         "export", help="write each SAE of RESULTS_DIR as a SAEBench JSON + SAELens folder")
     p.add_argument("results_dir", help="folder holding trials.parquet (written by a search)")
@@ -21,8 +21,6 @@ def add_export_parser(subparsers) -> None:
 
 def export_command(args) -> int:
     """Export, then print one line: how many SAEs, where."""
-    from raysae.analysis.export_saebench import export_results
-
     out, names = export_results(args.results_dir, args.out, args.fmt)
     print(f"exported {len(names)} SAE{'s' * (len(names) != 1)} to {out} ({args.fmt}: "
           f"<name>.json + <name>/ in SAELens layout each)")

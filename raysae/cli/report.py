@@ -13,6 +13,7 @@ def add_report_parser(subparsers) -> None:
 
 def report_command(args) -> int:
     """Write the report and print its path."""
+    # on use: the report's stack (matplotlib, scipy, moocore) loads when it runs
     from raysae.analysis.report import write_report
 
     print(write_report(args.results_dir, args.out))

@@ -12,6 +12,7 @@ import argparse
 from raysae.cli.flags import add_range_flags, add_section, given
 from raysae.core.config import TrainConfig
 from raysae.core.kinds import baseline_kinds, penalty_kinds
+from raysae.core.penalties import PENALTIES
 from raysae.core.recipes import RECIPES
 from raysae.search.config import (
     NO_BASELINES,
@@ -27,8 +28,6 @@ from raysae.search.run_settings import RunSettings, SweepSettings
 
 def searchable_params() -> dict[str, str]:
     """Every searched (family, parameter) of the registry as "family_param" -> its help."""
-    from raysae.core.penalties import PENALTIES
-
     out: dict[str, str] = {}
     for spec in PENALTIES.values():
         for p in spec.searched_params():
@@ -61,6 +60,7 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
 
 def run_command(args: argparse.Namespace, *, sweep: bool) -> int:
     """Build and validate the whole config, then run the job."""
+    # on use: the job's stack (Ray Tune, pyarrow) loads when a search runs
     from raysae.search.job import run
 
     values = given(args)

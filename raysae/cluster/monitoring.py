@@ -54,6 +54,7 @@ _failed: set[str] = set()
 def ray_connected() -> bool:
     """True inside a driver or worker connected to Ray (where ray.util.metrics works)."""
     try:
+        # on use: the activation readers import this module and run without Ray
         import ray
     except ImportError:
         return False
@@ -66,6 +67,7 @@ def _metric(name: str):
         return _created[name]
     if not ray_connected():
         return None
+    # on use: the activation readers import this module and run without Ray
     from ray.util import metrics as rm
 
     kind, description, tags = METRICS[name]

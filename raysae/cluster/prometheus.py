@@ -35,6 +35,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import ray
+
+from raysae.cluster.ray_env import init_ray
+
 logger = logging.getLogger(__name__)
 
 SD_FILE = "prom_metrics_service_discovery.json"
@@ -171,8 +175,6 @@ class LocalPrometheus:
 
 def session_dir() -> Path | None:
     """The session folder of the Ray this process is connected to (None without Ray)."""
-    import ray
-
     node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
     if node is None:
         return None
@@ -185,8 +187,6 @@ def session_dir() -> Path | None:
 def discovery_file(folder: Path | None = None) -> Path:
     """Ray's service-discovery file of this session; when the dashboard is off (nobody writes
     it) or the session is not local, a static one listing the nodes' metrics ports now."""
-    import ray
-
     folder = folder or session_dir()
     if folder is not None:
         path = folder / SD_FILE
@@ -211,7 +211,6 @@ def monitor(enabled: bool, address: str | None = None, *,
     if not enabled:
         yield None
         return
-    from raysae.cluster.ray_env import init_ray
 
     echo = echo or (lambda msg: print(msg, flush=True))
     prom = LocalPrometheus()

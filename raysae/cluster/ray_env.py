@@ -20,6 +20,14 @@ from __future__ import annotations
 import os
 import socket
 
+import ray
+from ray._private.authentication.authentication_token_setup import (
+    maybe_enable_token_auth_if_token_available,
+)
+from ray._private.services import get_webui_url_from_internal_kv
+from ray._private.utils import read_ray_address
+
+from raysae.cluster.reaper import start_reaper
 from raysae.settings import UserError
 
 LOCAL_OBJECT_STORE_BYTES = 300 * 1024**2
@@ -39,8 +47,6 @@ def _env_address() -> str | None:
 
 def _recorded_address() -> str | None:
     """The GCS address that ``ray start`` wrote on this machine, or None."""
-    from ray._private.utils import read_ray_address
-
     return read_ray_address() or None
 
 
@@ -90,21 +96,16 @@ def resolve_address(address: str | None = None) -> str | None:
 
 def _node():
     """Ray's node object for this driver (private API; None when not available)."""
-    import ray
-
     return getattr(ray._private.worker, "_global_node", None)
 
 
 def dashboard_url() -> str | None:
     """``http://host:port`` of the dashboard of the connected Ray, or None (no dashboard/Ray)."""
-    import ray
-
     if not ray.is_initialized():
         return None
     url = os.environ.get("RAY_OVERRIDE_DASHBOARD_URL") or getattr(_node(), "webui_url", None)
     if not url and _node() is not None:
         # A driver that connected before the head's dashboard was up cached None: ask the GCS.
-        from ray._private.services import get_webui_url_from_internal_kv
 
         url = get_webui_url_from_internal_kv()
     if not url:
@@ -114,8 +115,6 @@ def dashboard_url() -> str | None:
 
 def ray_info() -> dict:
     """Address, dashboard URL, mode and total resources of the connected Ray."""
-    import ray
-
     node = _node()
     local = bool(getattr(node, "ray_init_cluster", False))
     return {
@@ -132,10 +131,6 @@ def _use_node_token() -> None:
     exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) and the user set no RAY_AUTH_MODE, so
     ``--address HOST:PORT`` reaches a token-authenticated cluster as ``ray.init()`` on its
     head does."""
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
@@ -153,8 +148,6 @@ def init_ray(
     passing them while connecting is ignored rather than an error, so one call site serves
     both. When Ray is already initialised nothing changes and its info is returned.
     """
-    import ray
-
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -176,7 +169,6 @@ def init_ray(
         dashboard_host="127.0.0.1",
         object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES,
     )
-    from raysae.cluster.reaper import start_reaper
 
     if (node := _node()) is not None:  # no Ray process outlives a SIGKILLed driver
         start_reaper(node.get_session_dir_path())

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 GRACE_S = 2.0
 POLL_S = 1.0
 
@@ -32,8 +34,6 @@ def start_reaper(session_dir: str) -> subprocess.Popen:
 
 
 def _session_processes(session_dir: str) -> list:
-    import psutil
-
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         if any(session_dir in arg for arg in proc.info["cmdline"] or ()):
@@ -44,8 +44,6 @@ def _session_processes(session_dir: str) -> list:
 def watch(driver_pid: int, session_dir: str) -> int:
     """Record the driver's descendants until it ends; then kill the survivors. Returns how
     many were killed."""
-    import psutil
-
     try:
         driver = psutil.Process(driver_pid)
     except psutil.NoSuchProcess:

@@ -12,6 +12,7 @@ import importlib
 import os
 from typing import Any
 
+from raysae.core.architectures import ARCHITECTURES
 from raysae.registry import Registry
 
 SAEKind = Any
@@ -30,8 +31,6 @@ list (TrialSpec.plugins), so Ray workers know the kinds the driver knows."""
 def register_kind(cls: type[SAEKind]) -> type[SAEKind]:
     """Class decorator: register one instance under ``cls.name`` (registration order is
     the order of every derived list)."""
-    from raysae.core.architectures import ARCHITECTURES
-
     if cls.baseline and cls.uses_penalty:
         raise TypeError(f"kind {cls.name!r}: a baseline has no penalty to search")
     if cls.saelens_architecture not in ARCHITECTURES:

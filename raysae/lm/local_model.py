@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
 
 from raysae.lm import corpus
 
@@ -75,8 +77,6 @@ class LocalModelSpec:
 
 def build_local_model(spec: LocalModelSpec | None = None, *, progress: bool = True) -> Path:
     """Return the checkpoint folder for `spec`, training and caching it on first use."""
-    from filelock import FileLock
-
     spec = spec or LocalModelSpec()
     _validate(spec)
     root = cache_dir() / "models"
@@ -116,6 +116,7 @@ def _validate(spec: LocalModelSpec) -> None:
 
 def train_tokenizer(spec: LocalModelSpec):
     """A byte-level BPE tokenizer (GPT-NeoX style) trained on the train split only."""
+    # on use: only building the local model trains a tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -135,6 +136,7 @@ def train_tokenizer(spec: LocalModelSpec):
 
 
 def _make_model(spec: LocalModelSpec, vocab_size: int):
+    # on use: only building the local model needs the HF model classes
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
@@ -162,8 +164,6 @@ def mean_ce(model, blocks: np.ndarray, batch_size: int = 32) -> float:
 
 
 def _train(model, blocks: np.ndarray, spec: LocalModelSpec, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                             betas=(0.9, 0.95))

@@ -47,6 +47,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
     """A TransformerBridge in eval mode on `device` (CUDA when present, else CPU).
 
     `name_or_path`: a hub name, a local HF checkpoint folder, or "local" / "local-tiny"."""
+    # on use: transformer_lens takes 1.4 s to import; only a loaded model needs it
     from transformer_lens.model_bridge import TransformerBridge
 
     name = resolve_model(name_or_path)
@@ -70,6 +71,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
 
 def hook_names(model) -> list[str]:
     """Every hook name the model accepts: canonical names plus TransformerLens aliases."""
+    # on use: transformer_lens takes 1.4 s to import; only a loaded model needs it
     from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
 
     names = set(model.hook_dict)

@@ -1,7 +1,8 @@
 """The results contract: what a search writes and the report reads, named once.
 
-A results folder holds ``trials.parquet`` (one row per trained SAE, ``trial_columns()``; the
-penalty's parameters are extra columns named after the registry's parameters), optional
+A results folder holds ``trials.parquet`` (one row per trained SAE, ``trial_columns``: the
+trial's own fields and the metric table's columns, raysae.core.metrics, which the writer
+passes in; the penalty's parameters are extra columns named after the registry's), optional
 artifact tables (``ARTIFACT_FILES``) and ``search.json`` (``SEARCH_KEYS``). The search writes
 only through ``write_*`` here and the report reads only through ``read_*``; a test
 round-trips both.
@@ -17,7 +18,6 @@ from typing import Any
 import pandas as pd
 
 from raysae import io
-from raysae.core.metrics import metric_names
 from raysae.settings import UserError
 
 TRIALS_FILE = "trials.parquet"
@@ -39,10 +39,10 @@ _TRIAL_FIELDS = ("experiment", "stage", "tune_trial_id", "member", "trial_object
 _TRIAL_TAIL = ("steps", "tokens_seen", "status_reason")
 
 
-def trial_columns() -> tuple[str, ...]:
-    """Every column trials.parquet has: the metrics table's, read at call time (plugins
-    may add metrics), between the trial's own fields."""
-    return tuple(dict.fromkeys((*REQUIRED_TRIAL_COLUMNS, *_TRIAL_FIELDS, *metric_names(),
+def trial_columns(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """Every column trials.parquet has: the metric table's ``metrics`` (read by the caller
+    at call time: plugins may add metrics) between the trial's own fields."""
+    return tuple(dict.fromkeys((*REQUIRED_TRIAL_COLUMNS, *_TRIAL_FIELDS, *metrics,
                                 *_TRIAL_TAIL)))
 
 
@@ -84,8 +84,10 @@ def require_columns(df: pd.DataFrame, columns, name: str) -> None:
         raise ValueError(f"{name} lacks columns {missing}; the search service must write them")
 
 
-def write_trials(trials: pd.DataFrame, out: str | os.PathLike) -> Path:
-    require_columns(trials, trial_columns(), TRIALS_FILE)
+def write_trials(trials: pd.DataFrame, out: str | os.PathLike, metrics: tuple[str, ...]
+                 ) -> Path:
+    """trials.parquet, checked to hold every column (``trial_columns(metrics)``)."""
+    require_columns(trials, trial_columns(metrics), TRIALS_FILE)
     return io.write_parquet(trials, Path(out) / TRIALS_FILE)
 
 

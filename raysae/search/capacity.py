@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from raysae.settings import UserError
 
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -20,8 +22,6 @@ def _autoscaler_config() -> dict | None:
     if not path.is_file():
         return {}
     try:
-        import yaml
-
         return yaml.safe_load(path.read_text()) or {}
     except Exception:  # an unreadable config: what it allows is unknown
         return None

@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,8 +51,6 @@ def _handle(signum, frame) -> None:
 def reinstall() -> None:
     """Take the signals back after ``ray.init`` (Ray's core worker installs its own SIGTERM
     handler in the driver, which kills the process at once)."""
-    import threading
-
     if _state.get("active") and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _handle)
@@ -66,8 +65,6 @@ def check() -> None:
 @contextlib.contextmanager
 def stop_on_signals():
     """Install the handlers for the whole job (main thread only; else a no-op)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

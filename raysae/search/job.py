@@ -9,6 +9,15 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import ray
+
+from raysae.activations.cache import build_cache, default_cache_root
+from raysae.activations.source import ActivationSource
+from raysae.analysis.report import write_report
+from raysae.cluster.prometheus import monitor
+from raysae.cluster.ray_env import init_ray
 from raysae.core.config import SAEConfig
 from raysae.results.vocabulary import EVALUATED
 from raysae.search import capacity, interrupt, preflight, stored, tracking
@@ -48,8 +57,6 @@ def check_inputs(cfg: JobConfig, results: Path, sweep: bool) -> tuple[str, int]:
     if "://" not in cfg.run.storage:
         preflight.preflight_writable(Path(cfg.run.storage), flag="--storage")
     if not (acts.live or acts.cache):
-        from raysae.activations.cache import default_cache_root
-
         preflight.preflight_writable(default_cache_root(), flag="cache (RAYSAE_CACHE_DIR)")
     model, d_in = preflight.resolve_model(m.model, m.hook)
     if not sweep:
@@ -65,9 +72,6 @@ def prepare_activations(cfg: JobConfig, model: str, on_cluster: bool):
     """(cache folder or live-source dict, source dict). Locally the cache is built here once
     and reused; on a cluster each node builds its own copy when its first trial needs it
     (see docs/cluster.md for why), so the driver only names the folder."""
-    from raysae.activations.cache import build_cache, default_cache_root
-    from raysae.activations.source import ActivationSource
-
     m, acts = cfg.model, cfg.activations
     src = ActivationSource(model=model, hook=m.hook, dataset=m.corpus,
                            text_column=m.text_column, context_length=m.context_length,
@@ -117,8 +121,6 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
 
 def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
     """Before any work on Ray: can some node ever run one trial (CPU, GPU, memory)?"""
-    import ray
-
     search = cfg.search
     gpus = search.gpus_per_trial
     if gpus is None:
@@ -132,8 +134,6 @@ def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
 
 def check_finished(out: Path) -> None:
     """Raise JobFailed naming the cause when no trial of the search finished."""
-    import pandas as pd
-
     trials = pd.read_parquet(out / "trials.parquet")
     if trials["status"].isin(EVALUATED).any():
         return
@@ -148,16 +148,12 @@ def check_finished(out: Path) -> None:
 def _run(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
          d_in: int) -> Path:
     """The search with, under --monitor, a local Prometheus around it (stopped also on error)."""
-    from raysae.cluster.prometheus import monitor
-
     with monitor(cfg.run.monitor, cfg.run.address):
         return _search(cfg, sweep, name, results, model, d_in)
 
 
 def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
             d_in: int) -> Path:
-    from raysae.cluster.ray_env import init_ray
-
     start = time.time()
     info = init_ray(cfg.run.address)
     print(f"raysae: Ray {info['mode']} at {info['address']}; dashboard: "
@@ -174,8 +170,6 @@ def _search(cfg: JobConfig, sweep: bool, name: str, results: Path, model: str,
     print(f"raysae: trials table: {out / 'trials.parquet'}")
     check_finished(out)
     if cfg.run.report:
-        from raysae.analysis.report import write_report
-
         print(f"raysae: report: {write_report(out)}")
     print(f"raysae: Tune experiments under {plan.storage}; finished in "
           f"{time.time() - start:.0f} s", flush=True)
@@ -193,16 +187,12 @@ def _plan(cfg: JobConfig, sweep: bool, name: str, resources: dict,
         gpus = capacity.default_gpus_per_trial(resources)
     concurrent = search.max_concurrent
     if concurrent is None:
-        import ray
-
         concurrent = capacity.default_concurrency(ray.nodes(), search.cpus_per_trial, gpus)
         print(f"raysae: up to {concurrent} trials at once ({search.cpus_per_trial:g} CPU, "
               f"{gpus:g} GPU each; --max-concurrent overrides)", flush=True)
     search = dataclasses.replace(search, gpus_per_trial=gpus, max_concurrent=concurrent)
     grid: tuple[dict, ...] = ()
     if sweep:
-        import numpy as np
-
         lams = cfg.sweep.lambdas or np.geomspace(*search.lam_range,
                                                  cfg.sweep.n_lambdas).tolist()
         grid = grid_points(cfg.sweep.exponents, lams)

@@ -14,6 +14,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
+from transformers import AutoConfig
+from transformers.utils import logging as hf_logging
+
+from raysae.activations.cache import MANIFEST, load_manifest
+from raysae.activations.source import model_fingerprint
+from raysae.core import config as core_config
+from raysae.lm import corpus
+from raysae.lm.local_model import default_model
+from raysae.lm.models import check_hook, load_model
+from raysae.lm.models import resolve_model as resolve_name
 from raysae.settings import UserError
 
 MIN_FREE_BYTES = 100 * 1024**2
@@ -44,19 +61,14 @@ def check_model_name(model: str | None) -> None:
     if _path_like(model):
         raise UserError(f"--model {model}: no such folder; give an existing checkpoint folder "
                          "(e.g. one made by `raysae build-model`) or a hub name")
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-            raise UserError(f"--model {model} is neither a local folder nor a cached hub model,"
-                             " and HF_HUB_OFFLINE is set; give a checkpoint folder (`raysae "
-                             "build-model`), omit --model for the local model, or go online")
+    if _offline() and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise UserError(f"--model {model} is neither a local folder nor a cached hub model,"
+                        " and HF_HUB_OFFLINE is set; give a checkpoint folder (`raysae "
+                        "build-model`), omit --model for the local model, or go online")
 
 
 def check_corpus(source: str, text_column: str) -> None:
     """The text data exists, has the text column and is not empty (train and held-out)."""
-    from raysae.lm import corpus
-
     if source == corpus.STDLIB:
         return
     if not corpus._is_local(source) and _path_like(source):
@@ -81,16 +93,12 @@ def check_corpus(source: str, text_column: str) -> None:
 
 def _empty_file(path: Path) -> bool:
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(path).metadata.num_rows == 0
     size = path.stat().st_size
     return size == 0 or (size < 4096 and not path.read_bytes().strip())
 
 
 def _first_text(source: str, text_column: str, split: str) -> str | None:
-    from raysae.lm import corpus
-
     try:
         return next(corpus.iter_texts(source, text_column=text_column, split=split), None)
     except UnicodeDecodeError as err:
@@ -112,8 +120,6 @@ def _first_text(source: str, text_column: str, split: str) -> str | None:
 
 def check_cache_flag(cache: str) -> dict:
     """The manifest of a --cache folder (its settings are compared once the model is known)."""
-    from raysae.activations.cache import MANIFEST, load_manifest
-
     if not (Path(cache) / MANIFEST).is_file():
         raise UserError(f"--cache {cache} holds no {MANIFEST}: not a finished activation cache;"
                          " give a folder made by `raysae cache`, or omit --cache to build one")
@@ -126,8 +132,6 @@ def check_cache_flag(cache: str) -> dict:
 def check_cache_matches(cache: str, manifest: dict, model: str, hook: str,
                         context_length: int, d_in: int) -> None:
     """Refuse a --cache built for another model, hook, context length or width."""
-    from raysae.activations.source import model_fingerprint
-
     have = manifest.get("settings", {})
     want = {"model": (model_fingerprint(model), "--model"), "hook": (hook, "--hook"),
             "context_length": (context_length, "--context-length")}
@@ -148,17 +152,13 @@ def check_batch(batch_size: int, cache_tokens: int, cache_flag: str) -> None:
 
 
 def check_targets(targets, d_in: int, expansion: int) -> None:
-    from raysae.core.config import check_targets
-
-    check_targets(targets, d_in * expansion, f"d_sae is --expansion {expansion} x d_in {d_in}: "
-                  "lower the target or raise --expansion")
+    """The ladder against the SAE's width, which the model's hook width decides."""
+    core_config.check_targets(targets, d_in * expansion, f"d_sae is --expansion {expansion} "
+                              f"x d_in {d_in}: lower the target or raise --expansion")
 
 
 def resolve_model(name: str | None, hook: str) -> tuple[str, int]:
     """The model (built locally when none is named) and its hook width, hook checked."""
-    from raysae.lm.local_model import default_model
-    from raysae.lm.models import check_hook, load_model
-
     model = name or str(default_model(progress=True))
     try:
         with _no_progress_bars():  # a refused input's stderr is its one error line
@@ -171,12 +171,8 @@ def resolve_model(name: str | None, hook: str) -> tuple[str, int]:
 
 def model_max_positions(model: str) -> int | None:
     """The model's maximum sequence length from its config (None when it names none)."""
-    from raysae.lm.models import resolve_model as resolve_name
-
     name = os.path.expanduser(resolve_name(model))
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):
         return None
@@ -200,12 +196,6 @@ class _no_progress_bars:
     """Silence transformers' and huggingface_hub's progress bars (e.g. "Loading weights")."""
 
     def __enter__(self):
-        from huggingface_hub.utils import (
-            are_progress_bars_disabled,
-            disable_progress_bars,
-        )
-        from transformers.utils import logging as hf_logging
-
         self._hub = are_progress_bars_disabled()
         self._tf = hf_logging.is_progress_bar_enabled()
         disable_progress_bars()
@@ -213,9 +203,6 @@ class _no_progress_bars:
         return self
 
     def __exit__(self, *exc):
-        from huggingface_hub.utils import enable_progress_bars
-        from transformers.utils import logging as hf_logging
-
         if not self._hub:
             enable_progress_bars()
         if self._tf:

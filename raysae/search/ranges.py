@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from raysae.core.penalties import PENALTIES
 from raysae.settings import is_number, require
 
 
@@ -13,8 +14,6 @@ def range_field(family: str, param: str) -> str:
 
 def range_fields() -> dict[str, str]:
     """Every searchable range setting -> its "family.param" key, from the registry."""
-    from raysae.core.penalties import PENALTIES
-
     return {range_field(spec.name, p.name): f"{spec.name}.{p.name}"
             for spec in PENALTIES.values() for p in spec.searched_params()}
 

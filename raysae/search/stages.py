@@ -29,13 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 
 from raysae.analysis import provenance
+from raysae.analysis.confidence import REFERENCES, compare
 from raysae.core.kinds import DEFAULT_KIND, baseline_labels
+from raysae.core.metrics import metric_names
+from raysae.core.penalties import get_penalty
 from raysae.results import contract
 from raysae.results.vocabulary import EVALUATED, Stage, Status
 from raysae.search import interrupt
+from raysae.search.multifidelity import halving_stop, stage_rung_tokens
 from raysae.search.space import penalty_of
+from raysae.search.tracking import close_journal
+from raysae.search.trial.rungs import RUNG_METRIC
 from raysae.search.trial.scratch import remove_scratch_folders
 from raysae.search.trials_table import clean_trials, collect_artifacts, results_frame
 from raysae.search.tune_setup import SearchPlan, make_tuner, reference_grid
@@ -53,8 +60,6 @@ def fit_stage(plan: SearchPlan, stage: Stage, spec, grid, index: int, resume: bo
         result_grid = make_tuner(plan, stage, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, plan.experiment(stage), fetch_to)
     if stage == Stage.SEARCH:
-        from raysae.search.tracking import close_journal
-
         close_journal()
     remove_scratch_folders(frame.get("tune_trial_id", ()))
     STAGE_SECONDS[stage] = time.perf_counter() - start
@@ -88,8 +93,6 @@ def budget_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
 
 def promotion_grid(plan: SearchPlan, searched: pd.DataFrame) -> tuple[dict, ...]:
     """Successive halving: the ``promote`` proposals with the best rung scores, seed 0."""
-    from raysae.search.trial.rungs import RUNG_METRIC
-
     return tuple(best_configs(plan, searched, plan.search.promote, by=RUNG_METRIC,
                               statuses=(Status.STOPPED,)))
 
@@ -115,8 +118,6 @@ def best_configs(plan: SearchPlan, searched: pd.DataFrame, n: int, by: str = "tr
 
 
 def _param_names(penalty: str) -> list[str]:
-    from raysae.core.penalties import get_penalty
-
     return list(get_penalty(penalty).param_names())
 
 
@@ -154,7 +155,7 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     if resume:
         trials = keep_earlier_rows(trials, out)
     out.mkdir(parents=True, exist_ok=True)
-    contract.write_trials(trials, out)
+    contract.write_trials(trials, out, metric_names())
     for key, df in collect_artifacts(trials).items():
         contract.write_table(df, out, key)
     comparisons = compare_trials(trials)
@@ -173,8 +174,6 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
     """Optuna's proposals: the search stage and, under successive halving, the promotion
     of the best at the rung to the full budget (``spec``: the references' zero point set).
     Returns (their tables, the one the best proposals are chosen from)."""
-    from raysae.search.multifidelity import halving_stop, stage_rung_tokens
-
     total = spec.train.total_tokens
     stop = halving_stop(plan.search, total)
     searched = fit_stage(plan, Stage.SEARCH, replace(
@@ -192,7 +191,6 @@ def trial_slots(search) -> int:
     built without the job) what the Ray cluster's CPUs hold."""
     if search.max_concurrent:
         return int(search.max_concurrent)
-    import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
     return max(int(cpus // search.cpus_per_trial), 1)
@@ -216,8 +214,6 @@ def keep_earlier_rows(trials: pd.DataFrame, out: Path) -> pd.DataFrame:
 def compare_trials(trials: pd.DataFrame) -> pd.DataFrame | None:
     """comparisons.parquet: every label against L1 and sqrt and the baseline kinds, per
     target and over the ladder (None for a sweep, whose SAEs have no targets)."""
-    from raysae.analysis.confidence import REFERENCES, compare
-
     laddered = trials[trials["target_l0"].notna()]
     if not len(laddered):
         return None

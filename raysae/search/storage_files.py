@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pyarrow.fs as pafs
+from ray import tune
 
 from raysae import io
 
@@ -61,8 +62,6 @@ def read(storage: str, name: str, filename: str) -> bytes | None:
 def experiments(storage: str, name: str) -> list[str]:
     """The Tune experiments of search ``name`` that a resume would restore: those of its
     stages (``NAME_refs``, ``NAME_search``, ...) or of a sweep (``NAME``)."""
-    from ray import tune
-
     root = storage_root(storage).rstrip("/")
     if "://" in root:
         fs, base = pafs.FileSystem.from_uri(root)

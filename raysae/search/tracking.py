@@ -26,9 +26,17 @@ more than a checkpoint, and a journal lost with a head is rebuilt from Tune's.
 
 from __future__ import annotations
 
+import netrc
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray.tune.logger import TBXLoggerCallback
 
 from raysae import io
 from raysae.search import storage_files
@@ -47,9 +55,6 @@ def study_path(results: str | os.PathLike, name: str) -> Path:
 
 def study_storage(path: Path):
     """Optuna's journal-file storage at ``path`` (reading a journal this module wrote)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     return JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -70,10 +75,6 @@ def mirror_study(study, *, final: bool = False) -> int:
     and in --storage; ``final`` (the stage has ended): a trial still RUNNING (proposed by a
     driver that was then killed, never restored) is written as FAIL with the reason in its
     user attributes. Returns how many were so closed."""
-    import tempfile
-
-    import optuna
-
     if not _JOURNAL or study is None:
         return 0
     _JOURNAL["study"] = study
@@ -129,8 +130,6 @@ def wandb_offline() -> bool:
         return True
     if mode == "online" or os.environ.get("WANDB_API_KEY"):
         return False
-    import netrc
-    from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:  # where `wandb login` keeps the key
@@ -151,8 +150,6 @@ def check_wandb() -> None:
 def tune_callbacks(search_name: str, stage: str, results: str | os.PathLike | None,
                    wandb_project: str | None) -> list:
     """The logger callbacks of one stage's Tune experiment (see the module docstring)."""
-    from ray.tune.logger import TBXLoggerCallback
-
     callbacks: list = [TBXLoggerCallback()]
     if wandb_project:
         callbacks.append(wandb_callback(search_name, stage, results, wandb_project))
@@ -161,6 +158,7 @@ def tune_callbacks(search_name: str, stage: str, results: str | os.PathLike | No
 
 def wandb_callback(search_name: str, stage: str, results, project: str):
     """Tune's WandbLoggerCallback: one run per trial, group = search, job_type = stage."""
+    # on use: it imports wandb, needed only with --wandb
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     folder = Path(results or ".").resolve()  # wandb keeps its runs in <dir>/wandb

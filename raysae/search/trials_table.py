@@ -15,10 +15,14 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 
+from raysae.core.metrics import metric_names
 from raysae.results import contract
 from raysae.results.vocabulary import Status
+from raysae.search.trial.rungs import RUNG_METRIC
 from raysae.search.trial.spec import BAD_OBJECTIVE
+from raysae.search.trial.trainable import STATE_FILE
 
 PER_TRIAL = ("members", "members_l0", "objective", "ladder")
 
@@ -27,10 +31,6 @@ def local_checkpoint(checkpoint, fetch_to: Path | None) -> str:
     """The checkpoint's folder on this machine: as it is on local storage; on remote storage
     (s3://, any pyarrow filesystem Tune writes to) its files except the trainer state (the
     SAEs in SAELens layout, feature statistics, removal curves) copied under ``fetch_to``."""
-    import pyarrow.fs as pafs
-
-    from raysae.search.trial.trainable import STATE_FILE
-
     fs = checkpoint.filesystem
     if fs is None or isinstance(fs, pafs.LocalFileSystem) or fetch_to is None:
         return checkpoint.path
@@ -82,8 +82,6 @@ def results_frame(result_grid, experiment: str, fetch_to: Path | None = None) ->
 def _rung_columns(result) -> dict:
     """The trial's score at its first rung (raysae.search.multifidelity), from its report history:
     a finished proposal's last report no longer carries it."""
-    from raysae.search.trial.rungs import RUNG_METRIC
-
     history = getattr(result, "metrics_dataframe", None)
     if history is None or RUNG_METRIC not in history:
         return {}
@@ -105,7 +103,7 @@ def _error_reason(error: BaseException) -> str:
 
 def clean_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Stable, analysis-ready columns; diverged/errored trials keep a clearly bad objective."""
-    for col in contract.trial_columns():
+    for col in contract.trial_columns(metric_names()):
         if col not in df:
             df[col] = math.nan
     if "status" in df:

@@ -11,12 +11,21 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+import optuna
+from ray import tune
+from ray.tune import CLIReporter
+from ray.tune.search import ConcurrencyLimiter
+
 from raysae.core.config import check_targets
 from raysae.core.metrics import progress_columns
+from raysae.core.penalties import reference_points
 from raysae.results.vocabulary import Stage
 from raysae.search.config import SearchConfig
+from raysae.search.multifidelity import HALVING, RungOptunaSearch, rung_policy, rung_scheduler
 from raysae.search.space import SearchSpace, reference_configs
 from raysae.search.storage_files import storage_root
+from raysae.search.tracking import study_path, tune_callbacks, use_journal
 from raysae.search.trial.spec import TrialSpec
 from raysae.search.trial.trainable import run_trial
 
@@ -63,8 +72,6 @@ class SearchPlan:
     def record(self, settings: dict[str, Any]) -> dict[str, Any]:
         """search.json's content (raysae.results.contract.SEARCH_KEYS): what the search
         was, for the analysis, which never imports the search."""
-        from raysae.core.penalties import reference_points
-
         search, grid = self.search, bool(self.grid)
         return {"name": self.name, "kind": self.kind, "objective": search.objective,
                 "lambda_mode": self.spec.lambda_mode,
@@ -79,15 +86,11 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0):
     """OptunaSearch (``search.sampler``, seeded) behind a ConcurrencyLimiter; its study is
     in memory (Tune saves it with the experiment in --storage) and written out as the
     search's journal (raysae.search.tracking)."""
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = ("objective", "min")
     if plan.search.objective == "pareto":
         metric, mode = ["ce_sae", "l0"], ["min", "min"]
     sampler = make_sampler(plan.search, plan.spec.train.seed + seed_offset)
-    from raysae.search.multifidelity import HALVING, RungOptunaSearch, rung_policy
 
     searcher = RungOptunaSearch(SearchSpace(plan.search), metric=metric, mode=mode,
                                 sampler=sampler, study_name=plan.name,
@@ -97,8 +100,6 @@ def build_searcher(plan: SearchPlan, seed_offset: int = 0):
 
 def make_sampler(search: SearchConfig, seed: int):
     """Optuna's sampler named by ``search.sampler`` (SearchConfig.sampler)."""
-    import optuna
-
     startup = startup_trials(search.num_trials)
     if search.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
@@ -120,7 +121,6 @@ def reference_grid(plan: SearchPlan) -> tuple[dict, ...]:
                              if plan.spec.lambda_mode == "control" else ())
     if plan.spec.lambda_mode != "search":
         return tuple(refs)
-    import numpy as np
 
     lams = np.geomspace(*plan.search.lam_range, 3).tolist()
     return tuple({**ref, "lam": float(lam)} for ref in refs for lam in lams)
@@ -133,10 +133,6 @@ def _label(target: float) -> str:
 def make_tuner(plan: SearchPlan, stage: Stage, spec: TrialSpec, grid: tuple[dict, ...],
                index: int, resume: bool):
     """A new Tuner, or the restored one when ``resume`` and the experiment exists."""
-    from ray import tune
-
-    from raysae.search.tracking import tune_callbacks
-
     search = plan.search
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec),
@@ -144,7 +140,6 @@ def make_tuner(plan: SearchPlan, stage: Stage, spec: TrialSpec, grid: tuple[dict
     name = plan.experiment(stage)
     path = f"{storage_root(plan.storage).rstrip('/')}/{name}"
     if not grid:  # the search stage's searcher writes its study out here
-        from raysae.search.tracking import study_path, use_journal
 
         use_journal(None if plan.results is None else study_path(plan.results, plan.name),
                     plan.storage, plan.name)
@@ -157,7 +152,6 @@ def make_tuner(plan: SearchPlan, stage: Stage, spec: TrialSpec, grid: tuple[dict
     else:
         searcher, num_samples, param_space = (build_searcher(plan, index),
                                               search.num_trials, {})
-        from raysae.search.multifidelity import rung_scheduler
 
         scheduler = rung_scheduler(plan.search, spec)
     run_config = tune.RunConfig(
@@ -177,8 +171,6 @@ def progress_table(plan: SearchPlan, grid: bool):
     """Tune's classic table, one row per trial with the columns a researcher watches (the
     searched parameters come from the registry, the metrics from the metrics table), every
     30 s."""
-    from ray.tune import CLIReporter
-
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     prefix = "point/" if grid else ""

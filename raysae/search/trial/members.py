@@ -10,8 +10,15 @@ from typing import Any
 
 import pandas as pd
 
+from raysae import io
+from raysae.activations.batches import iter_activation_batches
+from raysae.activations.cache import load_manifest
 from raysae.core.config import TrainConfig
 from raysae.core.outcome import DIVERGED, FINISHED
+from raysae.evaluation import feature_stats
+from raysae.evaluation.ablation import threshold_sweep
+from raysae.evaluation.spliced_ce import heldout_evaluator
+from raysae.lm.models import load_model
 from raysae.results import contract
 from raysae.search.trial.spec import BAD_OBJECTIVE, TrialSpec, frontier_score, member_objective
 
@@ -23,8 +30,6 @@ def _feature_source(spec: TrialSpec, evaluator):
     set is too small to see a 1e-5 frequency), or the held-out set when streaming live."""
     if not isinstance(spec.activations, str) or not os.path.isdir(spec.activations):
         return evaluator
-    from raysae.activations.batches import iter_activation_batches
-    from raysae.activations.cache import load_manifest
 
     n_tokens = min(spec.data.feature_tokens, int(load_manifest(spec.activations)["n_tokens"]))
     return iter_activation_batches(spec.activations, 4096, n_tokens=n_tokens,
@@ -47,9 +52,6 @@ rung's 9 on one core)."""
 def heldout(spec: TrialSpec, cfg: TrainConfig):
     """The held-out evaluator every score of a trial uses (spliced CE on the same blocks);
     built once per process for a given model, device, hook and held-out set."""
-    from raysae.evaluation.spliced_ce import heldout_evaluator
-    from raysae.lm.models import load_model
-
     key = (str(spec.model), str(cfg.device), spec.lm.hook, spec.data.eval_blocks,
            spec.lm.context_length, repr(spec.lm.corpus))
     if key not in _HELDOUT:
@@ -76,8 +78,6 @@ def rung_score(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator) -> f
 def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator=None):
     """(one metrics row per member, a function writing every member's artifacts);
     ``evaluator``: the trial's held-out evaluator when a rung already built it."""
-    from raysae.evaluation import feature_stats
-
     rows = [_base(k, t, r) for k, (t, r) in enumerate(zip(spec.ladder, results))]
     live = [k for k, r in enumerate(results) if r.status != DIVERGED]
     for k in set(range(len(results))) - set(live):
@@ -97,8 +97,6 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator
         row["objective"] = member_objective(row["ce_sae"], row["l0"], target, spec.search.beta,
                                             spec.search.tol)
         if spec.threshold_sweep and results[k].status == FINISHED:
-            from raysae.evaluation.ablation import threshold_sweep
-
             sweeps[k] = threshold_sweep(evaluator, sae, n_points=spec.sweep_points)
 
     def write_artifacts(folder: Path) -> None:
@@ -116,8 +114,6 @@ def evaluate_members(spec: TrialSpec, cfg: TrainConfig, results: list, evaluator
 
 def _write_member_tables(folder: Path, stats: dict, sweeps: dict) -> None:
     """feature_stats / activation_samples / threshold sweeps with a ``member`` column."""
-    from raysae import io
-
     if stats:
         per_feature = pd.concat([s[0].assign(member=k) for k, s in stats.items()])
         samples = pd.concat([s[1].assign(member=k) for k, s in stats.items()])

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
+
+from ray import tune
+
+from raysae.lm.local_model import cache_dir
 
 CKPT_PREFIX = ".raysae-ckpt-"
 SCRATCH_DIR = "checkpoint-scratch"
@@ -18,14 +23,10 @@ SCRATCH_MAX_AGE_S = 3600
 
 
 def scratch_root() -> Path:
-    from raysae.lm.local_model import cache_dir
-
     return cache_dir() / SCRATCH_DIR
 
 
 def scratch_dir() -> str | None:
-    from ray import tune
-
     try:
         trial_id = tune.get_context().get_trial_id()
     except Exception:  # outside a Tune trial
@@ -40,8 +41,6 @@ def scratch_dir() -> str | None:
 def remove_stale_checkpoint_folders() -> None:
     """This trial's leftovers (a killed attempt, an earlier report), and any trial's that are
     older than an hour (a trial stopped inside its last report never cleans up)."""
-    import shutil
-
     own = scratch_dir()
     remove_scratch_folders([Path(own).name] if own else [])
     cutoff = time.time() - SCRATCH_MAX_AGE_S
@@ -55,8 +54,6 @@ def remove_scratch_folders(trial_ids) -> None:
     """Delete these trials' checkpoint scratch folders on this node: a report blocks until
     the driver takes it, and a trial stopped there (its last report, or a killed worker)
     never reaches its own cleanup. Each report's checkpoint is persisted before it blocks."""
-    import shutil
-
     for trial_id in trial_ids:
         if isinstance(trial_id, str) and trial_id and "/" not in trial_id:
             for path in (scratch_root() / trial_id).glob(CKPT_PREFIX + "*"):

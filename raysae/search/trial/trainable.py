@@ -23,32 +23,40 @@ import os
 import signal
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray
 import torch
+from ray import tune
 
+from raysae.activations.batches import iter_activation_batches
+from raysae.activations.cache import CacheError, build_cache
+from raysae.activations.source import ActivationSource
+from raysae.cluster.monitoring import TrialMetrics
 from raysae.core.config import TrainConfig
+from raysae.core.kinds import DEFAULT_KIND, get_kind, load_plugins
 from raysae.core.ladder import LadderTrainer
 from raysae.core.memory import keep_freed_memory
 from raysae.core.metrics import metric_names
+from raysae.core.outcome import CheckpointError, NonFiniteActivationsError
+from raysae.core.recipes import UNIT_NORM
 from raysae.core.training import train_ladder
 from raysae.results.vocabulary import Status
 from raysae.search.trial.members import evaluate_members
+from raysae.search.trial.rungs import RungScorer, unscored
 from raysae.search.trial.scratch import CKPT_PREFIX, remove_stale_checkpoint_folders, scratch_dir
 from raysae.search.trial.spec import TrialSpec, frontier_score, train_config
+from raysae.settings import SettingError
 
 STATE_FILE = "trainer_state.pt"
 def _activation_batches(spec: TrialSpec, cfg: TrainConfig, tokens_done: int, seed: int):
-    from raysae.activations.batches import iter_activation_batches
-    from raysae.activations.source import ActivationSource
-
     source = spec.activations
     if not isinstance(source, str):  # live: the trial runs the model on its own device
         source = ActivationSource(**source)
     elif not os.path.isdir(source) and spec.activation_source is not None:
-        from raysae.activations.cache import build_cache
-
         # This node's first trial builds its cache on its own device and resources (a Ray
         # Data pool would ask for GPUs the trials hold); the others wait for it, bounded.
         src = ActivationSource(**spec.activation_source)
@@ -71,8 +79,6 @@ def make_trainer(spec: TrialSpec, cfg: TrainConfig, data: bytes | None = None):
 
 
 def _restore(spec: TrialSpec, cfg: TrainConfig) -> LadderTrainer:
-    from ray import tune
-
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return make_trainer(spec, cfg)
@@ -83,8 +89,6 @@ def _restore(spec: TrialSpec, cfg: TrainConfig) -> LadderTrainer:
 def _report(row: dict[str, Any], trainer: LadderTrainer | None = None, extra=None) -> int:
     """tune.report with a checkpoint folder holding the trainer state (and ``extra(folder)``);
     returns the checkpoint's size in bytes (0 without one)."""
-    from ray import tune
-
     if trainer is None:
         tune.report(row)
         return 0
@@ -103,8 +107,6 @@ def _trial_file(name: str):
     """(filesystem, path) of a file in this trial's folder in --storage, reachable from any
     node and across attempts: a reused actor's ``get_trial_dir()`` is a working folder that
     Tune never syncs there, and a retry may run in another one."""
-    from ray import tune
-
     storage = tune.get_context().get_storage()
     storage.storage_filesystem.create_dir(storage.trial_fs_path, recursive=True)
     return storage.storage_filesystem, storage.trial_fs_path.rstrip("/") + "/" + name
@@ -117,8 +119,6 @@ def _write_trial_file(name: str, text: str) -> None:
 
 
 def _maybe_inject_failure(spec: TrialSpec, step: int) -> None:
-    import pyarrow.fs as pafs
-
     if spec.inject_failure_at_step is None or step < spec.inject_failure_at_step:
         return
     fs, marker = _trial_file(".raysae_injected_failure")
@@ -157,10 +157,6 @@ def ladder_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def permanent_errors() -> tuple[type[BaseException], ...]:
     """Errors a retry cannot heal: a corrupt/NaN cache shard, a bad setting, NaN
     activations from the model, an unreadable checkpoint."""
-    from raysae.activations.cache import CacheError
-    from raysae.core.outcome import CheckpointError, NonFiniteActivationsError
-    from raysae.settings import SettingError
-
     return (CacheError, SettingError, NonFiniteActivationsError, CheckpointError)
 
 
@@ -172,8 +168,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function trainable (bind ``spec`` with ``tune.with_parameters``). An error no
     retry can heal ends the trial once, without Tune's retries: a final report with
     ``status = "error"`` and the error as ``status_reason`` (also in the trial's error.txt)."""
-    from raysae.core.kinds import load_plugins
-
     load_plugins(spec.plugins)  # the driver's plugin kinds, before any config names one
     try:
         _train_trial(config, spec)
@@ -182,10 +176,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
 
 def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> None:
-    import traceback
-
-    from ray import tune
-
     reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
     with contextlib.suppress(OSError, AttributeError):  # the trial still reports its error
         _write_trial_file("error.txt", "".join(
@@ -193,7 +183,6 @@ def _fail_once(config: dict[str, Any], spec: TrialSpec, err: BaseException) -> N
     try:
         base = _base_row(spec, train_config(spec, config))
     except Exception:  # the config itself may be what failed
-        from raysae.search.trial.rungs import unscored
 
         base = unscored(spec)
     tune.report({**base, "objective": float("nan"), "ce_sae": float("nan"),
@@ -213,7 +202,6 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "gpu_ids": _gpu_ids()}
     written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
     dashboard = _trial_metrics(cfg, trainer)
-    from raysae.search.trial.rungs import RungScorer
 
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
@@ -267,10 +255,6 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
 def _trial_metrics(cfg: TrainConfig, trainer: LadderTrainer):
     """Dashboard gauges for this trial (tokens/s, l0, mse), tagged with its id and family."""
-    from ray import tune
-
-    from raysae.cluster.monitoring import TrialMetrics
-
     return TrialMetrics(tune.get_context().get_trial_id(), cfg.penalty.family,
                         start_tokens=trainer.tokens, targets=trainer.targets)
 
@@ -278,15 +262,11 @@ def _trial_metrics(cfg: TrainConfig, trainer: LadderTrainer):
 def _gpu_ids() -> str:
     """The GPUs Ray assigned to this trial ("0,3"; "" without any): Ray sets
     CUDA_VISIBLE_DEVICES to them, so the trial's "cuda" device is exactly these."""
-    import ray
-
     return ",".join(str(i) for i in ray.get_gpu_ids())
 
 
 def _node_id() -> str:
     """The Ray node of this attempt: fake nodes on one machine share ``node_ip``, ids differ."""
-    import ray
-
     return ray.get_runtime_context().get_node_id()
 
 
@@ -294,14 +274,10 @@ def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
     """The penalty's columns (name, family, label, each parameter), the kind and the seed.
     A baseline kind is its own family and label (kind.label); another penalised kind
     (p-anneal) labels its final penalty."""
-    from raysae.core.kinds import DEFAULT_KIND, get_kind
-
     kind = get_kind(cfg.kind)
     family = kind.family(cfg)
     label = cfg.penalty.label if kind.name == DEFAULT_KIND else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
-    from raysae.core.recipes import UNIT_NORM
-    from raysae.search.trial.rungs import unscored
 
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
             "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
