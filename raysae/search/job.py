@@ -23,6 +23,7 @@ from raysae.results.vocabulary import EVALUATED
 from raysae.search import capacity, interrupt, preflight, stored, tracking
 from raysae.search.config import JobConfig
 from raysae.search.stages import run_search
+from raysae.search.storage_files import storage_root
 from raysae.search.tracking import study_path
 from raysae.search.trial.spec import TrialSpec
 from raysae.search.tune_setup import SearchPlan, grid_points
@@ -111,10 +112,13 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
               "times and its held-out L0 will overshoot its target; --cache-tokens "
               f"{total} avoids it", flush=True)
     made = preflight.make_dirs(results)
+    if "://" not in cfg.run.storage:
+        made += preflight.make_dirs(Path(storage_root(cfg.run.storage)) / name)
     try:
         with interrupt.stop_on_signals():
             return _run(cfg, sweep, name, results, model, d_in)
-    except BaseException:  # any failure or interrupt leaves no empty results folder
+    except BaseException:  # a failure or interrupt before any experiment leaves nothing
+        stored.forget_unstarted(cfg, name)
         preflight.remove_if_empty(made)
         raise
 

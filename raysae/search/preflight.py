@@ -8,6 +8,7 @@ Numbers and ranges are checked by the configs themselves (raysae.search.config).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -246,9 +247,8 @@ def make_dirs(folder: Path) -> list[Path]:
 
 
 def remove_if_empty(made: list[Path]) -> None:
-    """Undo ``make_dirs`` after a failure, keeping any folder something was written into."""
-    for path in reversed(made):
-        try:
+    """Undo ``make_dirs`` (one call or several) after a failure, deepest folder first,
+    keeping any folder something was written into."""
+    for path in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
             path.rmdir()
-        except OSError:
-            return

@@ -49,6 +49,14 @@ def write(storage: str, name: str, filename: str, data: bytes) -> str:
     return where(storage, name, filename)
 
 
+def remove(storage: str, name: str, filename: str) -> None:
+    """Delete ``STORAGE/NAME/filename`` if it is there."""
+    fs, folder = search_folder(storage, name)
+    path = f"{folder}/{filename}"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def read(storage: str, name: str, filename: str) -> bytes | None:
     """The bytes of ``STORAGE/NAME/filename``, or None when there is no such file."""
     fs, folder = search_folder(storage, name)

@@ -92,6 +92,14 @@ def check_resume(cfg, name: str, sweep: bool) -> list[str]:
     return diff
 
 
+def forget_unstarted(cfg, name: str) -> None:
+    """After a failure or interrupt: the stored settings of a search that started no Tune
+    experiment are removed (nothing to resume; a bad model found while its cache was built
+    leaves no file behind)."""
+    if not storage_files.experiments(cfg.run.storage, name):
+        storage_files.remove(cfg.run.storage, name, SETTINGS_FILE)
+
+
 def store(cfg, name: str, sweep: bool) -> str:
     """Write the search's settings to its folder in --storage, whole or not at all, before
     any work a resume would continue; returns where."""
