@@ -58,7 +58,7 @@ def test_decode_values_gradients_fires_and_dense_equal_the_dense_path(kind):
             f = model.kind.activate(model, pre)
             x_hat, fires = model.decode(f), (f.detach() > 0).sum(dim=1, dtype=torch.int32)
         (x_hat - x).pow(2).sum().backward()
-        state = model.batch_min.clone() if kind == "batchtopk" else None
+        state = model.state.batch_min.clone() if kind == "batchtopk" else None
         runs[sparse] = (x_hat.detach(), f.detach(), fires, state,
                         {n: p.grad for n, p in model.named_parameters()})
     (d_hat, d_f, d_fires, d_state, d_grads), (hat, f, fires, state, grads) = runs[False], runs[True]
@@ -139,7 +139,7 @@ def test_sparse_step_trains_as_the_dense_step(kind):
             assert [r[field] for r in s_rows] == pytest.approx([r[field] for r in d_rows],
                                                                rel=1e-3, abs=1e-7)
     if kind == "batchtopk":
-        torch.testing.assert_close(sparse.model.threshold, dense.model.threshold,
+        torch.testing.assert_close(sparse.model.state.threshold, dense.model.state.threshold,
                                    rtol=1e-4, atol=1e-6)
     assert torch.equal(sparse.last_fired, dense.last_fired)
 

@@ -61,7 +61,7 @@ def test_first_batch_puts_each_member_at_its_target():
     x = next(planted_batches(D_IN, N_TRUE, K_ACTIVE, 1024, seed=1))
     trainer.step(x)
     pre = trainer.model.pre_acts(trainer._prepare(x)[0])
-    l0 = (pre > JumpReLU.theta(trainer.model)).float().sum(-1).mean(-1)
+    l0 = (pre > JumpReLU.theta(trainer.model.state)).float().sum(-1).mean(-1)
     torch.testing.assert_close(l0, torch.tensor(TARGETS), rtol=0.02, atol=0.0)
 
 

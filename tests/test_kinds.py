@@ -132,8 +132,8 @@ def test_k_members_equal_k_single_member_ladders(kind):
             torch.testing.assert_close(getattr(ens.model, name)[k], p[0], atol=1e-5, rtol=1e-5)
         assert ens.lam[k].item() == pytest.approx(one.lam[0].item(), rel=1e-6)
         if kind == "batchtopk":
-            assert ens.model.threshold[k].item() == pytest.approx(
-                one.model.threshold[0].item(), rel=1e-5)
+            assert ens.model.state.threshold[k].item() == pytest.approx(
+                one.model.state.threshold[0].item(), rel=1e-5)
         assert ens.history[k][-1]["l0"] == pytest.approx(one.history[0][-1]["l0"], abs=0.05)
 
 
@@ -174,10 +174,10 @@ def test_batchtopk_checkpoint_keeps_the_threshold():
     for x in batches[:13]:
         first.step(x)
     resumed = LadderTrainer.from_bytes(first.to_bytes())
-    assert torch.equal(resumed.model.threshold, first.model.threshold)
+    assert torch.equal(resumed.model.state.threshold, first.model.state.threshold)
     for x in batches[13:]:
         resumed.step(x)
-    assert torch.equal(full.model.threshold, resumed.model.threshold)
+    assert torch.equal(full.model.state.threshold, resumed.model.state.threshold)
     assert torch.equal(full.model.W_enc, resumed.model.W_enc)
     relu = dataclasses.replace(cfg, kind="relu")
     with pytest.raises(ValueError, match="kind"):

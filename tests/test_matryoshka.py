@@ -11,13 +11,15 @@ from planted import planted_batches
 from safetensors.torch import load_file
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.kinds import BatchTopK, baseline_kinds, get_kind, kind_styles
+from raysae.core.kinds import baseline_kinds, get_kind, kind_styles
 from raysae.core.ladder import LadderTrainer
 from raysae.core.ladder_sae import LadderSAE
 from raysae.core.matryoshka import MatryoshkaBatchTopK, matryoshka_widths
 from raysae.core.outcome import FINISHED
 from raysae.core.sae import SAE
+from raysae.core.topk import BatchTopK
 from raysae.core.training import train_ladder
+from raysae.settings import SettingError, flag_name
 
 D_IN, D_SAE, N_TRUE, K_ACTIVE = 32, 128, 64, 6
 TARGETS = [4.0, 8.0]
@@ -42,34 +44,38 @@ def test_registered_with_default_widths_and_checks_them():
         "Matryoshka", "jumprelu", False)
     assert kind.baseline and "matryoshka" in baseline_kinds()
     assert kind_styles()["Matryoshka"] != kind_styles()["BatchTopK"]
-    assert matryoshka_widths(512) == [128, 256, 512]  # local default: targets up to 128
-    assert matryoshka_widths(2048) == [512, 1024, 2048]  # pythia-70m: targets up to 256
+    fractions = kind.options().fractions
+    assert matryoshka_widths(512, fractions) == [128, 256, 512]  # local: targets up to 128
+    assert matryoshka_widths(2048, fractions) == [512, 1024, 2048]  # pythia-70m: up to 256
     assert LadderSAE(SAEConfig(D_IN, D_SAE), [0, 1], kind="matryoshka",
-                      targets=TARGETS).matryoshka_widths == [32, 64, 128]
+                     targets=TARGETS).state.widths == [32, 64, 128]
     with pytest.raises(ValueError, match="strictly increasing"):
         matryoshka_widths(128, (0.5, 0.5, 1.0))
     with pytest.raises(ValueError, match="end at d_sae"):
         matryoshka_widths(128, (0.25, 0.5))
     with pytest.raises(ValueError, match="smallest prefix"):
         LadderTrainer(_cfg(), [4.0, 40.0])  # 40 > 128 / 4
+    with pytest.raises(SettingError) as bad:  # an option is a setting: named as its flag
+        _cfg(kind_options={"matryoshka": {"fractions": (0.5, 0.25, 1.0)}})
+    assert bad.value.render(flag_name).startswith("--matryoshka-fractions 0.5 0.25 1 is invalid")
 
 
 @pytest.mark.parametrize("sparse_step", ["off", "on"])
-def test_one_level_trains_exactly_as_batchtopk(monkeypatch, sparse_step):
-    monkeypatch.setattr(MatryoshkaBatchTopK, "fractions", (1.0,))
+def test_one_level_trains_exactly_as_batchtopk(sparse_step):
     cfg = dict(total_tokens=256 * 25, log_every=8, sparse_step=sparse_step)
-    mat, btk = LadderTrainer(_cfg(**cfg), TARGETS), LadderTrainer(_cfg("batchtopk", **cfg),
-                                                                      TARGETS)
-    assert mat.model.matryoshka_widths == [D_SAE]
+    one = {"matryoshka": {"fractions": (1.0,)}}
+    mat = LadderTrainer(_cfg(**cfg, kind_options=one), TARGETS)
+    btk = LadderTrainer(_cfg("batchtopk", **cfg), TARGETS)
+    assert mat.model.state.widths == [D_SAE]
     for x in _planted(steps=25):
         mat.step(x), btk.step(x)
     for name, p in btk.model.named_parameters():
         assert torch.equal(getattr(mat.model, name), p), name
-    assert torch.equal(mat.model.threshold, btk.model.threshold)
+    assert torch.equal(mat.model.state.threshold, btk.model.state.threshold)
     for ours, theirs in zip(mat.history, btk.history, strict=True):
         for row, ref in zip(ours, theirs, strict=True):
             assert row["loss"] == ref["loss"] and row["penalty_loss"] == ref["penalty_loss"]
-            assert row["inner_loss"] == 0.0
+            assert not [name for name in row if name.startswith("prefix_")]
 
 
 def _reference_inner(model, x, f, widths):
@@ -93,8 +99,10 @@ def test_inner_losses_match_a_member_by_member_reference():
         f = kind.activate(model, model.pre_acts(x))
         ref_f = get_kind("batchtopk").activate(model, model.pre_acts(x))
         assert torch.equal(f, ref_f)  # the selection is BatchTopK's, one per member
-        dense = kind.inner_losses(model, x, f)
-        fixed = kind.inner_losses(model, x, kind.activate_fixed(model, model.pre_acts(x)))
+        dense = torch.stack(list(kind.inner_losses(model, x, f).values()), dim=1)
+        fixed = torch.stack(list(kind.inner_losses(
+            model, x, kind.activate_fixed(model, model.pre_acts(x))).values()), dim=1)
+    assert list(kind.inner_losses(model, x, f)) == ["prefix_w32", "prefix_w64"]
     ref = _reference_inner(model, x, f, [32, 64, 128])
     assert dense.shape == (3, 2)
     torch.testing.assert_close(dense, ref, atol=1e-4, rtol=1e-5)
@@ -112,15 +120,17 @@ def test_loss_term_is_auxk_plus_the_summed_prefix_losses_and_trains_the_prefixes
     pre = model.pre_acts(x)
     f = kind.activate(model, pre)
     x_hat = model.decode(f)
-    term, logged = kind.loss_terms(trainer.context(), x, x_hat, f, pre)
+    terms, logged = kind.loss_terms(trainer.context(), x, x_hat, f, pre)
+    term = sum(terms.values())
     aux = kind.auxk(trainer.context(), x, x_hat, pre)
-    inner = _reference_inner(model, x, f.detach(), model.matryoshka_widths)
+    inner = _reference_inner(model, x, f.detach(), model.state.widths)
     torch.testing.assert_close(logged, aux)
+    torch.testing.assert_close(terms["auxk"], aux)
     torch.testing.assert_close(term.detach(), aux.detach() + inner.sum(dim=1), atol=1e-4,
                                rtol=1e-5)
     term.sum().backward()  # the prefix losses reach the encoder (through f) and the decoder
     assert model.W_enc.grad.abs().sum() > 0
-    assert model.W_dec.grad[:, : model.matryoshka_widths[0]].abs().sum() > 0
+    assert model.W_dec.grad[:, : model.state.widths[0]].abs().sum() > 0
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +142,13 @@ def test_planted_run_trains_without_nan_to_its_target_l0(trained):
     for target, res in zip(TARGETS, trained, strict=True):
         assert res.status == FINISHED
         rows = res.history
-        assert all(torch.isfinite(torch.tensor([r["loss"], r["inner_loss"]])).all()
+        assert all(torch.isfinite(torch.tensor([r["loss"], r["prefix_w32_loss"]])).all()
                    for r in rows)
         last = rows[-1]
-        assert last["recon_loss_w32"] >= last["recon_loss_w64"] >= last["recon_loss"]
-        assert last["inner_loss"] == pytest.approx(
-            last["recon_loss_w32"] + last["recon_loss_w64"])
+        assert last["prefix_w32_loss"] >= last["prefix_w64_loss"] >= last["recon_loss"]
+        assert last["loss"] == pytest.approx(last["recon_loss"] + last["auxk_loss"]
+                                             + last["prefix_w32_loss"] + last["prefix_w64_loss"],
+                                             rel=1e-5)
         sae = res.sae
         assert sae.architecture == "jumprelu" and (sae.threshold == sae.threshold[0]).all()
         assert sae.threshold[0].item() == pytest.approx(last["threshold"], rel=1e-6)

@@ -36,7 +36,7 @@ def test_decoder_rows_unit_norm_and_parallel_grad_removed():
     (x_hat - x).pow(2).sum().backward()
     sae.remove_parallel_grad_()
     along = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
-    assert along.abs().max() < 1e-5
+    assert along.abs().max() < 1e-6 * sae.W_dec.grad.norm(dim=1).max()  # float32 roundoff
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder_()

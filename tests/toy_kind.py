@@ -3,7 +3,8 @@ it registers the kind, in the test process and in each Ray trial that imports th
 plugins. tests/test_kind_registry.py checks that it reaches the CLI, the search, the
 comparisons and the report with no other edit."""
 
-from raysae.core.kinds import TopK, register_kind
+from raysae.core.kinds import register_kind
+from raysae.core.topk import TopK
 
 MODULE = "tests.toy_kind"
 

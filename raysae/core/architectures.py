@@ -1,9 +1,12 @@
-"""SAELens's inference architectures as a registry: how an SAE turns ``pre`` into features,
-the extra tensors and cfg.json fields it keeps, and whether its decoder norms can be folded.
+"""SAELens's inference architectures as a registry: which tensors an SAE of each holds (their
+names and shapes are SAELens's, so ``sae_lens.SAE.load_from_disk`` reads what raysae saves),
+which cfg.json fields it adds, how it turns an input into features, and how its decoder
+norms fold into the encoder.
 
-``raysae.core.sae.SAE`` holds one of these and never branches on the name; an SAE kind names
-the one it is saved as (``SAEKind.saelens_architecture``, checked at registration). A new
-architecture is one class decorated with ``@register_architecture``.
+``raysae.core.sae.SAE`` holds one of these and never branches on its name: creating,
+saving, loading and folding are driven by ``tensors`` and ``fields``. An SAE kind names the
+architecture it is saved as (``SAEKind.saelens_architecture``, checked at registration). A
+new architecture is one class decorated with ``@register_architecture``.
 """
 
 from __future__ import annotations
@@ -15,39 +18,50 @@ import torch
 from raysae.registry import Registry
 from raysae.settings import UserError
 
+DIMS = ("d_in", "d_sae")
+STANDARD_TENSORS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"),
+                    "b_enc": ("d_sae",), "b_dec": ("d_in",)}
+
 
 class SAELoadError(UserError):
     """An SAE directory is missing, truncated, or not what it claims to be."""
 
 
 class Architecture:
-    """Base: ``standard``, f = relu(pre)."""
+    """Base: ``standard``, f = relu((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec."""
 
     name = "standard"
-    tensors: dict[str, tuple[str, ...]] = {}
-    """Extra tensors in sae_weights.safetensors beside W_enc, W_dec, b_enc, b_dec: name ->
-    shape in terms of d_in / d_sae."""
+    tensors: dict[str, tuple[str, ...]] = STANDARD_TENSORS
+    """Every tensor of sae_weights.safetensors: name -> shape in d_in / d_sae."""
+    buffers: frozenset[str] = frozenset()
+    """The tensors that are not trained (``nn.Module`` buffers, e.g. a threshold)."""
+    fields: dict[str, type] = {}
+    """cfg.json fields of this architecture beyond the common ones (e.g. topk's ``k``)."""
 
-    def setup(self, sae: Any, k: int | None, threshold: torch.Tensor | None) -> None:
-        """Validate the architecture's settings and add its state to ``sae``."""
+    def check(self, sae: Any, values: dict[str, Any]) -> None:
+        """Validate the architecture's fields (``values``) for ``sae``; raise ValueError."""
 
-    def encode(self, sae: Any, pre: torch.Tensor) -> torch.Tensor:
-        return torch.relu(pre)
+    def encode(self, sae: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pre(sae, x))
+
+    @staticmethod
+    def pre(sae: Any, x: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) W_enc + b_enc: what the activation reads."""
+        return (x - sae.b_dec) @ sae.W_enc + sae.b_enc
 
     def fold_norms_(self, sae: Any, norms: torch.Tensor) -> None:
-        """Scale the architecture's state when feature i becomes ``f_i ||d_i||``."""
+        """Make feature i ``f_i ||d_i||`` (decoder rows then at unit norm, x_hat unchanged):
+        scale what produces the feature by ``norms``."""
+        sae.W_enc *= norms
+        sae.b_enc *= norms
 
     def cfg_fields(self, sae: Any) -> dict[str, Any]:
         """cfg.json fields beyond the common ones."""
-        return {}
+        return {name: getattr(sae, name) for name in self.fields}
 
     def check_cfg(self, cfg: dict[str, Any]) -> str | None:
         """What is wrong with a cfg.json of this architecture, or None."""
         return None
-
-    def load_kwargs(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """SAE keyword arguments from a checked cfg.json."""
-        return {}
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")
@@ -71,13 +85,15 @@ class TopKArchitecture(Architecture):
     """f = the k largest pre per token, relu'd, the rest 0."""
 
     name = "topk"
+    fields = {"k": int}
 
-    def setup(self, sae: Any, k: int | None, threshold: torch.Tensor | None) -> None:
+    def check(self, sae: Any, values: dict[str, Any]) -> None:
+        k = values.get("k")
         if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= sae.cfg.d_sae):
             raise ValueError(f"topk needs an integer k in [1, d_sae={sae.cfg.d_sae}]; got {k!r}")
-        sae.k = k
 
-    def encode(self, sae: Any, pre: torch.Tensor) -> torch.Tensor:
+    def encode(self, sae: Any, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(sae, x)
         vals, idx = pre.topk(sae.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
@@ -96,24 +112,19 @@ class TopKArchitecture(Architecture):
             return f"topk needs k <= d_sae and no rescale_acts_by_decoder_norm; got k={k}"
         return None
 
-    def load_kwargs(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        return {"k": cfg["k"]}
-
 
 @register_architecture
 class JumpReLUArchitecture(Architecture):
     """f = relu(pre) * (pre > threshold), a raw per-feature threshold (SAELens's name)."""
 
     name = "jumprelu"
-    tensors = {"threshold": ("d_sae",)}
+    tensors = {**STANDARD_TENSORS, "threshold": ("d_sae",)}
+    buffers = frozenset({"threshold"})
 
-    def setup(self, sae: Any, k: int | None, threshold: torch.Tensor | None) -> None:
-        d_sae = sae.cfg.d_sae
-        start = torch.zeros(d_sae) if threshold is None else threshold.float().clone()
-        sae.register_buffer("threshold", start.reshape(d_sae))
-
-    def encode(self, sae: Any, pre: torch.Tensor) -> torch.Tensor:
+    def encode(self, sae: Any, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(sae, x)
         return pre.relu() * (pre > sae.threshold)
 
     def fold_norms_(self, sae: Any, norms: torch.Tensor) -> None:
+        super().fold_norms_(sae, norms)
         sae.threshold *= norms

@@ -100,6 +100,10 @@ class TrainConfig:
     kind: str = DEFAULT_KIND
     """SAE kind (registry raysae.core.kinds): relu + penalty, topk, batchtopk,
     panneal (the power penalty with p annealed from 1 to the penalty's p)."""
+    kind_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of SAE kinds, by kind: {kind: {option: value}} (each kind's options
+    dataclass, raysae.core.kinds; flags --KIND-OPTION, e.g. --jumprelu-bandwidth-frac); an
+    option not given keeps its default."""
     lam: float = 1.0
     """Penalty coefficient lambda: the controller's start value (scaled by 1 / rho(1) of the
     penalty) when l0_target is set, else the fixed coefficient."""
@@ -169,6 +173,10 @@ class TrainConfig:
         problem = KINDS[self.kind].check(self)
         require(problem is None, "kind", self.kind, problem or "",
                 "pick another {kind} or penalty")
+        for name, values in self.kind_options.items():
+            require(name in KINDS, "kind_options", name, f"options are for registered kinds: "
+                    f"{sorted(KINDS)}", "name one of them")
+            KINDS[name].options(values)  # a SettingError names the option's flag
         require(is_number(self.lam) and self.lam >= 0, "lam", self.lam, "must be a number >= 0")
         positive_int(self, "batch_size", "total_tokens", "log_every", "dead_window_tokens")
         require(self.total_tokens >= self.batch_size, "total_tokens", self.total_tokens,

@@ -15,7 +15,7 @@ with those settings: L0 16-22 for targets 4 and 8 after 600 steps). Here, instea
   threshold that keeps round(t_k * B) of the batch's pre-activations, so L0 starts at t_k;
 - **a calibration holds L0 at the target at every step**: the thresholds in use are
   theta_i + delta_k * r_k (r_k: the RMS of member k's first-batch pre-activations), and
-  delta_k follows an integral controller on the batch's L0 (``OFFSET_GAIN`` * ln(L0 / t_k)
+  delta_k follows an integral controller on the batch's L0 (``offset_gain`` * ln(L0 / t_k)
   per step). L0 answers a shift of every threshold within the same step (it is a tail count
   of the pre-activations), so this loop is first order and settles in a few steps.
   Steering lambda alone does not: lambda moves theta only through Adam's momentum, an
@@ -26,12 +26,12 @@ with those settings: L0 16-22 for targets 4 and 8 after 600 steps). Here, instea
   too low for the budget) and shrinks while delta_k < 0, through the trainer's controller
   (``lambda_error``), so the per-feature thresholds come to carry the sparsity and delta_k
   returns towards 0;
-- **the bandwidth is scaled to the pre-activations**: ``BANDWIDTH_FRAC`` times the RMS of
+- **the bandwidth is scaled to the pre-activations**: ``bandwidth_frac`` times the RMS of
   member k's first-batch pre-activations (an absolute 0.001 is a hair's width on inputs
   normalised to ||x||^2 = d_in: almost no token falls in the kernel, and theta's gradient is
   mostly noise);
-- **thresholds move faster than the weights**: theta = ``THRESHOLD_SCALE`` * phi with phi the
-  trained parameter, so one Adam step moves theta by about THRESHOLD_SCALE learning rates;
+- **thresholds move faster than the weights**: theta = ``threshold_scale`` * phi with phi the
+  trained parameter, so one Adam step moves theta by about threshold_scale learning rates;
 - thresholds stay fp32 (autocast touches matmuls only).
 
 Decoder rows keep unit norm (as TopK's), so a threshold means the same at every step. Saved as
@@ -40,22 +40,42 @@ SAELens ``jumprelu`` with the per-feature thresholds. No host sync after the fir
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from raysae.core.kinds import SAEKind, StepContext, register_kind
+from raysae.core.kinds import (
+    KindOptions,
+    KindState,
+    LossTerms,
+    SAEKind,
+    StepContext,
+    register_kind,
+)
+from raysae.settings import is_number, require
 
-BANDWIDTH_FRAC = 0.1
-"""The rectangle kernel's width as a fraction of a member's first-batch pre-activation RMS."""
-OFFSET_GAIN = 0.1
-"""delta_k += OFFSET_GAIN * clip(ln(batch L0 / t_k), -1, 1) per step while controlling."""
-LAMBDA_FOLLOW = 0.25
-"""lambda's controller error is LAMBDA_FOLLOW * delta_k (see ``JumpReLU.lambda_error``)."""
-THRESHOLD_SCALE = 10.0
-"""theta = THRESHOLD_SCALE * phi (phi trained by Adam): thresholds move about this many
-learning rates per step."""
+
+@dataclass(frozen=True)
+class JumpReLUOptions(KindOptions):
+    bandwidth_frac: float = 0.1
+    """The rectangle kernel's width as a fraction of a member's first-batch pre-activation
+    RMS."""
+    offset_gain: float = 0.1
+    """The calibration's step: delta_k += offset_gain * clip(ln(batch L0 / t_k), -1, 1) per
+    step while controlling."""
+    lambda_follow: float = 0.25
+    """lambda's controller error is lambda_follow * delta_k (``JumpReLU.lambda_error``)."""
+    threshold_scale: float = 10.0
+    """theta = threshold_scale * phi (phi trained by Adam): thresholds move about this many
+    learning rates per step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("bandwidth_frac", "offset_gain", "lambda_follow", "threshold_scale"):
+            value = getattr(self, name)
+            require(is_number(value) and value > 0, name, value, "must be a number > 0")
 
 
 def _rectangle(z: torch.Tensor) -> torch.Tensor:
@@ -95,79 +115,89 @@ class _Step(torch.autograd.Function):
         return None, -(kernel * grad).sum(dim=1, keepdim=True), None
 
 
+class JumpReLUState(KindState):
+    """The learned thresholds (``threshold_raw`` [K, d_sae], a parameter), the first batch's
+    pre-activation RMS per member (``pre_rms``), whether the thresholds were set from it
+    (``threshold_set``; ``ready`` is its host copy, read once), the calibration offset
+    delta_k (``offset``) and its next move (``offset_step``)."""
+
+    def __init__(self, options: JumpReLUOptions, targets: list[float], cfg: Any) -> None:
+        super().__init__(options, targets, cfg)
+        k, d_sae = len(targets), cfg.d_sae
+        self.threshold_raw = nn.Parameter(torch.zeros(k, d_sae))
+        self.register_buffer("pre_rms", torch.ones(k, 1, 1))
+        self.register_buffer("threshold_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("offset", torch.zeros(k))  # delta_k, in units of pre_rms
+        self.register_buffer("offset_step", torch.zeros(k), persistent=False)
+        self.ready: bool | None = None
+
+
 @register_kind
 class JumpReLU(SAEKind):
     """Learned per-feature thresholds, lambda * L0 steered by the controller (module doc)."""
 
     name, label, saelens_architecture = "jumprelu", "JumpReLU", "jumprelu"
+    Options, State = JumpReLUOptions, JumpReLUState
     uses_penalty, uses_lambda, uses_controller, sparse_step = False, True, True, False
     baseline, in_default_search = True, False  # one --baselines flag away
 
-    def setup(self, model: nn.Module, targets: list[float]) -> None:
-        k, d_sae = len(targets), model.cfg.d_sae
-        model.jumprelu_targets = list(targets)
-        model.register_parameter("threshold_raw", nn.Parameter(torch.zeros(k, d_sae)))
-        model.register_buffer("pre_rms", torch.ones(k, 1, 1))
-        model.register_buffer("threshold_set", torch.zeros((), dtype=torch.bool))
-        model.register_buffer("offset", torch.zeros(k))  # delta_k, in units of pre_rms
-        model.register_buffer("offset_step", torch.zeros(k), persistent=False)
-        model.jumprelu_ready = None  # host copy of threshold_set, read once
-
     @staticmethod
-    def theta(model: nn.Module) -> torch.Tensor:
+    def theta(state: JumpReLUState) -> torch.Tensor:
         """[K, 1, d_sae] thresholds in use (fp32): the learned ones plus the calibration."""
-        shift = model.offset.view(-1, 1, 1) * model.pre_rms
-        return THRESHOLD_SCALE * model.threshold_raw.float().unsqueeze(1) + shift
+        shift = state.offset.view(-1, 1, 1) * state.pre_rms
+        return state.options.threshold_scale * state.threshold_raw.float().unsqueeze(1) + shift
 
     @staticmethod
-    def bandwidth(model: nn.Module) -> torch.Tensor:
-        return BANDWIDTH_FRAC * model.pre_rms
+    def bandwidth(state: JumpReLUState) -> torch.Tensor:
+        return state.options.bandwidth_frac * state.pre_rms
 
     @torch.no_grad()
-    def _start(self, model: nn.Module, pre: torch.Tensor) -> None:
+    def _start(self, state: JumpReLUState, pre: torch.Tensor) -> None:
         """First batch: thresholds keeping round(t_k * B) pre-activations per member, and the
         kernel's bandwidth from the pre-activations' RMS."""
-        n_tok = pre.shape[1]
+        n_tok, scale = pre.shape[1], state.options.threshold_scale
         flat = pre.detach().float().flatten(1)
-        for k, t in enumerate(model.jumprelu_targets):
+        for k, t in enumerate(state.targets):
             kth = flat[k].topk(max(1, round(t * n_tok))).values[-1]
-            model.threshold_raw[k].fill_(0.0).add_(kth / THRESHOLD_SCALE)
-        model.pre_rms.copy_(flat.pow(2).mean(dim=1).sqrt().view(-1, 1, 1))
-        model.threshold_set.fill_(True)
+            state.threshold_raw[k].fill_(0.0).add_(kth / scale)
+        state.pre_rms.copy_(flat.pow(2).mean(dim=1).sqrt().view(-1, 1, 1))
+        state.threshold_set.fill_(True)
 
     def activate(self, model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
-        if model.jumprelu_ready is None:  # one sync, on the first step (or after a restore)
-            model.jumprelu_ready = bool(model.threshold_set)
-        if not model.jumprelu_ready:
-            self._start(model, pre)
-            model.jumprelu_ready = True
+        state = model.state
+        if state.ready is None:  # one sync, on the first step (or after a restore)
+            state.ready = bool(state.threshold_set)
+        if not state.ready:
+            self._start(state, pre)
+            state.ready = True
         # fp32: thresholds compared and moved at full precision, also under bf16 autocast
-        return _JumpReLU.apply(pre.float(), self.theta(model), self.bandwidth(model))
+        return _JumpReLU.apply(pre.float(), self.theta(state), self.bandwidth(state))
 
-    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> tuple[torch.Tensor, torch.Tensor]:
-        model = ctx.model
-        l0 = _Step.apply(pre.float(), self.theta(model), self.bandwidth(model)).sum(-1).mean(-1)
+    def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> LossTerms:
+        state = ctx.state
+        l0 = _Step.apply(pre.float(), self.theta(state), self.bandwidth(state)).sum(-1).mean(-1)
         with torch.no_grad():  # the calibration's next move (applied in after_step)
             error = torch.log(l0.detach().clamp_min(0.5) / ctx.targets.float())
-            model.offset_step.copy_(OFFSET_GAIN * error.clamp(-1.0, 1.0) * ctx.controlling)
-        return ctx.lam.float() * l0, l0
+            state.offset_step.copy_(state.options.offset_gain * error.clamp(-1.0, 1.0)
+                                    * ctx.controlling)
+        return LossTerms({"l0": ctx.lam.float() * l0}, l0)
 
     def lambda_error(self, ctx: StepContext, batch_l0: torch.Tensor) -> torch.Tensor:
         """lambda grows while the calibration raises the thresholds (module doc), at
-        ``LAMBDA_FOLLOW`` of the controller's pace: lambda moves the thresholds through Adam,
-        slowly; followed at full pace it overshot by orders of magnitude."""
-        return LAMBDA_FOLLOW * ctx.model.offset.double()
+        ``lambda_follow`` of the controller's pace: lambda moves the thresholds through
+        Adam, slowly; followed at full pace it overshot by orders of magnitude."""
+        return ctx.state.options.lambda_follow * ctx.state.offset.double()
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, trained: torch.Tensor) -> None:
-        model.offset.add_(model.offset_step * trained)
+        model.state.offset.add_(model.state.offset_step * trained)
 
     def export(self, model: nn.Module, k: int) -> dict[str, Any]:
-        theta = self.theta(model)[k, 0].detach().clamp_min(0.0).float().cpu()
-        return {"architecture": "jumprelu", "threshold": theta.clone()}
+        theta = self.theta(model.state)[k, 0].detach().clamp_min(0.0).float()
+        return {**super().export(model, k), "threshold": theta.clone()}
 
     def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
-        model = ctx.model
-        means, offsets = self.theta(model).mean(dim=(1, 2)).tolist(), model.offset.tolist()
+        state = ctx.state
+        means, offsets = self.theta(state).mean(dim=(1, 2)).tolist(), state.offset.tolist()
         return [{"threshold": v, "threshold_offset": o} for v, o in zip(means, offsets,
                                                                           strict=True)]

@@ -129,8 +129,10 @@ class LadderTrainer:
         start = [v * self.kind.uses_lambda for v in start]  # 0 for kinds without lambda
         dev = self.device = torch.device(cfg.device)
         self.recipe = get_recipe(cfg.recipe if self.kind.uses_penalty else UNIT_NORM)
+        self.options = self.kind.options(cfg.kind_options.get(cfg.kind))
         self.model = LadderSAE(cfg.sae, [cfg.seed] * self.k, kind=cfg.kind,
-                                targets=self.targets, recipe=self.recipe).to(dev)
+                               targets=self.targets, recipe=self.recipe,
+                               options=self.options).to(dev)
         fused = dev.type in ("cpu", "cuda") or None  # fused Adam: no .item() per step
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                     fused=fused)
@@ -184,13 +186,13 @@ class LadderTrainer:
         return sparse_step_now(self)
 
     def _forward(self, x: torch.Tensor):
-        """(x_hat, f or ActiveFeatures or FixedKFeatures, term [K], logged penalty [K],
-        fires [K, d_sae])."""
+        """(x_hat, f or ActiveFeatures or FixedKFeatures, the kind's LossTerms, fires
+        [K, d_sae])."""
         sparse = self.sparse_now()
         if sparse and not self.kind.fixed_k:
             x_hat, active = active_forward(self.model, x)
-            term, pen = self.kind.active_loss_terms(self.context(), active)
-            return x_hat, active, term, pen, active.fires()
+            terms = self.kind.active_loss_terms(self.context(), active)
+            return x_hat, active, terms, active.fires()
         bf16 = uses_bf16(self.cfg.autocast_bf16, self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
             pre = self.model.pre_acts(x)
@@ -200,9 +202,9 @@ class LadderTrainer:
             else:
                 f = self.kind.activate(self.model, pre)
                 x_hat = self.model.decode(f)
-            term, pen = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
+            terms = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
         fires = f.fires() if sparse else (f.detach() > 0).sum(dim=1, dtype=torch.int32)
-        return x_hat.float(), f, term, pen, fires
+        return x_hat.float(), f, terms, fires
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
         """Train every live member on one batch; per-member rows on logging steps, else None.
@@ -216,9 +218,9 @@ class LadderTrainer:
         x, x_ok = self._prepare(x)
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr()
-        x_hat, f, term, pen, fires = self._forward(x)
+        x_hat, f, terms, fires = self._forward(x)
         recon = (x_hat - x).pow(2).sum(dim=-1).mean(dim=-1)
-        per = recon + term.float()
+        per = recon + sum(terms.terms.values()).float() if terms.terms else recon
         finite = torch.isfinite(per)
         train = self.live & finite & x_ok
         self.opt.zero_grad(set_to_none=True)
@@ -242,7 +244,7 @@ class LadderTrainer:
         if self.step_count % self.cfg.log_every == 0 or self.done:
             sparse = isinstance(f, ActiveFeatures | FixedKFeatures)
             f = (f.dense() if sparse else f.detach()).float()
-            return self._log(x, x_hat.detach(), f, per.detach(), recon, pen.detach())
+            return self._log(x, x_hat.detach(), f, per.detach(), recon, terms)
         return None
 
     @torch.no_grad()
@@ -303,10 +305,11 @@ class LadderTrainer:
                 for moment in ("exp_avg", "exp_avg_sq"):
                     state[moment][k].zero_()
 
-    def _log(self, x, x_hat, f, per, recon, pen) -> list[dict[str, float]]:
+    def _log(self, x, x_hat, f, per, recon, terms) -> list[dict[str, float]]:
         self.check_members()
         raw_x = x / self.scale
-        losses, recons, pens = per.tolist(), recon.tolist(), pen.tolist()
+        losses, recons, pens = per.tolist(), recon.tolist(), terms.penalty.detach().tolist()
+        named = {f"{name}_loss": term.detach().tolist() for name, term in terms.terms.items()}
         lams, dead = self.current_lam(self.step_count - 1).tolist(), self.dead_fractions().tolist()
         extra, rows = self.kind.log_fields(self.context(self.step_count - 1)), []
         for k in range(self.k):
@@ -315,7 +318,8 @@ class LadderTrainer:
             row = metrics.reconstruction_metrics(raw_x, x_hat[k] / self.scale, f[k])
             row.update(loss=losses[k], recon_loss=recons[k], penalty_loss=pens[k], lam=lams[k],
                        lr=self.current_lr(), dead_fraction=dead[k], step=self.step_count,
-                       tokens_seen=self.tokens, member=k, target_l0=self.targets[k], **extra[k])
+                       tokens_seen=self.tokens, member=k, target_l0=self.targets[k],
+                       **{name: values[k] for name, values in named.items()}, **extra[k])
             self.history[k].append(row)
             rows.append(row)
         mean_l0 = sum(row["l0"] for row in rows) / max(len(rows), 1)

@@ -1,5 +1,6 @@
 """K SAEs of one kind held as stacked weights and run with batched matmuls (the ladder's
-model; ``raysae.core.ladder`` trains it)."""
+model; ``raysae.core.ladder`` trains it): the four tensors every kind trains (``W_enc``,
+``W_dec``, ``b_enc``, ``b_dec``) and the kind's own state (``state``, raysae.core.kinds)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from raysae.core.config import SAEConfig
-from raysae.core.kinds import DEFAULT_KIND, get_kind
+from raysae.core.kinds import DEFAULT_KIND, KindOptions, get_kind
 from raysae.core.recipes import UNIT_NORM, Recipe, get_recipe
 from raysae.core.sae import SAE, remove_parallel_grad_, unit_rows_
 
@@ -19,10 +20,11 @@ _PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
 class LadderSAE(nn.Module):
     """K SAEs of one kind, stacked; member k starts as ``SAE(cfg, seed=seeds[k])`` with its
     decoder rows (and encoder columns) at the recipe's initial norm; ``targets`` (default 1.0
-    each) give the kind its per-member k."""
+    each) and ``options`` (default: the kind's defaults) make the kind's state."""
 
     def __init__(self, cfg: SAEConfig, seeds: Sequence[int | None], *, kind: str = DEFAULT_KIND,
-                 targets: Sequence[float] | None = None, recipe: Recipe | None = None):
+                 targets: Sequence[float] | None = None, recipe: Recipe | None = None,
+                 options: KindOptions | None = None):
         super().__init__()
         self.cfg, self.k, self.kind = cfg, len(seeds), get_kind(kind)
         self.recipe = recipe or get_recipe(UNIT_NORM)
@@ -32,7 +34,8 @@ class LadderSAE(nn.Module):
             if name in ("W_enc", "W_dec"):
                 stacked = stacked * self.recipe.decoder_init_norm
             setattr(self, name, nn.Parameter(stacked))
-        self.kind.setup(self, [float(t) for t in targets or [1.0] * self.k])
+        self.state = self.kind.make_state(options or self.kind.options(),
+                                          [float(t) for t in targets or [1.0] * self.k], cfg)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, d_in] -> W_enc (x - b_dec) + b_enc [K, B, d_sae]. ``x - b_dec`` enters
@@ -67,8 +70,10 @@ class LadderSAE(nn.Module):
     @torch.no_grad()
     def member(self, k: int) -> SAE:
         """Member k as an SAE with its inference architecture (a CPU copy)."""
-        sae = SAE(self.cfg, seed=None, **self.kind.export(self, k))
-        sae.load_state_dict({n: getattr(self, n)[k].float().cpu() for n in _PARAMS}, strict=False)
+        exported = self.kind.export(self, k)
+        sae = SAE(self.cfg, exported.pop("architecture"), seed=None,
+                  **{n: v.detach().float().cpu() if torch.is_tensor(v) else v
+                     for n, v in exported.items()})
         if not self.recipe.unit_norm_decoder:
             sae.fold_decoder_norms_()
         return sae

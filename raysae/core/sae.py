@@ -1,5 +1,6 @@
-"""An SAE with SAELens's inference architectures (raysae.core.architectures, a registry);
-x_hat = W_dec f + b_dec and ``pre = W_enc (x - b_dec) + b_enc`` for all:
+"""An SAE with SAELens's inference architectures (raysae.core.architectures, a registry, each
+declaring its tensors); x_hat = W_dec f + b_dec for all, and for these three
+``pre = W_enc (x - b_dec) + b_enc``:
 
 - ``standard``: f = relu(pre) (the study's SAE; raysae kinds ``relu``, ``panneal``);
 - ``topk``: f = the k largest pre per token, relu'd, the rest 0 (kind ``topk``);
@@ -10,9 +11,10 @@ x_hat = W_dec f + b_dec and ``pre = W_enc (x - b_dec) + b_enc`` for all:
 Saved in SAELens's layout, so ``sae_lens.SAE.load_from_disk`` reads it: a directory
 holding
 
-- ``sae_weights.safetensors`` with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
-  ``b_enc [d_sae]``, ``b_dec [d_in]`` (SAELens's names and shapes), plus
-  ``threshold [d_sae]`` for jumprelu (SAELens's name; raw threshold, not its log);
+- ``sae_weights.safetensors`` with the architecture's tensors, SAELens's names and shapes
+  (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``,
+  plus ``threshold [d_sae]`` for jumprelu, a raw threshold, not its log; another
+  architecture declares its own set, raysae.core.architectures);
 - ``cfg.json`` with SAELens's fields ``architecture`` ("standard" / "topk" / "jumprelu"),
   ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input=true``,
   ``normalize_activations="none"`` (any training-time scaling is folded into the weights;
@@ -43,34 +45,55 @@ from raysae.core.config import SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
-_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",),
-           "b_dec": ("d_in",)}
 __all__ = ["ARCHITECTURES", "SAE", "SAELoadError", "read_sae_config"]
 
 
 class SAE(nn.Module):
-    """Untied SAE with a pre-encoder bias; decoder rows at unit norm when saved (module doc).
-
-    ``architecture="topk"`` needs ``k`` (an int in [1, d_sae]); ``"jumprelu"`` holds a
-    ``threshold`` buffer [d_sae] (zeros unless given).
+    """An SAE of one inference architecture (module doc): ``SAE(cfg, architecture,
+    **values)`` holds every tensor the architecture declares (``values`` may give any of
+    them, and must give its fields, e.g. topk's ``k``); the others start as SAELens's:
+    random unit decoder rows (from ``seed``), the encoder their transpose, zeros elsewhere.
     """
 
-    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, architecture: str = "standard",
-                 k: int | None = None, threshold: torch.Tensor | None = None):
+    def __init__(self, cfg: SAEConfig, architecture: str = "standard", *, seed: int | None = 0,
+                 **values: Any):
         super().__init__()
         self.arch = get_architecture(architecture)
-        self.cfg, self.architecture, self.k = cfg, architecture, None
-        self.arch.setup(self, k, threshold)
+        self.cfg, self.architecture = cfg, architecture
+        unknown = set(values) - set(self.arch.tensors) - set(self.arch.fields)
+        if unknown:
+            raise ValueError(f"architecture {architecture!r} has no tensor or field "
+                             f"{sorted(unknown)}; it has {[*self.arch.tensors, *self.arch.fields]}")
+        self.arch.check(self, values)
+        for name in self.arch.fields:
+            setattr(self, name, values[name])
+        dims = {"d_in": cfg.d_in, "d_sae": cfg.d_sae}
+        start = {} if set(self.arch.tensors) <= set(values) else self._initial(seed)
+        for name, shape in self.arch.tensors.items():
+            value = values.get(name)
+            if value is None:
+                value = start.get(name, torch.zeros(*(dims[d] for d in shape)))
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(
+                *(dims[d] for d in shape)).clone(memory_format=torch.contiguous_format)
+            if name in self.arch.buffers:
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, nn.Parameter(value))
+
+    def _initial(self, seed: int | None) -> dict[str, torch.Tensor]:
+        """SAELens's start: random unit decoder rows, the encoder their transpose."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        return {"W_dec": w_dec, "W_enc": w_dec.T.clone()}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the architecture, by name (what is saved)."""
+        return {name: getattr(self, name) for name in self.arch.tensors}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.arch.encode(self, (x - self.b_dec) @ self.W_enc + self.b_enc)
+        return self.arch.encode(self, x)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -92,13 +115,11 @@ class SAE(nn.Module):
     def fold_decoder_norms_(self) -> None:
         """Put decoder rows at unit norm without changing x_hat: feature i becomes
         ``f_i ||d_i||`` (as SAELens's ``fold_W_dec_norm``), so L0 and x_hat are unchanged;
-        the jumprelu threshold scales with its feature. Not for topk, whose ranking would
-        change."""
+        the architecture scales what makes the feature (a threshold with it). Not for topk,
+        whose ranking would change."""
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
         self.arch.fold_norms_(self, norms)  # first: topk refuses before anything moves
         self.W_dec /= norms.unsqueeze(1)
-        self.W_enc *= norms
-        self.b_enc *= norms
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
@@ -116,8 +137,7 @@ class SAE(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        names = [*_SHAPES, *self.arch.tensors]
-        tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in names}
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         cfg = {"architecture": self.architecture, "d_in": self.cfg.d_in,
                "d_sae": self.cfg.d_sae, "dtype": "float32", "device": "cpu",
@@ -145,11 +165,8 @@ class SAE(nn.Module):
                 f"{Path(path) / WEIGHTS_FILE} is unreadable ({exc}); re-save or re-train the SAE"
             ) from None
         arch = get_architecture(cfg.get("architecture", "standard"))
-        sae = cls(SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"])), seed=None,
-                  architecture=arch.name, **arch.load_kwargs(cfg))
-        dims = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
-        shapes = {**_SHAPES, **arch.tensors}
-        for name, shape in shapes.items():
+        dims = {"d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"])}
+        for name, shape in arch.tensors.items():
             want = tuple(dims[d] for d in shape)
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != want:
@@ -157,7 +174,9 @@ class SAE(nn.Module):
                                    f"from cfg.json; the files do not belong together")
             if not torch.isfinite(tensors[name]).all():
                 raise SAELoadError(f"{path}: tensor {name} holds NaN/inf; the SAE diverged")
-        sae.load_state_dict({k: tensors[k].float() for k in shapes})
+        sae = cls(SAEConfig(**dims), arch.name, seed=None,
+                  **{k: cfg[k] for k in arch.fields},
+                  **{k: tensors[k].float() for k in arch.tensors})
         return sae.to(device)
 
 
