@@ -236,10 +236,12 @@ def test_public_api():
 
 
 def test_every_setting_is_a_flag_with_its_docstring_as_help():
-    """A new setting is one documented field: the flag and its help follow from it."""
+    """A new setting is one documented field: the flag and its help follow from it; a kind's
+    option is one documented field of its options dataclass (flag --KIND-OPTION)."""
     import dataclasses
 
     from raysae.cli import build_parser
+    from raysae.core.kinds import KINDS
     from raysae.search.config import SECTIONS, TRAIN_INTERNAL
     from raysae.settings import field_docs
 
@@ -249,7 +251,12 @@ def test_every_setting_is_a_flag_with_its_docstring_as_help():
         if name == "sweep":
             continue
         for f in dataclasses.fields(cls):
-            if f.name in TRAIN_INTERNAL or f.name == "ranges":
+            if f.name in TRAIN_INTERNAL or f.name in ("ranges", "kind_options"):
                 continue
             assert f.name in by_dest, f"{cls.__name__}.{f.name} has no flag"
             assert field_docs(cls)[f.name].split(".")[0] in (by_dest[f.name].help or "")
+    for name, kind in KINDS.items():
+        for f in dataclasses.fields(kind.Options):
+            dest = f"{name}_{f.name}"
+            assert dest in by_dest, f"option {f.name} of kind {name} has no flag"
+            assert field_docs(kind.Options)[f.name].split(".")[0] in (by_dest[dest].help or "")

@@ -120,3 +120,22 @@ def test_a_ray_search_writes_the_registered_metric(toy, tiny_model_dir, ray_loca
     assert set(trials["status"]) == {"finished"}
     assert (trials[toy.NAME] > 0).all() and trials[toy.NAME].notna().all()
     assert f">{toy.NAME}</td>" in report.write_report(out).read_text()
+
+
+def test_a_metric_no_trial_produces_stops_the_job_at_its_start(tiny_model_dir, tmp_path,
+                                                                 capsys):
+    """A registered metric that neither the evaluator nor the feature statistics compute
+    would fail only when the search's tables are written; the job refuses it up front."""
+    from raysae import cli
+
+    metrics.add_metric(metrics.Metric("sparsity_score", "a score nothing computes"))
+    try:
+        code = cli.main(["search", "--model", str(tiny_model_dir), "--hook", HOOK,
+                         "--storage", str(tmp_path / "tune"), "--results",
+                         str(tmp_path / "results")])
+    finally:
+        metrics.remove_metric("sparsity_score")
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("raysae search: error: metric(s) ['sparsity_score'] are registered")
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "results").exists()

@@ -43,16 +43,18 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
-                skip: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
+                skip: tuple[str, ...] = (), choices: dict[str, tuple] | None = None,
+                prefix: str = "") -> None:
     """One argument group ``title`` with a flag per field of ``cls`` (except ``skip``); a
     ``Literal``-typed field's flag takes its values as choices, ``choices`` adds others
-    (registries)."""
+    (registries); ``prefix`` names the flags ``--PREFIX-FIELD`` (a kind's options)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     group = parser.add_argument_group(title)
     for field in dataclasses.fields(cls):
         if field.name in skip or dataclasses.is_dataclass(hints[field.name]):
             continue
+        dest = f"{prefix}_{field.name}" if prefix else field.name
         kind, many = _base_type(hints[field.name])
         if kind not in (*_SCALARS, bool):
             continue
@@ -60,11 +62,11 @@ def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
         help_text = docs.get(field.name, "").replace("%", "%%")
         if kind is bool:
             if default is True:
-                group.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name,
+                group.add_argument("--no-" + dest.replace("_", "-"), dest=dest,
                                    action="store_false", default=None, help=help_text)
             else:
-                group.add_argument(flag_name(field.name), dest=field.name,
-                                   action="store_true", default=None, help=help_text)
+                group.add_argument(flag_name(dest), dest=dest, action="store_true",
+                                   default=None, help=help_text)
             continue
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         extra: dict[str, Any] = {"nargs": "+"} if many else {}
@@ -77,7 +79,7 @@ def add_section(parser: argparse.ArgumentParser, cls: type, title: str, *,
             extra["choices"] = closed
         if choices and field.name in choices:
             extra["choices"] = choices[field.name]
-        group.add_argument(flag_name(field.name), dest=field.name, type=kind, default=None,
+        group.add_argument(flag_name(dest), dest=dest, type=kind, default=None,
                            help=f"{help_text} (default: {shown})", **extra)
 
 

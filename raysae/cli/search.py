@@ -8,10 +8,11 @@ searches/l1_sweep.py are thin wrappers of these two subcommands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from raysae.cli.flags import add_range_flags, add_section, given
 from raysae.core.config import TrainConfig
-from raysae.core.kinds import baseline_kinds, penalty_kinds
+from raysae.core.kinds import KINDS, baseline_kinds, penalty_kinds
 from raysae.core.penalties import PENALTIES
 from raysae.core.recipes import RECIPES
 from raysae.search.config import (
@@ -56,6 +57,9 @@ def add_job_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     else:
         add_range_flags(parser, searchable_params())
     add_section(parser, RunSettings, "run")
+    for name, kind in KINDS.items():  # each kind's options (TrainConfig.kind_options)
+        if dataclasses.fields(kind.Options):
+            add_section(parser, kind.Options, f"options of kind {name}", prefix=name)
 
 
 def run_command(args: argparse.Namespace, *, sweep: bool) -> int:

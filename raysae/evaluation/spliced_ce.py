@@ -267,6 +267,13 @@ class Evaluator:
                 **metrics.from_sums(recon_sums, self.n_tokens, self.d_in, spread)}
 
 
+def unproduced_metrics() -> list[str]:
+    """Registered metrics (raysae.core.metrics) that neither the evaluator nor the feature
+    statistics produce: a search would end without them, so the job refuses to start."""
+    produced = {*Evaluator.metric_names(), *feature_stats.SUMMARY_COLUMNS}
+    return [name for name in metrics.metric_names() if name not in produced]
+
+
 def heldout_evaluator(model, hook_name: str, n_blocks: int = 64, context_length: int = 128,
                       source=corpus.STDLIB, batch_size: int = 8, **kwargs) -> Evaluator:
     """An Evaluator on the held-out split of ``source`` (never used for training)."""

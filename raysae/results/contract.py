@@ -35,7 +35,9 @@ ARTIFACT_FILES = {"ablations": "threshold_sweep.parquet",
 """Results table name -> the file each trial's checkpoint holds (concatenated with trial_id)."""
 REQUIRED_TRIAL_COLUMNS = ("trial_id", "status", "family", "l0", "ce_sae")
 _TRIAL_FIELDS = ("experiment", "stage", "tune_trial_id", "member", "trial_objective",
-                 "penalty", "label", "target_l0", "seed", "lam", "objective")
+                 "penalty", "label", "kind", "kind_options", "target_l0", "seed", "lam",
+                 "objective")
+"""``kind_options``: the kind's options as JSON, every field (raysae.core.kinds)."""
 _TRIAL_TAIL = ("steps", "tokens_seen", "status_reason")
 
 

@@ -24,7 +24,13 @@ from typing import Any, Literal, get_args
 from raysae.activations.source import CacheDtype
 from raysae.core.config import TrainConfig, check_targets
 from raysae.core.kind_registry import NO_BASELINES
-from raysae.core.kinds import DEFAULT_KIND, baseline_kinds, default_baselines, penalty_kinds
+from raysae.core.kinds import (
+    DEFAULT_KIND,
+    baseline_kinds,
+    default_baselines,
+    option_fields,
+    penalty_kinds,
+)
 from raysae.core.penalties import PENALTIES, get_penalty
 from raysae.search.ranges import check_log_range, range_field, range_fields
 from raysae.search.run_settings import RunSettings, SweepSettings
@@ -303,13 +309,18 @@ def job_config(preset: str = "local", *, sweep: bool = False, **overrides: Any) 
     if values.get("objective") == "pareto":
         values.setdefault("rung", 0.0)  # a rung ranks one score (SearchConfig.rung)
     known = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
-    searchable = range_fields()
+    searchable, options = range_fields(), option_fields()
     ranges = {searchable[k]: tuple(v) for k, v in values.items() if k in searchable}
-    unknown = sorted(k for k in values if k not in known and k not in searchable)
+    unknown = sorted(k for k in values if k not in known | set(searchable) | set(options))
     if unknown:
         raise UserError(f"unknown setting(s) {unknown}; see raysae.search.config")
     if ranges:
         values["ranges"] = ranges
+    for key in [k for k in values if k in options]:
+        kind, option = options[key]
+        value = values.pop(key)
+        kinds = values.setdefault("kind_options", {})
+        kinds.setdefault(kind, {})[option] = tuple(value) if isinstance(value, list) else value
     train_values = {k: v for k, v in values.items() if k not in TRAIN_INTERNAL}
     sections = {name: replace_fields(cls(), train_values if name == "train" else values)
                 for name, cls in SECTIONS.items()}

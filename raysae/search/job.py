@@ -46,6 +46,7 @@ def check_inputs(cfg: JobConfig, results: Path, sweep: bool) -> tuple[str, int]:
     """What the config cannot check alone (files, disks, model, hook, corpus, a given cache),
     before Ray starts or anything is written; returns the model and its hook width."""
     m, acts = cfg.model, cfg.activations
+    preflight.check_metrics()
     manifest = preflight.check_cache_flag(acts.cache) if acts.cache else None
     cache_tokens = manifest["n_tokens"] if manifest else acts.cache_tokens
     preflight.check_batch(cfg.train.batch_size, cache_tokens,

@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 from raysae.activations.cache import MANIFEST, load_manifest
 from raysae.activations.source import model_fingerprint
 from raysae.core import config as core_config
+from raysae.evaluation.spliced_ce import unproduced_metrics
 from raysae.lm import corpus
 from raysae.lm.local_model import default_model
 from raysae.lm.models import check_hook, load_model
@@ -150,6 +151,17 @@ def check_batch(batch_size: int, cache_tokens: int, cache_flag: str) -> None:
         raise UserError(f"--batch-size {batch_size} is larger than the activation cache "
                          f"({cache_flag}: {cache_tokens} tokens); lower --batch-size or use a "
                          "bigger cache")
+
+
+def check_metrics() -> None:
+    """Every registered metric is one the trials produce (the evaluator's or the feature
+    statistics'); else the job refuses to start, naming it."""
+    missing = unproduced_metrics()
+    if missing:
+        raise UserError(f"metric(s) {missing} are registered (raysae.core.metrics) but no "
+                        "trial produces them: neither the evaluator nor the feature "
+                        "statistics compute them; give each a per_token function "
+                        "(@register_metric) or remove it")
 
 
 def check_targets(targets, d_in: int, expansion: int) -> None:

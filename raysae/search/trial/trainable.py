@@ -271,15 +271,16 @@ def _node_id() -> str:
 
 
 def _base_row(spec: TrialSpec, cfg: TrainConfig) -> dict[str, Any]:
-    """The penalty's columns (name, family, label, each parameter), the kind and the seed.
-    A baseline kind is its own family and label (kind.label); another penalised kind
-    (p-anneal) labels its final penalty."""
+    """The penalty's columns (name, family, label, each parameter), the kind with its
+    options (JSON, every field) and the seed. A baseline kind is its own family and label
+    (kind.label); another penalised kind (p-anneal) labels its final penalty."""
     kind = get_kind(cfg.kind)
     family = kind.family(cfg)
     label = cfg.penalty.label if kind.name == DEFAULT_KIND else (
         f"{kind.label}({cfg.penalty.label})" if kind.uses_penalty else kind.label)
-
+    options = kind.options(cfg.kind_options.get(cfg.kind)).record()
     return {"penalty": cfg.penalty.name, **cfg.penalty.params, "family": family,
-            "label": label, "kind": cfg.kind, "lambda_mode": spec.lambda_mode,
+            "label": label, "kind": cfg.kind, "kind_options": options,
+            "lambda_mode": spec.lambda_mode,
             "recipe": cfg.recipe if kind.uses_penalty else UNIT_NORM, "seed": cfg.seed,
             **unscored(spec)}
