@@ -48,7 +48,8 @@ def trained():
 
 
 def test_registry_declares_every_kind():
-    assert set(KINDS) == {"relu", "topk", "batchtopk", "panneal", "jumprelu", "matryoshka"}
+    assert set(KINDS) == {"relu", "topk", "batchtopk", "panneal", "jumprelu", "matryoshka",
+                          "gated"}
     expect = {"topk": ("TopK", "topk", False), "batchtopk": ("BatchTopK", "jumprelu", False),
               "matryoshka": ("Matryoshka", "jumprelu", False),
               "panneal": ("p-anneal", "standard", True), "relu": ("ReLU", "standard", True)}

@@ -133,7 +133,7 @@ def test_bad_architecture_fields_are_refused(tmp_path):
         SAE(SAEConfig(d_in=6, d_sae=10), architecture="topk", k=11)
     path = SAE(SAEConfig(d_in=6, d_sae=10), architecture="topk", k=2).save(tmp_path / "t")
     cfg = json.loads((path / "cfg.json").read_text())
-    for bad in ({"k": 0}, {"k": 11}, {"architecture": "gated"}):
+    for bad in ({"k": 0}, {"k": 11}, {"architecture": "no_such_architecture"}):
         (path / "cfg.json").write_text(json.dumps({**cfg, **bad}))
         with pytest.raises(SAELoadError):
             SAE.load(path)

@@ -11,6 +11,7 @@ subclass raysae.core.kinds), then the plugin modules named by ``RAYSAE_PLUGINS``
 from raysae.core import topk as _topk  # noqa: F401
 from raysae.core import jumprelu as _jumprelu  # noqa: F401
 from raysae.core import matryoshka as _matryoshka  # noqa: F401
+from raysae.core import gated as _gated  # noqa: F401
 # isort: on
 from raysae.core.kind_registry import load_plugins
 
