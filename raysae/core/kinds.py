@@ -42,7 +42,7 @@ from torch import nn
 from raysae.core.fixed_k import FixedKFeatures
 from raysae.core.kind_registry import *  # noqa: F403  (the registry's API, re-exported)
 from raysae.core.kind_registry import DEFAULT_KIND, KINDS, register_kind
-from raysae.core.penalties import penalty_per_token
+from raysae.core.penalties import is_linear, penalty_per_token, sum_dtype
 from raysae.settings import SettingError, check_choices, is_number, require
 
 if TYPE_CHECKING:
@@ -112,14 +112,19 @@ class KindState(nn.Module):
         self.options, self.targets = options, list(targets)
 
 
+CPU_CHUNKS = True
+"""Whether the penalty runs in token chunks on the CPU (``_penalty``); benchmarks that count
+the CUDA step's ops on a CPU turn it off."""
+
+
 def _penalty(cfg: TrainConfig, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
     """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's
     elementwise passes and their backward run in cache (sqrt: ~8% off the step)."""
     name, floor = cfg.penalty.name, cfg.penalty.grad_floor
-    if f.device.type != "cpu":
-        return penalty_per_token(name, f, params, floor)
+    if f.device.type != "cpu" or not CPU_CHUNKS:
+        return penalty_per_token(name, f, params, floor, nonnegative=True)
     chunk = max(1, (1 << 19) // (f.shape[0] * f.shape[2]))
-    return torch.cat([penalty_per_token(name, part, params, floor)
+    return torch.cat([penalty_per_token(name, part, params, floor, nonnegative=True)
                       for part in f.split(chunk, dim=1)], dim=1)
 
 
@@ -197,16 +202,20 @@ class SAEKind:
 
     def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> LossTerms:
         """lambda_k * penalty (term ``sparsity``); the recipe says how the penalty sees the
-        decoder norms (raysae.core.recipes)."""
+        decoder norms (raysae.core.recipes). f (>= 0) is used in its own dtype: the norms
+        are cast to it, so a bf16 step makes no fp32 copy of f; L1 weighted by the norms is
+        one batched matrix product."""
         cfg, params, weighting = ctx.cfg, self.penalty_params(ctx), ctx.penalty_weighting
-        if weighting == "none":
-            pen = _penalty(cfg, f, params)
-        elif weighting == "inside":
-            pen = _penalty(cfg, f * ctx.model.decoder_norms().unsqueeze(1), params)
-        else:  # outside: ||d_i|| rho(f_i)
+        norms = ctx.model.decoder_norms().to(f.dtype) if weighting != "none" else None
+        if is_linear(cfg.penalty.name, params):  # sum_i f_i (||d_i||): no elementwise pass
+            pen = (f.sum(dim=-1, dtype=sum_dtype(f)) if norms is None
+                   else torch.bmm(f, norms.unsqueeze(-1)).squeeze(-1).float())
+        elif weighting == "outside":  # ||d_i|| rho(f_i)
             rho = penalty_per_token(cfg.penalty.name, f.unsqueeze(-1), params,
-                                    cfg.penalty.grad_floor)
-            pen = (rho * ctx.model.decoder_norms().unsqueeze(1)).sum(dim=-1)
+                                    cfg.penalty.grad_floor, nonnegative=True)
+            pen = (rho * norms.unsqueeze(1).float()).sum(dim=-1)
+        else:
+            pen = _penalty(cfg, f if norms is None else f * norms.unsqueeze(1), params)
         pen = pen.mean(dim=-1)
         return LossTerms({"sparsity": ctx.lam.float() * pen}, pen)
 
@@ -218,7 +227,8 @@ class SAEKind:
         if weighting == "inside":
             values = values * norms
         rho = penalty_per_token(cfg.penalty.name, values.unsqueeze(-1),
-                                self.penalty_params(ctx), cfg.penalty.grad_floor)
+                                self.penalty_params(ctx), cfg.penalty.grad_floor,
+                                nonnegative=True)
         if weighting == "outside":
             rho = rho * norms
         pen = active.per_member(rho) / active.shape[1]

@@ -203,7 +203,7 @@ class LadderTrainer:
                 f = self.kind.activate(self.model, pre)
                 x_hat = self.model.decode(f)
             terms = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
-        fires = f.fires() if sparse else (f.detach() > 0).sum(dim=1, dtype=torch.int32)
+        fires = f.fires() if sparse else torch.count_nonzero(f.detach(), dim=1)  # one pass
         return x_hat.float(), f, terms, fires
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
@@ -225,11 +225,12 @@ class LadderTrainer:
         train = self.live & finite & x_ok
         self.opt.zero_grad(set_to_none=True)
         torch.where(train, per, 0.0).sum().backward()
-        for p in self.model.parameters():  # NaN-safe: a dead member's grads become 0
-            p.grad.masked_fill_(~train.view(-1, *[1] * (p.ndim - 1)), 0.0)
+        grads, untrained = [p.grad for p in self.model.parameters()], ~train
+        for g in grads:  # NaN-safe: a member that did not train gets zero gradients
+            g.masked_fill_(untrained.view(-1, *[1] * (g.ndim - 1)), 0.0)
         self.model.remove_parallel_grad_()
         if self.recipe.grad_clip is not None:
-            self._clip_grads(self.recipe.grad_clip)
+            self._clip_grads(grads, self.recipe.grad_clip)
         self.opt.step()
         self.model.normalize_decoder_()
         self.kind.after_step(self.model, train)
@@ -247,15 +248,15 @@ class LadderTrainer:
             return self._log(x, x_hat.detach(), f, per.detach(), recon, terms)
         return None
 
+    @staticmethod
     @torch.no_grad()
-    def _clip_grads(self, max_norm: float) -> None:
+    def _clip_grads(grads: list[torch.Tensor], max_norm: float) -> None:
         """Clip each member's gradient norm over all its weights to ``max_norm`` (as
-        ``clip_grad_norm_`` on that SAE alone), on the device."""
-        params = list(self.model.parameters())
-        sq = sum(p.grad.flatten(1).pow(2).sum(1) for p in params)
-        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp_max(1.0)
-        for p in params:
-            p.grad.mul_(factor.view(-1, *[1] * (p.ndim - 1)))
+        ``clip_grad_norm_`` on that SAE alone), on the device: one norm per tensor, one
+        multiplication for all of them."""
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
+        factor = (max_norm / (torch.linalg.vector_norm(per_tensor, dim=0) + 1e-6)).clamp_max(1.0)
+        torch._foreach_mul_(grads, [factor.view(-1, *[1] * (g.ndim - 1)) for g in grads])
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_compute(x, self.device)  # the copy (non_blocking), then the conversion

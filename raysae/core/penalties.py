@@ -19,15 +19,16 @@ nonzero activations are 0.3-1.3):
 - ``tanh``: ``rho(f) = tanh(c f)``, a smooth L0 proxy (Anthropic 2025, unit-norm decoder rows).
 - ``log``: ``rho(f) = log(1 + f / eps)``, the ``p -> 0`` limit of the shifted power / p.
 
-Numerics. Everything is computed in fp32 with autocast off; every value and gradient is
-finite for every non-negative input (exact zeros, 1e-30, 1e4, ...). The only singular
-case is the pure power (``eps = 0``) with ``p < 1``: ``d/df f^p`` is infinite at
-``f = 0``. There, and only there, the value stays exact (``0 ** p == 0``) but the backward
-pass floors its argument at ``grad_floor``: the gradient is ``p max(f, floor)^(p-1)``. That
-leaves values and gradients exact wherever ``f >= grad_floor`` and only caps the pull on
-tiny activations a ReLU is about to zero anyway. With ``eps > 0`` the gradient
-``p (f + eps)^(p-1) <= p eps^(p-1)`` is finite by construction, and tanh and log are smooth,
-so ``grad_floor`` does not apply to them.
+Numerics. Everything is computed with autocast off, in fp32 for fp32 features; a bf16 step's
+features are evaluated elementwise in bf16 (no fp32 copy of the [K, B, d_sae] tensor) and
+summed per token in fp32. Every value and gradient is finite for every non-negative input
+(exact zeros, 1e-30, 1e4, ...). The only singular case is the pure power (``eps = 0``) with
+``p < 1``: ``d/df f^p`` is infinite at ``f = 0``. There, and only there, the value stays
+exact (``0 ** p == 0``) but the backward pass floors its argument at ``grad_floor``: the
+gradient is ``p max(f, floor)^(p-1)``. That leaves values and gradients exact wherever
+``f >= grad_floor`` and only caps the pull on tiny activations a ReLU is about to zero
+anyway. With ``eps > 0`` the gradient ``p (f + eps)^(p-1) <= p eps^(p-1)`` is finite by
+construction, and tanh and log are smooth, so ``grad_floor`` does not apply to them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ import torch
 from raysae.registry import Registry
 
 DEFAULT_GRAD_FLOOR = 1e-4
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Feature dtypes a penalty evaluates in their own precision (``penalty_per_token``)."""
+
+
+def sum_dtype(f: torch.Tensor) -> torch.dtype:
+    """The dtype a penalty sums its features in: fp32 for bf16/fp16, else their own."""
+    return torch.float32 if f.dtype in LOW_PRECISION else f.dtype
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,9 @@ def register_penalty(
 ) -> Callable:
     """Decorator: register ``fn(f, *, grad_floor, **params) -> [...]`` under ``name``.
 
-    ``fn`` gets fp32 ``f >= 0`` of any shape ``[..., d_sae]`` and returns
-    ``sum_i rho(f_i)`` over the last dimension; ``rho(0)`` must be 0. ``references`` are
+    ``fn`` gets ``f >= 0`` of any shape ``[..., d_sae]``, in fp32 or (a bf16 step's) bf16,
+    and returns ``sum_i rho(f_i)`` over the last dimension, summed in fp32
+    (``sum(dim=-1, dtype=sum_dtype(f))``); ``rho(0)`` must be 0. ``references`` are
     labelled parameter points (validated here, defaults filled) that every search includes.
     """
 
@@ -197,9 +206,10 @@ class _FlooredPower(torch.autograd.Function):
         p, floor = ctx.p, ctx.floor
         if p >= 1:
             return grad_out * p * u.pow(p - 1), None, None
-        above = u >= floor
-        slope = torch.where(above, out / torch.where(above, u, 1.0), floor ** (p - 1))
-        return grad_out * p * slope, None, None
+        # p u^(p-1) = p u^p / u, both floored: exact at u >= floor, p floor^(p-1) below it
+        if p == 0.5:  # p u^p / u = p / u^p: one clamp, one division
+            return grad_out.div(out.clamp_min(floor**p)).mul_(p), None, None
+        return grad_out.mul(out.clamp_min(floor**p)).div_(u.clamp_min(floor)).mul_(p), None, None
 
 
 def _shifted_power(f: torch.Tensor, p: float, eps: float, grad_floor: float) -> torch.Tensor:
@@ -230,7 +240,7 @@ EPS_DOC = ("knee on the normalised activation scale (mean ||x||^2 = d_in; median
 )
 def power(f: torch.Tensor, *, p: float, eps: float, grad_floor: float = DEFAULT_GRAD_FLOOR):
     """sum_i (f_i + eps)^p - eps^p per token (eps = 0: the pure power f^p)."""
-    return _shifted_power(f, p, eps, grad_floor).sum(dim=-1)
+    return _shifted_power(f, p, eps, grad_floor).sum(dim=-1, dtype=sum_dtype(f))
 
 
 @register_penalty(
@@ -240,7 +250,7 @@ def power(f: torch.Tensor, *, p: float, eps: float, grad_floor: float = DEFAULT_
 )
 def tanh(f: torch.Tensor, *, c: float, grad_floor: float = DEFAULT_GRAD_FLOOR):
     """sum_i tanh(c f_i) per token (smooth L0 proxy)."""
-    return torch.tanh(f * c).sum(dim=-1)
+    return torch.tanh(f * c).sum(dim=-1, dtype=sum_dtype(f))
 
 
 @register_penalty(
@@ -250,23 +260,29 @@ def tanh(f: torch.Tensor, *, c: float, grad_floor: float = DEFAULT_GRAD_FLOOR):
 )
 def log(f: torch.Tensor, *, eps: float, grad_floor: float = DEFAULT_GRAD_FLOOR):
     """sum_i log(1 + f_i / eps) per token (the p -> 0 limit of the shifted power, / p)."""
-    return torch.log1p(f / eps).sum(dim=-1)
+    return torch.log1p(f / eps).sum(dim=-1, dtype=sum_dtype(f))
 
 
 def penalty_per_token(
     name: str, f: torch.Tensor, params: Mapping[str, float],
-    grad_floor: float = DEFAULT_GRAD_FLOOR,
+    grad_floor: float = DEFAULT_GRAD_FLOOR, *, nonnegative: bool = False,
 ) -> torch.Tensor:
-    """Evaluate a registered penalty in fp32 with autocast off, summing over the last dim.
+    """Evaluate a registered penalty with autocast off, summing over the last dim in fp32.
 
     ``f`` is ``[..., d_sae]`` (``[tokens, d_sae]`` or ``[K, tokens, d_sae]``); returns
-    ``[...]``. Negative inputs count as 0. Missing parameters take the registry's defaults;
-    out-of-range ones raise ValueError.
+    ``[...]`` in fp32. fp32 features are evaluated in fp32; bf16 or fp16 ones (a bf16 step's)
+    in their own dtype, elementwise, with only the sums in fp32: no fp32 copy of f is made.
+    Negative inputs count as 0 (``nonnegative``: the caller knows f >= 0, a ReLU's output,
+    and no clamp is spent). Missing parameters take the registry's defaults; out-of-range
+    ones raise ValueError.
     """
     spec = get_penalty(name)
     values = spec.validate(params)
+    if f.dtype not in LOW_PRECISION:
+        f = f.float()
     with torch.autocast(device_type=f.device.type, enabled=False):
-        return spec.fn(f.float().clamp_min(0.0), grad_floor=grad_floor, **values)
+        f = f if nonnegative else f.clamp_min(0.0)
+        return spec.fn(f, grad_floor=grad_floor, **values).float()
 
 
 def _filled(spec: PenaltySpec, params: Mapping[str, float]) -> dict[str, float]:
@@ -295,6 +311,12 @@ def penalty_family(name: str, params: Mapping[str, float]) -> str:
         if all(math.isclose(values[k], v) for k, v in point.items()):
             return label
     return name
+
+
+def is_linear(name: str, params: Mapping[str, float]) -> bool:
+    """Whether the penalty is ``sum_i f_i`` (the power family at p = 1, L1, for every eps):
+    then a weighted penalty is a matrix product, and costs no elementwise pass."""
+    return name == "power" and float(params.get("p", 1.0)) == 1.0
 
 
 def penalty_scale_at_one(name: str, params: Mapping[str, float]) -> float:
