@@ -160,6 +160,12 @@ class TrainConfig:
     """Run the dense step's matmuls in bfloat16 autocast: 'auto' on CUDA (faster, and no CE
     cost was detected: README, "The GPU path"), 'on' everywhere (on CPU: to check its effect on
     CE), 'off' never. The penalty, the loss and the master weights stay fp32."""
+    compile: Literal["off", "on"] = "off"
+    """Compile the dense step's forward, its loss terms and its backward with
+    torch.compile (Inductor), once per trial process (its seconds reported as
+    ``compile_seconds``): 'on', or 'off' (eager, the reference in tests). Off by default:
+    on 2 CPU cores compiling costs more than a trial of the local default saves
+    (benchmarks/compile_check.py), and on a GPU it is unmeasured yet."""
     tf32: bool = True
     """Let CUDA matmuls use TF32 (Ampere and later) during training steps; no effect on
     CPU. Evaluation (spliced CE) always runs at full fp32."""

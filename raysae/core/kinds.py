@@ -70,6 +70,9 @@ class StepContext:
     """How the penalty sees decoder norms (raysae.core.recipes): none, inside, outside."""
     dead_mask: Callable[[], torch.Tensor]
     """[K, d_sae] bool: features that did not fire within the dead window."""
+    moving: dict[str, torch.Tensor]
+    """The kind's values that change from step to step (``SAEKind.moving``), as 0-dim
+    tensors made outside the step, so a compiled step takes them as inputs."""
 
     @property
     def k(self) -> int:
@@ -200,6 +203,10 @@ class SAEKind:
     def penalty_params(self, ctx: StepContext) -> dict[str, float]:
         return ctx.cfg.penalty.params
 
+    def moving(self, cfg: TrainConfig, state: KindState, step: int) -> dict[str, torch.Tensor]:
+        """Values of (0-based) ``step`` that change during training (``StepContext.moving``)."""
+        return {}
+
     def loss_terms(self, ctx: StepContext, x, x_hat, f, pre) -> LossTerms:
         """lambda_k * penalty (term ``sparsity``); the recipe says how the penalty sees the
         decoder norms (raysae.core.recipes). f (>= 0) is used in its own dtype: the norms
@@ -302,11 +309,13 @@ class PAnneal(SAEKind):
         p_end = float(cfg.penalty.params["p"])
         return p_end if span <= 0 else 1.0 + (p_end - 1.0) * min(1.0, step / span)
 
-    def _p(self, ctx: StepContext) -> float:
-        return self.p_at(ctx.cfg, ctx.step, ctx.state.options.anneal_frac)
+    def moving(self, cfg: TrainConfig, state: KindState, step: int) -> dict[str, torch.Tensor]:
+        """p as a 0-dim tensor: it moves every step, and a compiled step takes it as an
+        input rather than recompiling for each value."""
+        return {"p": torch.tensor(self.p_at(cfg, step, state.options.anneal_frac))}
 
-    def penalty_params(self, ctx: StepContext) -> dict[str, float]:
-        return {**ctx.cfg.penalty.params, "p": self._p(ctx)}
+    def penalty_params(self, ctx: StepContext) -> dict[str, Any]:
+        return {**ctx.cfg.penalty.params, "p": ctx.moving["p"]}
 
     def log_fields(self, ctx: StepContext) -> list[dict[str, float]]:
-        return [{"p": self._p(ctx)} for _ in range(ctx.k)]
+        return [{"p": float(ctx.moving["p"])} for _ in range(ctx.k)]

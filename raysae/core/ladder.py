@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -143,8 +144,11 @@ class LadderTrainer:
         self.bad_rows = torch.zeros((), dtype=torch.int64, device=dev)
         self.last_fired = torch.full((self.k, cfg.sae.d_sae), -1.0, dtype=torch.float64, device=dev)
         self.step_count = self.tokens = 0
+        self._dead_before = torch.zeros((), dtype=torch.float64, device=dev)
         self.scale: float | None = cfg.activation_scale if cfg.normalize_activations else 1.0
         self.controlled = self.kind.uses_controller and cfg.control_frac > 0
+        self._bf16 = uses_bf16(cfg.autocast_bf16, dev)
+        self._compiled, self.compile_seconds = None, 0.0
         self.sparse_auto = False  # set on logging steps from the members' L0
         self.status: list[str | None] = [None] * self.k
         self.reason: list[str | None] = [None] * self.k
@@ -179,7 +183,8 @@ class LadderTrainer:
         return StepContext(cfg=self.cfg, model=self.model, step=step, targets=self.target_t,
                            lam=self.current_lam(step), controlling=self.controlling(),
                            penalty_weighting=self.recipe.penalty_weighting,
-                           dead_mask=self.dead_mask)
+                           dead_mask=self.dead_mask,
+                           moving=self.kind.moving(self.cfg, self.model.state, step))
 
     def sparse_now(self) -> bool:
         """Whether this step uses a sparse step (``sparse_step_now``)."""
@@ -193,18 +198,37 @@ class LadderTrainer:
             x_hat, active = active_forward(self.model, x)
             terms = self.kind.active_loss_terms(self.context(), active)
             return x_hat, active, terms, active.fires()
-        bf16 = uses_bf16(self.cfg.autocast_bf16, self.device)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-            pre = self.model.pre_acts(x)
-            if sparse:  # fixed-k: the kept values by index; pre stays dense (AuxK reads it)
+        if sparse:  # fixed-k: the kept values by index; pre stays dense (AuxK reads it)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
+                pre = self.model.pre_acts(x)
                 f = self.kind.activate_fixed(self.model, pre)
                 x_hat = fixed_k_decode(self.model, f)
-            else:
-                f = self.kind.activate(self.model, pre)
-                x_hat = self.model.decode(f)
-            terms = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
-        fires = f.fires() if sparse else torch.count_nonzero(f.detach(), dim=1)  # one pass
-        return x_hat.float(), f, terms, fires
+                terms = self.kind.loss_terms(self.context(), x, x_hat, f, pre)
+            return x_hat.float(), f, terms, f.fires()
+        return self._dense(x, self.context())
+
+    def _dense_forward(self, x: torch.Tensor, ctx: StepContext):
+        """The dense step's forward (``_forward``'s), one function so that ``compile``
+        compiles it whole, and its backward with it."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
+            pre = self.model.pre_acts(x)
+            f = self.kind.activate(self.model, pre)
+            x_hat = self.model.decode(f)
+            terms = self.kind.loss_terms(ctx, x, x_hat, f, pre)
+        return x_hat.float(), f, terms, torch.count_nonzero(f.detach(), dim=1)  # one pass
+
+    def _dense(self, x: torch.Tensor, ctx: StepContext):
+        """``_dense_forward``, compiled on first use when ``TrainConfig.compile`` says so;
+        the first call's seconds (the compilation) are kept in ``compile_seconds``."""
+        if self.cfg.compile == "off":
+            return self._dense_forward(x, ctx)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._dense_forward, dynamic=False)
+            start = time.perf_counter()
+            out = self._compiled(x, ctx)
+            self.compile_seconds = time.perf_counter() - start
+            return out
+        return self._compiled(x, ctx)
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]] | None:
         """Train every live member on one batch; per-member rows on logging steps, else None.
@@ -236,6 +260,7 @@ class LadderTrainer:
         self.kind.after_step(self.model, train)
         self.step_count += 1
         self.tokens += x.shape[0]
+        self._move_dead_window()
         newly = self.live & ~finite & x_ok
         self.died_at.masked_fill_(newly, self.step_count - 1)
         self.live &= ~newly
@@ -281,8 +306,12 @@ class LadderTrainer:
         self.lam = torch.where(self.live, new, self.lam)
 
     def dead_mask(self) -> torch.Tensor:
-        """[K, d_sae]: no fire in the last ``dead_window_tokens`` (or ever, if fewer)."""
-        return self.last_fired < max(self.tokens - self.cfg.dead_window_tokens, 0)
+        """[K, d_sae]: no fire in the last ``dead_window_tokens`` (or ever, if fewer). The
+        window's start is a device tensor, so a compiled step does not recompile for it."""
+        return self.last_fired < self._dead_before
+
+    def _move_dead_window(self) -> None:
+        self._dead_before.fill_(max(self.tokens - self.cfg.dead_window_tokens, 0))
 
     def dead_fractions(self) -> torch.Tensor:
         return self.dead_mask().float().mean(dim=1) * bool(self.tokens)
@@ -366,6 +395,7 @@ class LadderTrainer:
         for name in self._STATE:  # sparse_auto: absent from older checkpoints
             value = state.get(name, getattr(self, name))
             setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
+        self._move_dead_window()
 
     def to_bytes(self) -> bytes:
         torch.save(self.state_dict(), buf := io.BytesIO())

@@ -121,6 +121,9 @@ class PenaltySpec:
         out = {}
         for param in self.params:
             value = values.get(param.name, param.default)
+            if torch.is_tensor(value) and value.ndim == 0:  # a value that moves in training
+                out[param.name] = value  # (p-annealing's p, within its checked range)
+                continue
             if not param.contains(value):
                 raise ValueError(
                     f"penalty.{param.name} = {value!r} is out of range for {self.name!r}: "
@@ -183,37 +186,45 @@ def get_penalty(name: str) -> PenaltySpec:
 class _FlooredPower(torch.autograd.Function):
     """u ** p with an exact value and a backward pass floored at ``floor`` (see module doc).
 
-    Only the pure power (eps = 0) with p < 1 needs it. The backward reuses the forward's
+    Only the pure power (eps = 0) with p <= 1 needs it. The backward reuses the forward's
     output (u^(p-1) = u^p / u), so a step costs one transcendental pass, not two;
-    p = 0.5 and 0.25 use sqrt, which is cheaper than pow.
+    p = 0.5 and 0.25 use sqrt, which is cheaper than pow. ``p`` may be a 0-dim tensor (a
+    value that changes every step, so a compiled step does not recompile): then no
+    shortcut is taken.
     """
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, p: float, floor: float) -> torch.Tensor:
-        if p == 0.5:
+    def forward(ctx, u: torch.Tensor, p, floor: float) -> torch.Tensor:
+        moving = torch.is_tensor(p)
+        if not moving and p == 0.5:
             out = u.sqrt()
-        elif p == 0.25:
+        elif not moving and p == 0.25:
             out = u.sqrt().sqrt()
         else:
             out = u.pow(p)
-        ctx.save_for_backward(u, out)
-        ctx.p, ctx.floor = p, floor
+        ctx.save_for_backward(u, out, *([p] if moving else []))
+        ctx.p, ctx.floor = (None if moving else p), floor
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        u, out = ctx.saved_tensors
-        p, floor = ctx.p, ctx.floor
-        if p >= 1:
+        u, out, *moving = ctx.saved_tensors
+        p, floor = moving[0] if moving else ctx.p, ctx.floor
+        if not moving and p >= 1:
             return grad_out * p * u.pow(p - 1), None, None
         # p u^(p-1) = p u^p / u, both floored: exact at u >= floor, p floor^(p-1) below it
-        if p == 0.5:  # p u^p / u = p / u^p: one clamp, one division
+        if not moving and p == 0.5:  # p u^p / u = p / u^p: one clamp, one division
             return grad_out.div(out.clamp_min(floor**p)).mul_(p), None, None
         return grad_out.mul(out.clamp_min(floor**p)).div_(u.clamp_min(floor)).mul_(p), None, None
 
 
-def _shifted_power(f: torch.Tensor, p: float, eps: float, grad_floor: float) -> torch.Tensor:
-    """Elementwise ``(f + eps)^p - eps^p`` for ``f >= 0``, finite gradients for p in (0, 2]."""
+def _shifted_power(f: torch.Tensor, p, eps: float, grad_floor: float) -> torch.Tensor:
+    """Elementwise ``(f + eps)^p - eps^p`` for ``f >= 0``, finite gradients for p in (0, 2]
+    (``p`` a number, or a 0-dim tensor in (0, 1]: a p that moves during training)."""
+    if torch.is_tensor(p):
+        if eps == 0.0:
+            return _FlooredPower.apply(f, p, grad_floor)
+        return torch.expm1(torch.log1p(f / eps) * p) * (eps**p)
     if p == 1.0:
         return f  # exactly f for every eps
     if eps == 0.0:
@@ -316,7 +327,8 @@ def penalty_family(name: str, params: Mapping[str, float]) -> str:
 def is_linear(name: str, params: Mapping[str, float]) -> bool:
     """Whether the penalty is ``sum_i f_i`` (the power family at p = 1, L1, for every eps):
     then a weighted penalty is a matrix product, and costs no elementwise pass."""
-    return name == "power" and float(params.get("p", 1.0)) == 1.0
+    p = params.get("p", 1.0)
+    return name == "power" and not torch.is_tensor(p) and float(p) == 1.0
 
 
 def penalty_scale_at_one(name: str, params: Mapping[str, float]) -> float:
