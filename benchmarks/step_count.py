@@ -23,7 +23,6 @@ of the same math. Counts are deterministic; nothing here is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

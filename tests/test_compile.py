@@ -7,7 +7,6 @@ and the dead window are tensors). Two cases run in the default suite, the rest a
 (Inductor compiles each for 5-10 s on 2 cores)."""
 
 import pytest
-import torch
 from planted import planted_batches
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
