@@ -356,3 +356,18 @@ def test_live_streaming_search_on_two_cpus_does_not_deadlock(tiny_model_dir, ray
     trials = pd.read_parquet(run_search(settings, tmp_path / "r") / "trials.parquet")
     assert len(trials) == 2 and set(trials["status"]) == {"finished"}
     assert (trials["tokens_seen"] == 512 * 12).all()
+
+
+def test_reports_by_wall_time_change_what_tune_hears_not_what_is_trained(
+        tiny_model_dir, tiny_cache, tmp_path, uninterrupted):
+    """``report_seconds``: an hour between reports leaves Tune the first and the final ones
+    (every logging step's metrics stay in the trainer's history), and the trained SAEs are
+    the uninterrupted restart test's, which reported at every logging step."""
+    plan = _restart_plan(tiny_model_dir, tiny_cache, tmp_path / "tune", 0)
+    plan = dataclasses.replace(plan, spec=dataclasses.replace(
+        plan.spec, run=dataclasses.replace(plan.spec.run, report_seconds=3600.0,
+                                           checkpoint_seconds=3600.0)))
+    trials = pd.read_parquet(run_search(plan, tmp_path / "r") / "trials.parquet")
+    assert_same_trials(trials, uninterrupted)
+    (result,) = (tmp_path / "tune" / "restart").glob("*/result.json")
+    assert len(result.read_text().splitlines()) == 2  # the first logging step and the end

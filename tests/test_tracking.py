@@ -40,6 +40,7 @@ def tracked(tiny_model_dir, ray_local, tmp_path_factory):
                 "--targets", *TARGETS, "--num-trials", "2", "--seeds", "0",
                 "--baselines", "topk", "--max-concurrent", "2", "--total-tokens", "30720",
                 "--cache-tokens", "16384", "--batch-size", "1024", "--log-every", "5",
+                "--report-seconds", "0",  # every logging step reaches the trackers
                 "--storage", str(root / "tune"), "--results", str(root / "results"),
                 "--no-report", "--wandb", "raysae-test"]
         assert cli.main(args) == 0

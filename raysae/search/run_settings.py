@@ -59,8 +59,9 @@ class RunSettings:
     settings reach only trials that start or restart now."""
 
     def __post_init__(self) -> None:
-        require(is_number(self.checkpoint_seconds) and self.checkpoint_seconds >= 0,
-                "checkpoint_seconds", self.checkpoint_seconds, "must be a number >= 0")
+        for name in ("checkpoint_seconds", "report_seconds"):
+            require(is_number(getattr(self, name)) and getattr(self, name) >= 0, name,
+                    getattr(self, name), "must be a number >= 0")
         if self.name is not None:
             require(bool(NAME_PATTERN.fullmatch(self.name)), "name", repr(self.name),
                     "a search name is one folder name: letters, digits, '.', '_' and '-', "
@@ -75,6 +76,12 @@ class RunSettings:
     often, in seconds of its training, plus once at the end; a restarted trial loses at
     most this much work. Each checkpoint is written to --storage (S3 on a cluster): at the
     pythia-70m preset one is about 150 MB. 0: at every logging report."""
+    report_seconds: float = 15.0
+    """Report each trial's training progress to Tune (its progress table, TensorBoard, W&B)
+    at most this often, in seconds, plus its first, rung, checkpoint and final reports;
+    metrics are still recorded at every --log-every step and every decision taken there
+    (the controller, the sparse-step switch) stays on the step count. 0: every logging
+    step."""
     report: bool = True
     """Write report.html at the end (--no-report skips it)."""
     wandb: str | None = field(default=None, metadata={"const": "raysae"})

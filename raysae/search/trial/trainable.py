@@ -200,31 +200,37 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     base = {**_base_row(spec, cfg), "restored_from_step": trainer.step_count,
             "restored_from_tokens": trainer.tokens, "node_id": _node_id(),
             "gpu_ids": _gpu_ids()}
-    written = {"bytes": 0, "at": time.monotonic()}  # this attempt's checkpoints
+    # this attempt's checkpoints (bytes, when the last was written) and its last report
+    written = {"bytes": 0, "at": time.monotonic(), "reported": -math.inf}
     dashboard = _trial_metrics(cfg, trainer)
 
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
     def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
+        """Every logging step: report to Tune when a rung is scored, a checkpoint is due,
+        or ``report_seconds`` have passed since the last report (wall time decides only
+        what Tune hears; what is trained never depends on it)."""
         if not rows:
             return
-        row = _mean_row(rows)
-        rate = dashboard.record(row)  # tokens/s since the previous report
-        if rate is not None:
-            row["tokens_per_second"] = rate
-        out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
-               "status": Status.RUNNING, "checkpoint_bytes": written["bytes"],
-               "ladder": ladder_scalars(rows)}
-        if rungs.due(live):  # scored mid-training; ASHA may stop the trial at this report
-            out.update(rungs.score(live), setup_seconds=started - entered,
-                       train_seconds=time.monotonic() - started - rungs.seconds)
-        halt = (bool(spec.stop_tokens) and "rung_tokens" in out  # this report scored a rung
-                and live.tokens >= spec.stop_tokens)
-        due = (time.monotonic() - written["at"] >= spec.run.checkpoint_seconds
-               and not live.done and not halt)
-        written["bytes"] += _report(out, live if due else None)
-        if due:
-            written["at"] = time.monotonic()
+        now, scoring = time.monotonic(), rungs.due(live)
+        halt = scoring and bool(spec.stop_tokens) and live.tokens >= spec.stop_tokens
+        due = (now - written["at"] >= spec.run.checkpoint_seconds and not live.done
+               and not halt)
+        if scoring or due or now - written["reported"] >= spec.run.report_seconds:
+            row = _mean_row(rows)
+            rate = dashboard.record(row)  # tokens/s since the previous report
+            if rate is not None:
+                row["tokens_per_second"] = rate
+            out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
+                   "status": Status.RUNNING, "checkpoint_bytes": written["bytes"],
+                   "ladder": ladder_scalars(rows)}
+            if scoring:  # scored mid-training; ASHA may stop the trial at this report
+                out.update(rungs.score(live), setup_seconds=started - entered,
+                           train_seconds=time.monotonic() - started - rungs.seconds)
+            written["bytes"] += _report(out, live if due else None)
+            written["reported"] = time.monotonic()
+            if due:
+                written["at"] = written["reported"]
         if halt:  # successive halving: this proposal's rung is its whole life here
             raise _EndAtRung
         _maybe_inject_failure(spec, live.step_count)
