@@ -1,15 +1,18 @@
 """One command that measures a GPU: what raysae's training gets out of the machine it runs on.
 
     python benchmarks/gpu_check.py [--small] [--search-seconds 120] [--out gpu_check.md]
+                                   [--json gpu_check.json] [--no-compile]
 
 On CUDA at the pythia-70m preset's shape (d_in 512 -> d_sae 2048, batch 4096, a 6-SAE ladder
 8 .. 256); on a machine without CUDA at the local default's (128 -> 512, batch 512, ladder
 4 .. 128), saying that no GPU was found. Every number is measured in this run; ratios are
 against a baseline of the same run. Sections:
 
-1. step: a bare dense ladder loop (plain PyTorch: K stacked relu SAEs, L1, fused Adam: the
-   least this arithmetic can cost) and raysae's ladder step (sqrt penalty, controller, dead
-   tracking), each in fp32, TF32 and bf16 autocast; tokens/s (ladder tokens: each feeds K SAEs).
+1. step: for L1, sqrt and TopK, the bare loop of the same math (benchmarks/bare_loop.py:
+   plain eager PyTorch, frozen) and raysae's ladder step (the same math plus its controller,
+   dead tracking and NaN safety), each in fp32, TF32 and bf16 autocast, eager and compiled
+   (torch.compile; raysae's ``--compile on``); tokens/s (ladder tokens: each feeds K SAEs)
+   and each series against the bare eager loop of its case and precision.
 2. kinds: TopK and BatchTopK ladder steps with the dense decoder and the fixed-k decoder.
 3. feed: a float16 cache read into the device, blocking copies vs. the overlapped feed
    (raysae.core.transfer), alone and with the ladder step consuming each batch.
@@ -36,25 +39,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bare_loop import CASES, PRECISIONS, bare_loop, raysae_ladder, shape
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
-from raysae.core.ladder import LadderTrainer, tf32_matmuls
+from raysae.core.ladder import LadderTrainer
 from raysae.core.transfer import device_batches, to_compute
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = {"fp32": ("off", False), "tf32": ("off", True), "bf16": ("on", True)}
-"""name -> (TrainConfig.autocast_bf16, TrainConfig.tf32)."""
-
-
-def shape(small: bool) -> dict:
-    if small:
-        return dict(d_in=128, d_sae=512, batch=512, targets=[4.0, 16.0, 64.0, 128.0])
-    return dict(d_in=512, d_sae=2048, batch=4096, targets=[8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
 
 
 def ladder(s: dict, device: str, *, kind: str = "relu", precision: str = "bf16",
            sparse_step: str = "off", steps: int = 10**6) -> LadderTrainer:
+    """raysae's sqrt ladder (or another kind) at shape ``s``, no logging steps."""
     bf16, tf32 = PRECISIONS[precision]
     cfg = TrainConfig(sae=SAEConfig(s["d_in"], s["d_sae"]), penalty=PenaltyConfig.power(0.5),
                       kind=kind, batch_size=s["batch"], total_tokens=s["batch"] * steps,
@@ -63,51 +60,33 @@ def ladder(s: dict, device: str, *, kind: str = "relu", precision: str = "bf16",
     return LadderTrainer(cfg, s["targets"])
 
 
-def bare_step(s: dict, device: str, precision: str):
-    """K stacked relu SAEs trained on L1 with fused Adam, nothing else."""
-    k, d_in, d_sae = len(s["targets"]), s["d_in"], s["d_sae"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    w_enc = (torch.randn(k, d_in, d_sae, generator=g) / d_in**0.5).to(device).requires_grad_()
-    w_dec = (torch.randn(k, d_sae, d_in, generator=g) / d_sae**0.5).to(device).requires_grad_()
-    b_enc = torch.zeros(k, d_sae, device=device, requires_grad=True)
-    b_dec = torch.zeros(k, d_in, device=device, requires_grad=True)
-    params = [w_enc, w_dec, b_enc, b_dec]
-    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
-    bf16, tf32 = PRECISIONS[precision]
-    dev = torch.device(device)
-
-    def step(x: torch.Tensor) -> None:
-        with tf32_matmuls(tf32):
-            with torch.autocast(dev.type, torch.bfloat16, enabled=bf16 == "on"):
-                pre = torch.baddbmm(b_enc.unsqueeze(1), (x - b_dec.unsqueeze(1)), w_enc)
-                f = pre.relu()
-                x_hat = torch.bmm(f, w_dec) + b_dec.unsqueeze(1)
-            loss = ((x_hat.float() - x).pow(2).sum(-1).mean(-1)
-                    + 1e-3 * f.float().sum(-1).mean(-1)).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    return step
-
-
 def rate(seconds: float, rows: int) -> str:
     return f"{rows / seconds:,.0f}"
 
 
-def section_step(s: dict, device: str, rounds: int) -> list[tuple]:
-    x = torch.randn(s["batch"], s["d_in"], device=device)
+def section_step(s: dict, device: str, rounds: int, compiled: bool) -> list[dict]:
+    """Every case x precision x (eager, compiled): bare loop and raysae (module doc)."""
+    x = torch.randn(s["batch"], s["d_in"], device=device) * 3
     fns = {}
-    for p in PRECISIONS:
-        bare = bare_step(s, device, p)
-        fns[f"bare {p}"] = (lambda f=bare: f(x))
-        trainer = ladder(s, device, precision=p)
-        trainer.step(x)  # the activation scale (one sync)
-        fns[f"raysae {p}"] = (lambda t=trainer: t.step(x))
+    for case in CASES:
+        for p in PRECISIONS:
+            for mode in ("eager", "compiled") if compiled else ("eager",):
+                bare = bare_loop(s, device, case, p)
+                if mode == "compiled":
+                    bare = torch.compile(bare)
+                fns[("bare", case, p, mode)] = (lambda f=bare: f(x))
+                trainer = raysae_ladder(s, device, case, p,
+                                        compile="on" if mode == "compiled" else "off")
+                trainer.step(x)  # the activation scale (one sync), and the compilation
+                fns[("raysae", case, p, mode)] = (lambda t=trainer: t.step(x))
     times = median_times(fns, rounds, device)
-    base = times["bare fp32"]
-    return [(name, f"{t * 1e3:.2f}", rate(t, s["batch"]), f"{base / t:.2f}")
-            for name, t in times.items()]
+    rows = []
+    for (series, case, p, mode), t in times.items():
+        base = times[("bare", case, p, "eager")]
+        rows.append({"series": series, "case": case, "precision": p, "mode": mode,
+                     "ms_per_step": t * 1e3, "tokens_per_second": s["batch"] / t,
+                     "vs_bare_eager": base / t})
+    return rows
 
 
 def section_kinds(s: dict, device: str, rounds: int) -> list[tuple]:
@@ -274,6 +253,12 @@ def section_search(small: bool, seconds: float, workdir: Path) -> tuple[list[tup
     return rows, f"whole search {wall:.0f} s, {len(trials)} trials"
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def table(title: str, head: tuple, rows: list[tuple]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
@@ -289,6 +274,10 @@ def main() -> None:
     parser.add_argument("--search-seconds", type=float, default=120.0,
                         help="about how long the search section trains (0: skip it)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the step table with versions, device and load here")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="eager series only (torch.compile takes minutes on a CPU)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, small = ("cuda" if cuda else "cpu"), args.small or not cuda
@@ -311,9 +300,17 @@ def main() -> None:
         emit(text, flush=True)
 
     emit("\n".join(lines))
-    add(table("1. ladder step (tokens/s: ladder tokens; ratio: bare fp32 time / this time)",
-              ("series", "ms/step", "tokens/s", "vs bare fp32"),
-              section_step(s, device, rounds)))
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda,
+              "device": (torch.cuda.get_device_name(0) if cuda else "cpu"),
+              "load_before": os.getloadavg()[0], "shape": s, "commit": _commit()}
+    steps = section_step(s, device, rounds, compiled=not args.no_compile)
+    record["step"] = steps
+    add(table("1. ladder step (tokens/s: ladder tokens; ratio: the bare eager loop's time of "
+              "the same case and precision / this time)",
+              ("series", "case", "precision", "mode", "ms/step", "tokens/s", "vs bare eager"),
+              [(r["series"], r["case"], r["precision"], r["mode"], f"{r['ms_per_step']:.2f}",
+                rate(r["ms_per_step"] / 1e3, s["batch"]), f"{r['vs_bare_eager']:.2f}")
+               for r in steps]))
     add(table("2. fixed-k kinds (ratio: dense decoder time / this time)",
               ("ladder", "decoder", "ms/step", "tokens/s", "vs dense"),
               section_kinds(s, device, rounds)))
@@ -337,6 +334,10 @@ def main() -> None:
                   ("trial", "ladder tokens", "train s", "tokens/s", "eval s"), rows))
     if args.out:
         args.out.write_text("\n".join(lines))
+    if args.json:
+        from raysae import io
+
+        io.write_json(args.json, {**record, "load_after": os.getloadavg()[0]})
 
 
 if __name__ == "__main__":
