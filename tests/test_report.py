@@ -216,13 +216,13 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
 
 
 def _ladder_results(root):
-    """A searched ladder with 3 paired seeds: sqrt beats L1 clearly at 16, not at 8."""
+    """A searched ladder with 4 paired seeds: sqrt beats L1 clearly at 16, not at 8."""
     from raysae.analysis import confidence
     from raysae.results import contract
 
     rng = np.random.default_rng(0)
     rows = []
-    for seed in range(3):
+    for seed in range(4):
         for target, gap in ((8.0, 0.0), (16.0, -0.06)):
             for label, family, delta in (("L1", "L1", 0.0), ("sqrt", "sqrt", gap),
                                          ("power(p=0.4, eps=0.1)", "power", gap / 2)):
@@ -247,7 +247,7 @@ def test_report_claims_carry_intervals(tmp_path):
     head = text[text.index("class='headline'"):text.index("</div>", text.index("headline"))]
     # L0 8: no true difference; L0 16: sqrt is better, and the sentence gives the interval.
     assert "L0 8: no detectable difference to L1" in head
-    assert "L0 16: <b>beats L1</b> by -0.0" in head and "3 seeds" in head
+    assert "L0 16: <b>beats L1</b> by -0.0" in head and "4 seeds" in head
     for table_id in ("ladder", "winners", "comparisons", "per_seed"):
         assert f'id="{table_id}"' in text
     assert "No provenance recorded" in text

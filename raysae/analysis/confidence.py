@@ -52,8 +52,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from raysae.analysis.multiplicity import FDR_Q, control, critical
 from raysae.results.vocabulary import SELECTION_STAGES, Status
 
 REFERENCES = ("L1", "sqrt")
@@ -63,7 +63,11 @@ off its own ladder at the reference's achieved held-out L0 (per seed, linear in 
 between the two rungs around it, never beyond its ends), so an L0 miss is not charged as CE."""
 KEYS = ("family", "label", "reference", "basis", "target_l0")
 COLUMNS = (*KEYS, "n_seeds", "delta_ce_mean", "ci_low", "ci_high", "significant",
-           "se", "t_quantile", "interval", "l0_reference", "fresh_seeds_only")
+           "se", "t_quantile", "interval", "l0_reference", "fresh_seeds_only", "p_value",
+           "p_adjusted", "ci_level", "significant_raw", "ci_low_raw", "ci_high_raw")
+"""``significant``, ``ci_low``, ``ci_high``: called and widened under false-discovery-rate
+control across the basis's comparisons (raysae.analysis.multiplicity); ``*_raw``: each
+row's own 95% interval and call."""
 PAIRED_COLUMNS = (*KEYS, "seed", "ce", "ce_reference", "delta_ce", "delta_blocks",
                   "l0_reference")
 _CELL = ["label", "seed", "target_l0"]
@@ -220,16 +224,14 @@ def _interval(d: np.ndarray, blocks: np.ndarray | None, level: float) -> dict:
     terms, kind = _terms(d, blocks)
     mean = float(d.mean()) if d.size else np.nan
     var = sum(v for v, _ in terms) if terms else np.nan
-    quantiles = [float(stats.t.ppf(0.5 + level / 2, df)) for _, df in terms]
-    q = (sum(v * t for (v, _), t in zip(terms, quantiles, strict=True)) / var if var > 0
-         else quantiles[0] if terms else np.nan)
+    q = critical(terms, level)
     se = float(np.sqrt(var)) if np.isfinite(var) else np.nan
     low, high = mean - q * se, mean + q * se
     ok = bool(np.isfinite(low) and np.isfinite(high))
     return {"n_seeds": int(d.size), "delta_ce_mean": mean, "ci_low": low, "ci_high": high,
             "significant": ok and kind != "blocks" and (low > 0 or high < 0), "se": se,
             "t_quantile": q,
-            "interval": kind if ok else "none"}
+            "interval": kind if ok else "none", "_terms": terms}
 
 
 def _block_matrix(deltas: pd.Series) -> np.ndarray | None:
@@ -254,22 +256,26 @@ def _frontier(g: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def compare(trials: pd.DataFrame, references: Iterable[str] = REFERENCES,
-            level: float = 0.95, bases: Iterable[str] = BASES) -> pd.DataFrame:
+            level: float = 0.95, bases: Iterable[str] = BASES,
+            fdr_q: float = FDR_Q) -> pd.DataFrame:
     """Paired differences to each reference with ``level`` intervals, on each basis.
 
     One row per (family, label, reference, basis, target_l0), and one per (family, label,
     reference, basis) with ``target_l0`` NaN for the frontier score; columns ``COLUMNS``.
-    ``significant``: the interval excludes 0. Searched proposals count only the replicates
-    that did not choose them (``fresh_replicates``). Empty (with the columns) when no
-    reference has finished rows.
+    ``significant_raw``: the row's own ``level`` interval excludes 0; ``significant``, with
+    ``ci_low`` and ``ci_high``: the call and interval under false-discovery-rate control
+    across every comparison of one basis (raysae.analysis.multiplicity; ``fdr_q``).
+    Searched proposals count only the replicates that did not choose them
+    (``fresh_replicates``). Empty (with the columns) when no reference has finished rows.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie in (0, 1)")
     trials, selection_only = fresh_replicates(trials)
     cells = _cells(trials)
-    rows = []
+    by_basis: dict[str, list[dict]] = {basis: [] for basis in bases}
     for reference in references:
         for basis in bases:
+            rows = by_basis[basis]
             pairs = _pairs(cells, reference, basis)
             for (label, family), g in pairs.groupby(["label", "family"], sort=True):
                 key = {"family": family, "label": label, "reference": reference,
@@ -281,8 +287,10 @@ def compare(trials: pd.DataFrame, references: Iterable[str] = REFERENCES,
                                  "l0_reference": float(tg["l0_reference"].mean())})
                 rows.append({**key, "target_l0": np.nan, **_interval(*_frontier(g), level),
                              "l0_reference": np.nan})
+    rows = [row for family in by_basis.values() for row in control(family, fdr_q)]
     out = pd.DataFrame(rows, columns=list(COLUMNS))
-    return out.astype({"target_l0": float, "significant": bool, "fresh_seeds_only": bool})
+    return out.astype({"target_l0": float, "significant": bool, "significant_raw": bool,
+                       "fresh_seeds_only": bool})
 
 
 def per_seed_table(trials: pd.DataFrame) -> pd.DataFrame:
