@@ -4,10 +4,12 @@ On the lent machine (15 minutes of device time, nothing downloadable), one `run`
 that carries the site archive built here by ``python benchmarks/pack_gpu_site.py``:
 
     run(command="python3 benchmarks/gpu_rehearsal.py --out $OUT",
-        carry=[".gpu_site.tar.xz"], timeout_s=480)
+        carry=[".gpu_site.tar.xz"], timeout_s=420)
 
-It takes about 6 minutes (``--budget-seconds``), which leaves room to rerun it once; give
-the machine back afterwards unless rerunning at once. Everything lands in ``--out``
+It stops itself within ``--budget-seconds`` (330: the search is interrupted when it would run
+past it, and what it reported so far is still summarised), so with the machine's start (a
+few minutes, counted) a rerun still fits in the 15 minutes; give the machine back afterwards
+unless rerunning at once. Everything lands in ``--out``
 (default ``$OUT``, else ./gpu_rehearsal_out): rehearsal.log (what is printed), summary.json,
 search_stdout.log, nvidia_smi.csv, trials.parquet, search.json, cache_manifest.json.
 
@@ -68,6 +70,8 @@ NEEDED = ("ray", "optuna", "transformer_lens", "datasets", "moocore", "zstandard
 TARGETS = (8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 START = time.perf_counter()
 LOG: list[str] = []
+UNPACKED: list[Path] = []
+"""The temporary site folder, removed at the end."""
 
 
 def say(text: str = "") -> None:
@@ -80,12 +84,18 @@ def say(text: str = "") -> None:
 # --- 0. the site of shipped distributions -------------------------------------------------
 
 
+def importable(module: str) -> bool:
+    """A real package (not a same-named folder, e.g. Ray's /tmp/ray, as a namespace)."""
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None
+
+
 def ensure_site(archive: Path) -> Path | None:
     """Unpack ``archive`` when a needed module is missing; returns the site folder (or None
     when nothing had to be unpacked). Children see it through PYTHONPATH."""
     paths = [str(ROOT)]
     site = None
-    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    missing = [m for m in NEEDED if not importable(m)]
     if missing:
         if not archive.exists():
             raise SystemExit(f"{', '.join(missing)} not importable and no {archive.name} here: "
@@ -98,6 +108,7 @@ def ensure_site(archive: Path) -> Path | None:
             else:
                 tar.extractall(folder)  # noqa: S202  (our own archive)
         site = folder / "gpu_site"
+        UNPACKED.append(folder)
         paths.insert(0, str(site))
         say(f"site: {', '.join(missing)} missing; unpacked {archive.name} "
             f"({archive.stat().st_size / 2**20:.1f} MiB) into {site} in "
@@ -110,25 +121,30 @@ def ensure_site(archive: Path) -> Path | None:
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
     importlib.invalidate_caches()
-    still = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    still = [m for m in NEEDED if not importable(m)]
     if still:
         raise SystemExit(f"still not importable after unpacking: {', '.join(still)}")
     return site
 
 
 def check_requirements(site: Path | None) -> list[str]:
-    """The shipped distributions' requirements that what is installed does not meet."""
+    """The shipped distributions' requirements that what is installed does not meet (those
+    the packer left out on purpose, listed in the site's gpu_site.json, excepted)."""
     if site is None:
         return []
-    from packaging.markers import default_environment
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    env = {**default_environment(), "extra": ""}
+    env = {"extra": ""}
+    listing = site / "gpu_site.json"
+    left_out = json.loads(listing.read_text()).get("left_out", {}) if listing.exists() else {}
     problems = []
     for dist in md.distributions(path=[str(site)]):
         for text in dist.requires or []:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            if canonicalize_name(req.name) in left_out:
                 continue
             try:
                 have = md.version(req.name)
@@ -342,6 +358,28 @@ def trials_summary(results: Path, out: Path) -> list[dict]:
             for r in rows]
 
 
+def tune_results(storage: Path) -> list[dict]:
+    """Without trials.parquet (a search stopped at the budget): each Tune trial's last
+    reported row (result.json); a trial still training has only its live tokens/s."""
+    rows = []
+    for path in sorted(storage.glob("*/run_trial_*/result.json")):
+        lines = path.read_text().strip().splitlines()
+        if not lines:
+            continue
+        last = json.loads(lines[-1])
+        rows.append({"stage": path.parent.parent.name.rsplit("_", 1)[-1],
+                     "label": last.get("label"),
+                     "status": "finished" if "train_seconds" in last else "stopped",
+                     "tokens_seen": last.get("tokens_seen", 0),
+                     "train_tokens_per_second": last.get("train_tokens_per_second",
+                                                         last.get("tokens_per_second")),
+                     **{k: last[k] for k in ("train_seconds", "eval_seconds", "setup_seconds")
+                        if k in last}})
+    if rows:
+        say("no trials.parquet: the trials' own Tune results instead")
+    return rows
+
+
 def print_summary(summary: dict) -> None:
     say("=== summary ===")
     env = summary["environment"]
@@ -358,13 +396,16 @@ def print_summary(summary: dict) -> None:
     say(f"trials under Tune ({len(trials)}):")
     say(f"  {'stage':<7}{'label':<22}{'status':<10}{'tokens':>10}{'train tok/s':>13}"
         f"{'train s':>9}{'eval s':>8}{'setup s':>9}")
-    nan = float("nan")
+    def num(t: dict, key: str, fmt: str) -> str:
+        v = t.get(key)
+        return "-" if v is None or v != v else format(v, fmt)
+
     for t in trials:
         say(f"  {t.get('stage', ''):<7}{str(t.get('label', ''))[:21]:<22}"
-            f"{str(t.get('status', '')):<10}{t.get('tokens_seen', 0):>10,.0f}"
-            f"{t.get('train_tokens_per_second', nan):>13,.0f}"
-            f"{t.get('train_seconds', nan):>9.1f}{t.get('eval_seconds', nan):>8.1f}"
-            f"{t.get('setup_seconds', nan):>9.1f}")
+            f"{str(t.get('status', '')):<10}{num(t, 'tokens_seen', ',.0f'):>10}"
+            f"{num(t, 'train_tokens_per_second', ',.0f'):>13}"
+            f"{num(t, 'train_seconds', '.1f'):>9}{num(t, 'eval_seconds', '.1f'):>8}"
+            f"{num(t, 'setup_seconds', '.1f'):>9}")
     g = summary.get("gpu_utilisation")
     say("GPU utilisation: " + (f"{g['samples']} samples, mean {g['mean']:.0f}%, p50 {g['p50']:.0f}%"
                                f", p90 {g['p90']:.0f}%, memory max {g['memory_max_mib']:.0f} MiB"
@@ -390,7 +431,7 @@ def print_summary(summary: dict) -> None:
 # --- main -----------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_out = os.environ.get("OUT") or "gpu_rehearsal_out"
     parser.add_argument("--out", type=Path, default=Path(default_out),
@@ -402,23 +443,46 @@ def main() -> int:
                              "default local model (no --model; ~3 min to build once)")
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="the whole rehearsal's time; the search is stopped so that the "
-                             "summary still fits (default: 360; --cpu: 1800)")
+                             "summary still fits (default: 330; --cpu: 1800)")
     parser.add_argument("--cache-tokens", type=int, default=None,
                         help="activation rows harvested (GPU default 1048576)")
     parser.add_argument("--total-tokens", type=int, default=None,
                         help="training tokens per SAE (GPU default 6291456)")
     parser.add_argument("--work", type=Path, default=None,
                         help="scratch folder (checkpoint, cache, Tune storage; default: temp)")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    try:
+        rehearse(args, summary)
+    except BaseException as err:  # noqa: BLE001  (whatever stops it, the files are written)
+        summary["error"] = "".join(traceback.format_exception(err))
+        say(f"FAILED: {type(err).__name__}: {err}")
+    finally:
+        summary["seconds"] = round(time.perf_counter() - START, 1)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        say(f"wrote {args.out}: summary.json, rehearsal.log, search_stdout.log, ...")
+        (args.out / "rehearsal.log").write_text("\n".join(LOG) + "\n")
+        for folder in UNPACKED:
+            shutil.rmtree(folder, ignore_errors=True)
+    ok = "error" not in summary and summary.get("search_exit") == 0 and bool(summary["trials"])
+    if args.work is None and ok and summary.get("work"):
+        shutil.rmtree(summary["work"], ignore_errors=True)
+    return 0 if ok else 1
+
+
+def rehearse(args: argparse.Namespace, summary: dict) -> None:
     site = ensure_site(ARCHIVE)
     import torch  # after the site: nothing raysae needs is imported before it
 
     if not torch.cuda.is_available() and not args.cpu:
         say("no CUDA device: running the CPU rehearsal (--cpu)")
         args.cpu = True
-    budget = args.budget_seconds or (1800.0 if args.cpu else 360.0)
+    budget = args.budget_seconds or (1800.0 if args.cpu else 330.0)
     work = args.work or Path(tempfile.mkdtemp(prefix="raysae-gpu-rehearsal-"))
     work.mkdir(parents=True, exist_ok=True)
     cache_root = work / "raysae-cache"
@@ -427,8 +491,8 @@ def main() -> int:
            "RAYSAE_RAY_ADDRESS": "", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     os.environ.update({k: env[k] for k in ("RAYSAE_CACHE_DIR", "HF_HUB_OFFLINE",
                                            "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")})
-    summary: dict = {"mode": "cpu" if args.cpu else "gpu", "work": str(work),
-                     "environment": environment(site)}
+    summary.update(mode="cpu" if args.cpu else "gpu", work=str(work),
+                   environment=environment(site))
     e = summary["environment"]
     say(f"mode {summary['mode']}: python {e['python']}, torch {e['torch']}, "
         f"{e.get('gpu', 'no GPU')}, ray {e['ray']}, work folder {work}")
@@ -469,11 +533,12 @@ def main() -> int:
     (args.out / "search_command.txt").write_text(" ".join(cmd) + "\n")
     say("search: " + " ".join(cmd[1:]))
     sampler = None if args.cpu else GpuSampler(args.out / "nvidia_smi.csv")
-    deadline = START + budget - 30
-    code, seconds = run_search(cmd, env, args.out / "search_stdout.log", deadline)
-    samples = sampler.stop() if sampler else []
-    summary.update(search_exit=code, search_seconds=round(seconds, 1),
-                   search_command=cmd)
+    try:
+        code, seconds = run_search(cmd, env, args.out / "search_stdout.log",
+                                   deadline=START + budget - 30)
+    finally:
+        samples = sampler.stop() if sampler else []
+    summary.update(search_exit=code, search_seconds=round(seconds, 1), search_command=cmd)
     if samples:
         util = [u for u, _ in samples]
         summary["gpu_utilisation"] = {
@@ -486,20 +551,12 @@ def main() -> int:
     # 4. the summary
     results = work / "results"
     summary["harvest"] = harvest_summary(cache_root, args.out)
-    summary["trials"] = trials_summary(results, args.out)
+    summary["trials"] = trials_summary(results, args.out) or tune_results(work / "tune")
     search_json = results / "search.json"
     if search_json.exists():
         shutil.copy(search_json, args.out / "search.json")
         summary["provenance"] = json.loads(search_json.read_text()).get("provenance")
     print_summary(summary)
-    summary["seconds"] = round(time.perf_counter() - START, 1)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (args.out / "rehearsal.log").write_text("\n".join(LOG) + "\n")
-    say(f"wrote {args.out}/summary.json, rehearsal.log, search_stdout.log")
-    ok = code == 0 and bool(summary["trials"])
-    if args.work is None and ok:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Run it HERE (PyPI is reachable from this machine; nothing is from the GPU machin
 4. unpacks each wheel into a temporary site folder (wheels are zip files: this venv's
    Python 3.11 pip would refuse cp312 wheels), keeping the files' mode bits (Ray's raylet
    and gcs_server are executables), and deletes what raysae never uses (``prune``);
-5. writes ``.gpu_site.tar.xz`` at the repository root (one folder, ``gpu_site/``) and
+5. writes ``.gpu_site.tar.xz`` at the repository root (one folder, ``gpu_site/``, with
+   ``gpu_site/gpu_site.json``: what it holds and what was left out, for the rehearsal) and
    ``.gpu_site.json`` beside it (the list, sizes, total, date), prints a table, and exits 1
    when the archive exceeds ``--limit-mib`` (60 MiB: the run tool carries at most 64 MiB,
    the working tree included).
@@ -359,6 +360,11 @@ def main() -> int:
             rows.append({"name": name, "version": wanted[name], "version_from": sources[name],
                          "wheel": wheels[name].name, "unpacked_bytes": size,
                          "needed_by": sorted(p or "raysae" for p in parents[name])})
+        left = {n: NOT_SHIPPED.get(n, "needed only through a left-out distribution")
+                for n in sorted(left_out)}
+        shipped = {r["name"]: r["version"] for r in rows}
+        (site / "gpu_site.json").write_text(json.dumps(  # read by gpu_rehearsal.py
+            {"image_date": IMAGE_DATE, "distributions": shipped, "left_out": left}, indent=1))
         total_unpacked = tree_size(site)
         print(f"writing {args.out} (xz -{args.xz_preset}, {mib(total_unpacked)} unpacked) ...",
               flush=True)
@@ -394,8 +400,7 @@ def main() -> int:
         "archive": args.out.name, "archive_bytes": archive, "unpacked_bytes": total_unpacked,
         "limit_bytes": int(args.limit_mib * 2**20), "fits": fits, "xz_preset": args.xz_preset,
         "distributions": sorted(rows, key=lambda r: r["name"]),
-        "left_out": {n: NOT_SHIPPED.get(n, "needed only through a left-out distribution")
-                     for n in sorted(left_out)},
+        "left_out": left,
         "missing": notes, "cannot_fit": cannot_fit, "pruned": removed,
     }
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,8 +7,6 @@ covers the true difference in at least 0.93 of them (0.95 less 3 standard errors
 unequal seed variances give 0.98, the t interval's known conservatism there). A scenario
 under 0.93 would make the intervals wider (raysae.analysis.confidence) until it passed;
 none is (each test's docstring gives its coverage, seed 7)."""
-LOW, HIGH = 0.93, 0.99
-
 import math
 
 import numpy as np
@@ -19,6 +17,7 @@ from raysae.analysis.confidence import _interval
 from raysae.analysis.multiplicity import control, critical, p_value
 
 RUNS, SEEDS, BLOCKS = 1000, 4, 64
+LOW, HIGH = 0.93, 0.99
 
 
 def _row(label, reference, target, d, blocks=None):
