@@ -163,9 +163,10 @@ class TrainConfig:
     compile: Literal["off", "on"] = "off"
     """Compile the dense step's forward, its loss terms and its backward with
     torch.compile (Inductor), once per trial process (its seconds reported as
-    ``compile_seconds``): 'on', or 'off' (eager, the reference in tests). Off by default:
-    on 2 CPU cores compiling costs more than a trial of the local default saves
-    (benchmarks/compile_check.py), and on a GPU it is unmeasured yet."""
+    ``compile_seconds``): 'on', or 'off' (eager, the reference in tests). The relu sparse
+    step is never compiled (on a CPU pair 'on' with --sparse-step off). Off by default:
+    benchmarks/compile_check.py found it faster for the relu kinds but slower for TopK,
+    BatchTopK and JumpReLU on 2 CPU cores, and it is not yet measured on a GPU."""
     tf32: bool = True
     """Let CUDA matmuls use TF32 (Ampere and later) during training steps; no effect on
     CPU. Evaluation (spliced CE) always runs at full fp32."""
