@@ -33,8 +33,10 @@ def test_rung_settings_are_checked_and_give_the_stage_its_rungs():
     with pytest.raises(SettingError, match="pareto"):
         SearchConfig(rung=0.125, objective="pareto", lambda_mode="search")
     search = SearchConfig(rung=0.125, rung_trace=(0.5, 0.0625))
-    assert stage_rung_tokens(search, 500_000) == (31_250, 62_500, 250_000)
-    assert stage_rung_tokens(SearchConfig(rung=0.0), 500_000) == ()
+    # the end of the first step at or after each fraction (batch 512): what the ladder sees
+    assert stage_rung_tokens(search, 500_000, 512) == (62 * 512, 123 * 512, 489 * 512)
+    assert stage_rung_tokens(search, 500_000, 250) == (31_250, 62_500, 250_000)
+    assert stage_rung_tokens(SearchConfig(rung=0.0), 500_000, 512) == ()
 
 
 def test_asha_is_built_only_for_a_stage_with_rungs():
@@ -43,7 +45,7 @@ def test_asha_is_built_only_for_a_stage_with_rungs():
                      targets=(8.0,), rung_tokens=(10_000,))
     asha_search = SearchConfig(rung=0.125, promote=0)
     asha = rung_scheduler(asha_search, spec)
-    assert [m for m, _ in asha._brackets[0]._rungs][-1] == 10_000  # the first milestone
+    assert [m for m, _ in asha._brackets[0]._rungs][-1] == 20 * 512  # the first milestone
     assert asha._reduction_factor == 8 and asha._time_attr == "tokens_seen"
     assert asha._max_t == 80_000 and asha._metric == RUNG_METRIC
     assert rung_scheduler(SearchConfig(rung=0.0, promote=0), spec) is None  # off
@@ -59,9 +61,10 @@ def test_the_policy_follows_rung_and_promote():
     assert rung_policy(SearchConfig(promote=0)) == ASHA
     assert rung_policy(SearchConfig(rung=0.0)) == NO_RUNG
     assert rung_policy(SearchConfig(num_trials=2, promote=2)) == NO_RUNG
-    assert halving_stop(SearchConfig(rung=0.125), 80_000) == 10_000
-    assert halving_stop(SearchConfig(rung=0.125, promote=0), 80_000) == 0
-    assert stage_rung_tokens(SearchConfig(num_trials=1), 80_000) == ()
+    assert halving_stop(SearchConfig(rung=0.125), 80_000, 1000) == 10_000
+    assert halving_stop(SearchConfig(rung=0.125), 80_000, 3000) == 12_000
+    assert halving_stop(SearchConfig(rung=0.125, promote=0), 80_000, 1000) == 0
+    assert stage_rung_tokens(SearchConfig(num_trials=1), 80_000, 1000) == ()
     with pytest.raises(SettingError, match="promote"):
         SearchConfig(promote=-1)
 

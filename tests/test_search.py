@@ -198,7 +198,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
     plan = make_plan("r5", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=5,
                      seeds=0, baselines=(), rung=0.25, promote=0, max_concurrent=1)
     plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
-    spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(plan.search, 512 * 40))
+    spec = dataclasses.replace(spec, rung_tokens=stage_rung_tokens(plan.search, 512 * 40, 512))
     grid = make_tuner(plan, Stage.SEARCH, spec, (), 1, resume=False).fit()
     searched = results_frame(grid, "r5_search").assign(stage="search")
     assert len(searched) == 5 and set(searched["status"]) <= {"finished", "stopped"}
@@ -229,7 +229,9 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
 def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_dir, tiny_cache,
                                                                    tmp_path):
     """The default policy (``promote`` K): all five proposals end at the rung (status
-    stopped, scored there; Optuna takes the rung score as their value), the K = 2 best there
+    stopped, scored there, at the step that reaches it (step 6 of 40, between logging steps
+    10 and 20): the tokens recorded are the tokens seen; Optuna takes the rung score as
+    their value), the K = 2 best there
     are retrained to the full budget in stage ``promote`` (seed 0, the same trajectory up
     to the rung), and the better of those is the one the confirmation retrains, judged on
     its fresh seed only."""
@@ -237,14 +239,14 @@ def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_di
 
     spec = _spec(tiny_model_dir, tiny_cache, lambda_mode="control", targets=(8.0,))
     plan = make_plan("h5", str(tmp_path / "tune"), spec, targets=(8.0,), num_trials=5,
-                     seeds=2, confirm_best=1, baselines=(), rung=0.25, promote=2)
+                     seeds=2, confirm_best=1, baselines=(), rung=0.15, promote=2)
     plan = dataclasses.replace(plan, results=str(tmp_path / "results"))
     out = run_search(plan, tmp_path / "results")
     trials = pd.read_parquet(out / "trials.parquet")
     searched = trials[trials["stage"] == "search"]
     assert len(searched) == 5 and set(searched["status"]) == {"stopped"}
-    assert (searched["rung_tokens"] == 5120).all() and searched["rung_objective"].notna().all()
-    assert (searched["tokens_seen"] < 512 * 40).all()
+    assert (searched["rung_tokens"] == 6 * 512).all() and searched["rung_objective"].notna().all()
+    assert (searched["tokens_seen"] == searched["rung_tokens"]).all()
     promoted = trials[trials["stage"] == "promote"]
     assert set(promoted["status"]) == {"finished"} and (promoted["tokens_seen"] == 512 * 40).all()
     best_at_rung = searched.nsmallest(2, "rung_objective")

@@ -21,28 +21,32 @@ from raysae.core.outcome import TrainResult
 from raysae.core.transfer import device_batches
 
 OnLog = Callable[[list[dict[str, float]], LadderTrainer], None]
+OnStep = Callable[[LadderTrainer], None]
 
 
 def drive(trainer: LadderTrainer, batches: Iterable[torch.Tensor],
-          on_log: OnLog | None = None) -> list[TrainResult]:
-    """Step ``trainer`` until done, handing every logging step's member rows to ``on_log``;
-    one result per member. On CUDA each batch's copy overlaps the step before it
-    (core/transfer.py)."""
+          on_log: OnLog | None = None, on_step: OnStep | None = None) -> list[TrainResult]:
+    """Step ``trainer`` until done, handing the trainer to ``on_step`` after every step (a
+    host-side check, e.g. a rung at a token count) and then every logging step's member rows
+    to ``on_log``; one result per member. On CUDA each batch's copy overlaps the step before
+    it (core/transfer.py)."""
     for x in device_batches(batches, trainer.device):
         if trainer.done:
             break
         logged = trainer.step(x)
+        if on_step is not None:  # first: a rung's report precedes the logging step's
+            on_step(trainer)
         if logged is not None and on_log is not None:
             on_log(logged, trainer)
     return trainer.result()
 
 
 def train_ladder(cfg: TrainConfig, targets: Sequence[float], batches: Iterable[torch.Tensor],
-                   *, trainer: LadderTrainer | None = None, on_log: OnLog | None = None
-                   ) -> list[TrainResult]:
+                 *, trainer: LadderTrainer | None = None, on_log: OnLog | None = None,
+                 on_step: OnStep | None = None) -> list[TrainResult]:
     """Train the ladder (one member per target L0) until ``cfg.total_tokens`` or every member
     diverged."""
-    return drive(trainer or LadderTrainer(cfg, targets), batches, on_log)
+    return drive(trainer or LadderTrainer(cfg, targets), batches, on_log, on_step)
 
 
 def ladder_of_one(cfg: TrainConfig) -> LadderTrainer:

@@ -83,26 +83,30 @@ def rung_scheduler(search, spec) -> ASHAScheduler | None:
     rung = search.rung
     if rung_policy(search) != ASHA or not spec.rung_tokens:
         return None
-    total = spec.train.total_tokens
+    total, batch = spec.train.total_tokens, spec.train.batch_size
     return ASHAScheduler(time_attr=RUNG_TIME, metric=RUNG_METRIC, mode="min", max_t=total,
-                         grace_period=rung_tokens(rung, total), reduction_factor=1 / rung,
+                         grace_period=rung_tokens(rung, total, batch), reduction_factor=1 / rung,
                          stop_last_trials=False)
 
 
-def rung_tokens(fraction: float, total_tokens: int) -> int:
-    """The token count of a rung at ``fraction`` of the budget."""
-    return max(int(round(fraction * total_tokens)), 1)
+def rung_tokens(fraction: float, total_tokens: int, batch_size: int) -> int:
+    """The token count of a rung at ``fraction`` of the budget: the end of the first step at
+    or after it, so the tokens a rung records are the tokens its ladder has seen."""
+    steps = max(math.ceil(round(fraction * total_tokens, 6) / batch_size), 1)
+    return steps * batch_size
 
 
-def stage_rung_tokens(search, total_tokens: int) -> tuple[int, ...]:
+def stage_rung_tokens(search, total_tokens: int, batch_size: int) -> tuple[int, ...]:
     """The search stage's rungs: ``search.rung`` (unless the policy is NO_RUNG) and
     ``search.rung_trace``."""
     rung = search.rung if rung_policy(search) != NO_RUNG else 0
     fractions = sorted({f for f in (rung, *search.rung_trace) if f})
-    return tuple(rung_tokens(f, total_tokens) for f in fractions)
+    return tuple(sorted({rung_tokens(f, total_tokens, batch_size) for f in fractions}))
 
 
-def halving_stop(search, total_tokens: int) -> int:
+def halving_stop(search, total_tokens: int, batch_size: int) -> int:
     """Under successive halving, the tokens at which every proposal ends (its rung scored);
     0 otherwise (TrialSpec.stop_tokens)."""
-    return rung_tokens(search.rung, total_tokens) if rung_policy(search) == HALVING else 0
+    if rung_policy(search) != HALVING:
+        return 0
+    return rung_tokens(search.rung, total_tokens, batch_size)

@@ -174,10 +174,10 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
     """Optuna's proposals: the search stage and, under successive halving, the promotion
     of the best at the rung to the full budget (``spec``: the references' zero point set).
     Returns (their tables, the one the best proposals are chosen from)."""
-    total = spec.train.total_tokens
-    stop = halving_stop(plan.search, total)
+    total, batch = spec.train.total_tokens, spec.train.batch_size
+    stop = halving_stop(plan.search, total, batch)
     searched = fit_stage(plan, Stage.SEARCH, replace(
-        spec, rung_tokens=stage_rung_tokens(plan.search, total), stop_tokens=stop), (), 1,
+        spec, rung_tokens=stage_rung_tokens(plan.search, total, batch), stop_tokens=stop), (), 1,
         resume, fetch_to)
     if not stop:
         return [searched], searched

@@ -50,5 +50,5 @@ class RungScorer:
             self.evaluator = heldout(self.spec, self.cfg)
         value = rung_score(self.spec, self.cfg, trainer.result(), self.evaluator)
         self.seconds += time.monotonic() - start
-        return {RUNG_METRIC: value, "rung_tokens": passed[-1],
-                "eval_seconds": self.seconds}
+        return {RUNG_METRIC: value, "rung_tokens": trainer.tokens, "rung_fraction":
+                trainer.tokens / self.cfg.total_tokens, "eval_seconds": self.seconds}

@@ -207,16 +207,14 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     rungs = RungScorer(spec, cfg, trainer.tokens)
 
     def on_log(rows: list[dict[str, float]], live: LadderTrainer) -> None:
-        """Every logging step: report to Tune when a rung is scored, a checkpoint is due,
-        or ``report_seconds`` have passed since the last report (wall time decides only
-        what Tune hears; what is trained never depends on it)."""
+        """Every logging step: report to Tune when a checkpoint is due or
+        ``report_seconds`` have passed since the last report (wall time decides only what
+        Tune hears; what is trained never depends on it)."""
         if not rows:
             return
-        now, scoring = time.monotonic(), rungs.due(live)
-        halt = scoring and bool(spec.stop_tokens) and live.tokens >= spec.stop_tokens
-        due = (now - written["at"] >= spec.run.checkpoint_seconds and not live.done
-               and not halt)
-        if scoring or due or now - written["reported"] >= spec.run.report_seconds:
+        now = time.monotonic()
+        due = now - written["at"] >= spec.run.checkpoint_seconds and not live.done
+        if due or now - written["reported"] >= spec.run.report_seconds:
             row = _mean_row(rows)
             rate = dashboard.record(row)  # tokens/s since the previous report
             if rate is not None:
@@ -224,21 +222,33 @@ def _train_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             out = {**base, **row, "objective": float("nan"), "ce_sae": float("nan"),
                    "status": Status.RUNNING, "checkpoint_bytes": written["bytes"],
                    "ladder": ladder_scalars(rows)}
-            if scoring:  # scored mid-training; ASHA may stop the trial at this report
-                out.update(rungs.score(live), setup_seconds=started - entered,
-                           train_seconds=time.monotonic() - started - rungs.seconds)
             written["bytes"] += _report(out, live if due else None)
             written["reported"] = time.monotonic()
             if due:
                 written["at"] = written["reported"]
-        if halt:  # successive halving: this proposal's rung is its whole life here
-            raise _EndAtRung
         _maybe_inject_failure(spec, live.step_count)
+
+    def on_step(live: LadderTrainer) -> None:
+        """After every step: a rung passed is scored there, at the tokens the ladder has
+        seen, and reported (ASHA may stop the trial at that report; under successive
+        halving its rung ends it)."""
+        if not rungs.due(live):
+            return
+        out = {**base, "step": live.step_count, "tokens_seen": live.tokens,
+               "objective": float("nan"), "ce_sae": float("nan"), "status": Status.RUNNING,
+               "checkpoint_bytes": written["bytes"], **rungs.score(live),
+               "setup_seconds": started - entered}
+        out["train_seconds"] = time.monotonic() - started - rungs.seconds
+        _report(out)
+        written["reported"] = time.monotonic()
+        if spec.stop_tokens and live.tokens >= spec.stop_tokens:
+            raise _EndAtRung  # successive halving: this proposal's rung is its whole life
 
     batches = _activation_batches(spec, cfg, trainer.tokens, cfg.seed)
     started, first_token = time.monotonic(), trainer.tokens
     try:
-        results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log)
+        results = train_ladder(cfg, trainer.targets, batches, trainer=trainer, on_log=on_log,
+                               on_step=on_step)
     except _EndAtRung:
         return
     trained = time.monotonic()
