@@ -227,7 +227,7 @@ def test_search_stage_stops_proposals_at_the_rung(tiny_model_dir, tiny_cache, tm
 
 
 def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_dir, tiny_cache,
-                                                                   tmp_path):
+                                                                   tmp_path, capsys):
     """The default policy (``promote`` K): all five proposals end at the rung (status
     stopped, scored there, at the step that reaches it (step 6 of 40, between logging steps
     10 and 20): the tokens recorded are the tokens seen; Optuna takes the rung score as
@@ -265,6 +265,13 @@ def test_successive_halving_trains_the_best_at_the_rung_to_the_end(tiny_model_di
     assert len(mine) and mine["fresh_seeds_only"].all() and (mine["n_seeds"] == 1).all()
     spent = json.loads((out / "search.json").read_text())["provenance"]["core_seconds"]
     assert {"search", "promote", "confirm"} <= set(spent)
+    # `raysae export` on a halving search's results: the stopped proposals keep no SAE
+    from raysae import cli
+
+    assert cli.main(["export", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"exported {len(trials) - 5} SAEs" in printed
+    assert "skipped 5 proposals stopped at their rung" in printed
 
 
 def _restart_plan(tiny_model_dir, tiny_cache, storage, every, **fault):

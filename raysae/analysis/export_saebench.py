@@ -74,7 +74,7 @@ FORMATS = ("saebench",)
 EXPORT_DIR = "export"
 """Under the results folder: the default home of every export, one folder per format."""
 EVAL_TYPE_ID = "core"
-NOT_SAVED = (Status.ERROR, Status.DIVERGED)
+NOT_SAVED = (Status.ERROR, Status.DIVERGED, Status.STOPPED)
 """Trial statuses whose SAE was never saved: no JSON for them."""
 
 
@@ -116,6 +116,12 @@ _COMPUTE_FLAGS = {"compute_ce_loss": "model_performance_preservation",
 _ROW_FIELDS = ("trial_id", "experiment", "stage", "tune_trial_id", "member", "family", "label",
                "penalty", "kind", "target_l0", "seed", "lam", "status", "steps",
                "tokens_seen", "feature_tokens")
+
+
+def skipped_proposals(results_dir: str | os.PathLike) -> int:
+    """Proposals of a multi-fidelity search that ended at their rung (no SAE to export)."""
+    trials = contract.read_trials(Path(results_dir))
+    return int((trials["status"] == Status.STOPPED).sum())  # one row each: no ladder
 
 
 def export_results(results_dir: str | os.PathLike, out: str | os.PathLike | None = None,

@@ -3,7 +3,12 @@ SAEBench core-eval JSON, its SAELens folder copied beside it."""
 
 from __future__ import annotations
 
-from raysae.analysis.export_saebench import EXPORT_DIR, FORMATS, export_results
+from raysae.analysis.export_saebench import (
+    EXPORT_DIR,
+    FORMATS,
+    export_results,
+    skipped_proposals,
+)
 
 
 def add_export_parser(subparsers) -> None:
@@ -24,4 +29,9 @@ def export_command(args) -> int:
     out, names = export_results(args.results_dir, args.out, args.fmt)
     print(f"exported {len(names)} SAE{'s' * (len(names) != 1)} to {out} ({args.fmt}: "
           f"<name>.json + <name>/ in SAELens layout each)")
+    stopped = skipped_proposals(args.results_dir)
+    if stopped:
+        print(f"skipped {stopped} proposal{'s' * (stopped != 1)} stopped at their rung: a "
+              "multi-fidelity search keeps no SAE of them (their rung score is in "
+              "trials.parquet)")
     return 0

@@ -157,9 +157,11 @@ class SearchConfig:
     """Optuna's sampler of the proposals: tpe (TPESampler, its random start-up a third of
     ``num_trials``, at least 2), gp (GPSampler, a Gaussian process, same start-up), qmc
     (QMCSampler: scrambled Sobol points, no model). Seeded from the search's seed."""
-    seeds: int = 3
+    seeds: int = 4
     """Confirmation stage: retrain the best proposals and the references with this many
-    seeds in all (paired: same init and data order per seed); 0 or 1 turns it off."""
+    seeds in all (paired: same init and data order per seed), so a searched winner is
+    judged on seeds - 1 fresh seeds (3 by default: the replicate that chose it never
+    counts); 0 or 1 turns it off."""
     confirm_best: int = 1
     """How many of the best proposals (by the search objective) the confirmation retrains."""
     budget_check: float = 0.0
