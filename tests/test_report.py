@@ -264,3 +264,32 @@ def test_stopped_proposals_are_counted_apart_from_failures(tmp_path):
     text = report.write_report(root).read_text()
     assert "3 diverged or errored" in text
     assert "1 proposals stopped at their rung" in text
+
+
+def test_a_small_job_makes_its_claims_on_matched_l0(tiny_model_dir, ray_local, tmp_path):
+    """End to end, the basis the claims use: a job with a 2-rung ladder and 2 paired seeds
+    writes matched-L0 comparisons (each label's CE read at the reference's achieved L0),
+    under false-discovery-rate control, and the report's claims are those rows."""
+    from raysae.analysis import claims
+    from raysae.results import contract
+
+    args = ["search", "--model", str(tiny_model_dir), "--hook", "blocks.0.hook_resid_post",
+            "--context-length", "32", "--targets", "4", "16", "--num-trials", "1",
+            "--rung", "0", "--seeds", "2", "--baselines", "topk", "--max-concurrent", "2",
+            "--total-tokens", "61440", "--cache-tokens", "61440", "--batch-size", "256",
+            "--eval-blocks", "8",
+            "--storage", str(tmp_path / "tune"), "--results", str(tmp_path / "results")]
+    assert cli.main(args) == 0
+    out = tmp_path / "results"
+    comparisons = contract.read_comparisons(out)
+    matched = comparisons[comparisons["basis"] == "matched_l0"]
+    assert len(matched) and (matched["n_seeds"] <= 2).all() and (matched["n_seeds"] == 2).any()
+    called = matched[matched["interval"].isin(["seeds", "seeds+blocks"])]
+    assert called["ci_level"].notna().all() and called["p_value"].between(0, 1).all()
+    widened = called["ci_high"] - called["ci_low"] >= called["ci_high_raw"] - called["ci_low_raw"]
+    assert widened.all()
+    rows = claims.claim_rows(comparisons)
+    assert set(rows["basis"]) == {"matched_l0"} and len(rows) == len(
+        matched[matched["budget"] == 1.0])
+    page = (out / "report.html").read_text()
+    assert "sqrt vs L1</b> at each target" in page
