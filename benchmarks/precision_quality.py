@@ -3,7 +3,8 @@
     python benchmarks/precision_quality.py [--seeds 0 1 2 3] [--targets 16 64] [--label sqrt]
 
 The local default job (its model, cache, budget and recipe), one reference penalty's ladder
-at ``--targets``, trained by a trial's own code path (its TrialSpec, TrainConfig, cache
+at ``--targets``, every step dense so that the bf16 run is bf16 throughout, trained by a
+trial's own code path (its TrialSpec, TrainConfig, cache
 reader, LadderTrainer and held-out evaluation, without Ray) once with
 ``autocast_bf16 = "off"`` and once with ``"on"`` for each seed: the same initialisation and
 data order, so the difference of each pair is the precision's alone. Prints held-out CE and
@@ -27,8 +28,11 @@ from raysae.search.space import reference_configs, reference_points
 
 
 def with_precision(spec, bf16: str):
-    """The spec whose trials train with ``autocast_bf16 = bf16``."""
-    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, autocast_bf16=bf16))
+    """The spec whose trials train with ``autocast_bf16 = bf16``, every step dense
+    (``sparse_step off``): on a CPU, "auto" would switch to the relu sparse step, which runs
+    outside autocast, after the first logging step, and most of a "bf16" run would be fp32."""
+    return dataclasses.replace(spec, train=dataclasses.replace(
+        spec.train, autocast_bf16=bf16, sparse_step="off"))
 
 
 def main() -> None:
