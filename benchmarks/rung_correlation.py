@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from raysae.search.multifidelity import rung_tokens
+
 RUNGS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
@@ -65,14 +67,18 @@ def heldout_score(rows: list[dict], tokens: float) -> float:
     if tokens >= max((r.get("tokens_seen", 0) for r in rows), default=0):
         final = [r for r in rows if math.isfinite(r.get("objective", math.nan))]
         return final[-1]["objective"] if final else math.nan
-    near = [r for r in scored if abs(r["rung_tokens"] - tokens) <= 0.01 * tokens]
+    # A rung is scored after the first step that reaches its fraction of the budget, and
+    # records the tokens it had seen: the traced rung for ``tokens`` is the first at or after.
+    near = sorted((r for r in scored if r["rung_tokens"] >= tokens),
+                  key=lambda r: r["rung_tokens"])
     return near[0]["rung_objective"] if near else math.nan
 
 
 SCORES = {"heldout": heldout_score, "train_fvu": rung_score}
 
 
-def table(trials: pd.DataFrame, total: float, n_boot: int, seed: int) -> pd.DataFrame:
+def table(trials: pd.DataFrame, total: float, batch: int, n_boot: int,
+          seed: int) -> pd.DataFrame:
     searched = trials[trials["stage"] == "search"].drop_duplicates("tune_trial_id")
     searched = searched[searched["status"] == "finished"]
     final = searched["trial_objective"].to_numpy()
@@ -93,7 +99,8 @@ def table(trials: pd.DataFrame, total: float, n_boot: int, seed: int) -> pd.Data
                 boots.append(stats.spearmanr(score[pick], final[pick]).statistic)
         lo, hi = np.nanpercentile(boots, [2.5, 97.5])
         order = np.argsort(np.where(ok, score, np.inf))
-        out.append({"score": name, "rung": frac, "tokens": int(frac * total),
+        out.append({"score": name, "rung": frac,
+                    "tokens": rung_tokens(frac, int(total), batch) if frac < 1 else int(total),
                     "proposals": int(ok.sum()), "spearman": rho, "ci_low": lo, "ci_high": hi,
                     "best_kept_top_third": bool(best in order[: math.ceil(ok.sum() / 3)]),
                     "best_kept_top_eighth": bool(best in order[: math.ceil(ok.sum() / 8)]),
@@ -116,7 +123,8 @@ def main() -> None:
         run_search(args.results, args.proposals)
     trials = pd.read_parquet(trials_file)
     settings = json.loads((args.results / "analysis" / "search.json").read_text())["settings"]
-    df = table(trials, float(settings["train"]["total_tokens"]), args.boot, 0)
+    df = table(trials, float(settings["train"]["total_tokens"]),
+               int(settings["train"]["batch_size"]), args.boot, 0)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"final objective across proposals: sd {df.attrs['objective_sd']:.4f}, range "
           f"{df.attrs['objective_range']:.4f} nats (seed noise at L0 8: 0.03-0.04)")
