@@ -25,7 +25,11 @@ has the provider terminate the worker node running a trial that has a checkpoint
 a cloud console or a spot interruption would; see PROVIDER): the autoscaler launches a
 replacement, and Tune retries the trial from its checkpoint. Both fault scenarios train
 longer and checkpoint every few seconds, so the fault lands mid-trial; what the driver had
-seen before the fault goes into the summary.
+seen before the fault goes into the summary. ``keep-nodes`` and ``lose-nodes`` run a search
+whose promotion keeps one worker busy for longer than the autoscaler's idle timeout (30 s
+here) between stages that use both: with the driver holding the cluster's size (the
+default) no worker is removed until the search ends, and then both go; ``lose-nodes`` runs
+it with --no-keep-nodes, where the idle worker is removed and another launched later.
 
 Everything runs with RAY_TMPDIR (and --temp-dir) set to a private folder, which also marks
 every process this rehearsal starts: they are stopped by that mark (SIGTERM, then SIGKILL),
@@ -62,7 +66,16 @@ MAX_WORKERS = 2
 OBJECT_STORE = 100 * 1024**2
 JOB_NAME = "exponent_search"
 TAIL = 8000
-SCENARIOS = ("plain", "live", "fault-baseline", "driver-kill", "worker-kill")
+SCENARIOS = ("plain", "live", "fault-baseline", "driver-kill", "worker-kill", "keep-nodes",
+             "lose-nodes")
+STAGED_ARGS = ["--total-tokens", "262144", "--expansion", "2", "--log-every", "4",
+               "--num-trials", "2", "--promote", "1", "--rung", "0.25", "--seeds", "2"]
+"""keep-nodes / lose-nodes: a search whose stages need different node counts (references
+on both workers, one promoted proposal for a minute on one, the confirmation on both again),
+under an idle timeout (IDLE_MINUTES) shorter than the promotion."""
+IDLE_MINUTES = 0.5
+RELEASE_WAIT_S = 150
+"""keep-nodes: how long to wait after the job for the released workers to be removed."""
 FAULT_ARGS = ["--total-tokens", "131072", "--expansion", "2", "--log-every", "4",
               "--checkpoint-seconds", "4", "--max-failures", "3"]
 """Fault scenarios: trials of ~128 steps with a checkpoint every ~4 s, so a fault lands
@@ -103,15 +116,17 @@ def write_corpus(folder: str | os.PathLike, n_files: int = 10, docs_per_file: in
     return folder
 
 
-def autoscaler_config(gcs_address: str, terminate_dir: Path | None = None) -> dict:
+def autoscaler_config(gcs_address: str, terminate_dir: Path | None = None,
+                      idle_minutes: float = 60) -> dict:
     """The autoscaling config for the fake multi-node provider, complete (the autoscaler
     reads it as it is: the wheel has no fake_multi_node/example.yaml to fill defaults from).
-    The head type must be named ray.head.default (the fake provider's head node type)."""
+    The head type must be named ray.head.default (the fake provider's head node type).
+    ``idle_minutes``: 60 keeps workers up until the test stops the cluster."""
     return {
         "cluster_name": "raysae-rehearsal",
         "max_workers": MAX_WORKERS,
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 60,  # workers stay up until the test stops the cluster
+        "idle_timeout_minutes": idle_minutes,
         "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True,
@@ -238,6 +253,18 @@ def cluster_nodes(env: dict, address: str) -> list[dict] | str:
         if line.startswith("NODES "):
             return json.loads(line[6:])
     return (out.stdout + out.stderr)[-3000:]
+
+
+def wait_for_no_workers(env: dict, address: str, timeout: float) -> list[dict] | str:
+    """ray.nodes() once no worker is alive, or as it is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = cluster_nodes(env, address)
+        alive = [n for n in nodes if n["Alive"] and n["Resources"].get("GPU", 0) > 0] \
+            if isinstance(nodes, list) else [None]
+        if not alive or time.monotonic() > deadline:
+            return nodes
+        time.sleep(5)
 
 
 def search_command(model: str, corpus: str, address: str, gpus_per_trial: str | None) -> list:
@@ -428,7 +455,9 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
     terminate_dir = workdir / "terminate-requests" if scenario == "worker-kill" else None
     if terminate_dir:
         terminate_dir.mkdir(exist_ok=True)
-    config.write_text(yaml.safe_dump(autoscaler_config(gcs, terminate_dir), sort_keys=False))
+    staged = scenario in ("keep-nodes", "lose-nodes")
+    config.write_text(yaml.safe_dump(autoscaler_config(
+        gcs, terminate_dir, IDLE_MINUTES if staged else 60), sort_keys=False))
     token = workdir / "auth_token"  # a private token: the documented cluster runs token mode
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -459,10 +488,12 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
         cmd = search_command(model, corpus, gcs, gpus_per_trial)
         if scenario == "live":
             cmd += ["--live"]
+        elif staged:
+            cmd += STAGED_ARGS + (["--no-keep-nodes"] if scenario == "lose-nodes" else [])
         elif scenario != "plain":
             cmd += FAULT_ARGS
         summary.update(command=cmd, scenario=scenario)
-        if scenario in ("plain", "live", "fault-baseline"):
+        if scenario in ("plain", "live", "fault-baseline", "keep-nodes", "lose-nodes"):
             rc, timed_out = run_job(cmd, env, head_home, job_log, timeout)
         else:
             fault: dict = {}
@@ -474,6 +505,9 @@ def run(model: str, corpus: str, workdir: Path, timeout: float,
                        results=str(head_home / "results" / JOB_NAME / "analysis"))
         summary["ray_status"] = ray_status(env, gcs)
         summary["nodes"] = cluster_nodes(env, gcs)
+        if scenario == "keep-nodes":  # the hold is released: idle workers now go
+            summary["nodes_after_release"] = wait_for_no_workers(env, gcs, RELEASE_WAIT_S)
+            seconds["released"] = time.perf_counter() - t0
         summary["s3_keys"] = s3_keys(env)
         summary["local_results_tree"] = sorted(
             str(p.relative_to(head_home)) for p in head_home.rglob("*") if p.is_dir())

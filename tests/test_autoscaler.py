@@ -293,6 +293,54 @@ def test_live_search_on_an_autoscaling_cluster(pythia_dir, corpus_dir, tmp_path)
     assert "up to 2 trials at once" in Path(summary["job_log"]).read_text(), why
 
 
+def _staged_run(summary: dict) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """keep-nodes / lose-nodes: the job's table (every stage finished) and the worker nodes
+    right after it, (alive, dead): ray.nodes() lists a removed node as dead."""
+    why = _diagnosis(summary)
+    assert not summary.get("job_timed_out"), f"the search ran past {JOB_TIMEOUT_S} s\n{why}"
+    assert summary.get("job_rc") == 0, f"the search exited {summary.get('job_rc')}\n{why}"
+    trials = pd.read_parquet(Path(summary["results"]) / "trials.parquet")
+    assert {"refs", "search", "promote", "confirm"} <= set(trials["stage"]), why
+    assert trials[trials["stage"] != "search"]["status"].eq("finished").all(), why
+    nodes = summary["nodes"]
+    assert isinstance(nodes, list), nodes
+    workers = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
+    return (trials, [n for n in workers if n["Alive"]],
+            [n for n in workers if not n["Alive"]])
+
+
+def test_idle_workers_are_removed_between_stages_without_the_hold(pythia_dir, corpus_dir,
+                                                                   tmp_path):
+    """The control for the next test: with --no-keep-nodes, while the promotion trains one
+    proposal on one worker for longer than the idle timeout, the other worker is removed
+    (on a real cluster, with its activation cache) and the confirmation runs on a new one."""
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "lose-nodes")
+    trials, alive, dead = _staged_run(summary)
+    why = _diagnosis(summary)
+    assert dead, f"no worker was removed: the rehearsal cannot see the loss\n{why}"
+    used = {s: set(trials[trials["stage"] == s]["node_id"]) for s in ("refs", "confirm")}
+    assert used["confirm"] - used["refs"], (used, why)  # a node launched after the loss
+
+
+def test_the_search_holds_its_workers_until_its_last_stage_ends(pythia_dir, corpus_dir,
+                                                                tmp_path):
+    """The same search with the hold (the default): no worker is removed from the first
+    stage to the last, every stage runs on the nodes the references ran on (their caches),
+    and once the search has ended and released the hold, the idle workers go."""
+    summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "keep-nodes")
+    trials, alive, dead = _staged_run(summary)
+    why = _diagnosis(summary)
+    assert not dead, f"workers removed during the search: {dead}\n{why}"
+    assert len(alive) == MAX_WORKERS, (alive, why)
+    assert set(trials["node_id"]) == {n["NodeID"] for n in alive}, why
+    assert "raysae: holding the cluster at 2 trial(s)" in summary["job_log_tail"] or \
+        "raysae: holding the cluster at 2 trial(s)" in Path(summary["job_log"]).read_text()
+    after = summary["nodes_after_release"]
+    assert isinstance(after, list), after
+    assert not [n for n in after if n["Alive"] and n["Resources"].get("GPU", 0) > 0], (
+        f"the workers outlived the search's hold\n{why}")
+
+
 def test_jsonl_zst_folder_reads_the_text_field(corpus_dir):
     """A folder laid out like a hub dataset repo of .jsonl.zst files (the Pile's format) is
     read as JSON lines: documents are the records' "text", in both splits."""

@@ -203,7 +203,7 @@ def _plan(cfg: JobConfig, sweep: bool, name: str, resources: dict,
         grid = grid_points(cfg.sweep.exponents, lams)
     return SearchPlan(name=name, storage=cfg.run.storage, search=search, spec=spec,
                       grid=grid, results=None if results is None else str(results),
-                      wandb=cfg.run.wandb)
+                      wandb=cfg.run.wandb, keep_nodes=cfg.run.keep_nodes)
 
 
 def trial_spec(cfg: JobConfig, sweep: bool, activations, source, model: str,

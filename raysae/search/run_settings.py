@@ -82,6 +82,12 @@ class RunSettings:
     metrics are still recorded at every --log-every step and every decision taken there
     (the controller, the sparse-step switch) stays on the step count. 0: every logging
     step."""
+    keep_nodes: bool = True
+    """On an autoscaling cluster, hold the nodes the search has grown to until its last
+    stage ends (raysae.search.node_hold), so no worker is removed as idle, with its
+    activation cache, while a later stage will need it; released when the search ends.
+    --no-keep-nodes lets idle nodes go between stages (fewer idle node-hours, a rebuilt
+    cache on each relaunched node)."""
     report: bool = True
     """Write report.html at the end (--no-report skips it)."""
     wandb: str | None = field(default=None, metadata={"const": "raysae"})

@@ -40,6 +40,7 @@ from raysae.results import contract
 from raysae.results.vocabulary import EVALUATED, Stage, Status
 from raysae.search import interrupt
 from raysae.search.multifidelity import halving_stop, stage_rung_tokens
+from raysae.search.node_hold import NodeHold, held_nodes
 from raysae.search.space import penalty_of
 from raysae.search.tracking import close_journal
 from raysae.search.trial.rungs import RUNG_METRIC
@@ -52,10 +53,13 @@ STAGE_SECONDS: dict[str, float] = {}
 
 
 def fit_stage(plan: SearchPlan, stage: Stage, spec, grid, index: int, resume: bool,
-              fetch_to: Path) -> pd.DataFrame:
+              fetch_to: Path, hold: NodeHold | None = None) -> pd.DataFrame:
     """Run (or resume) one stage as its Tune experiment (``grid``: fixed trial configs;
-    empty: Optuna's proposals); its results table, with its wall time recorded."""
+    empty: Optuna's proposals); its results table, with its wall time recorded. ``hold``
+    keeps the cluster at least as large as this stage needs (raysae.search.node_hold)."""
     start = time.perf_counter()
+    if hold is not None:
+        hold.stage(len(grid) or plan.search.num_trials)
     with interrupt.tune_stage():  # a stop signal ends Tune's loop, then raises Interrupted
         result_grid = make_tuner(plan, stage, spec, grid, index, resume).fit()
     frame = results_frame(result_grid, plan.experiment(stage), fetch_to)
@@ -125,29 +129,10 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
                settings: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every stage of the search; write the tables and search.json
     (``settings``: the job's whole config, for the report); return the folder."""
-    frames, fetch = [], Path(results_dir) / contract.FETCHED_DIR
+    fetch = Path(results_dir) / contract.FETCHED_DIR
     STAGE_SECONDS.clear()  # this search's stages only (a process may run several searches)
-    if plan.grid:
-        frames.append(fit_stage(plan, Stage.GRID, plan.spec, plan.grid, 0, resume, fetch))
-    else:
-        refs = fit_stage(plan, Stage.REFS, plan.spec, reference_grid(plan), 0,
-                         resume, fetch)
-        frames.append(refs)
-        spec = plan.spec
-        if spec.lambda_mode == "control":
-            spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
-        proposed, searched = propose(plan, spec, resume, fetch)
-        frames += proposed
-        grid = confirmation_grid(plan, searched)
-        if grid:
-            frames.append(fit_stage(plan, Stage.CONFIRM, spec, grid, 2, resume, fetch))
-        factor = plan.search.budget_check
-        if factor:
-            longer = replace(spec, train=replace(
-                spec.train, total_tokens=int(round(spec.train.total_tokens * factor))))
-            frames.append(fit_stage(plan, Stage.BUDGET, longer,
-                                    budget_grid(plan, searched), 3, resume, fetch
-                                    ).assign(budget=float(factor)))
+    with held_nodes(plan.search, trial_slots(plan.search), plan.keep_nodes) as hold:
+        frames = run_stages(plan, resume, fetch, hold)
     trials = clean_trials(pd.concat(frames, ignore_index=True))
     if "budget" in trials:
         trials["budget"] = trials["budget"].fillna(1.0)
@@ -169,7 +154,35 @@ def run_search(plan: SearchPlan, results_dir: str | os.PathLike, *, resume: bool
     return out
 
 
-def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
+def run_stages(plan: SearchPlan, resume: bool, fetch: Path, hold: NodeHold
+               ) -> list[pd.DataFrame]:
+    """Every stage of the search in order (a sweep: its grid); their results tables."""
+    frames = []
+    if plan.grid:
+        frames.append(fit_stage(plan, Stage.GRID, plan.spec, plan.grid, 0, resume, fetch, hold))
+    else:
+        refs = fit_stage(plan, Stage.REFS, plan.spec, reference_grid(plan), 0,
+                         resume, fetch, hold)
+        frames.append(refs)
+        spec = plan.spec
+        if spec.lambda_mode == "control":
+            spec = replace(spec, reference_ce=reference_ce(refs, plan.search.targets))
+        proposed, searched = propose(plan, spec, resume, fetch, hold)
+        frames += proposed
+        grid = confirmation_grid(plan, searched)
+        if grid:
+            frames.append(fit_stage(plan, Stage.CONFIRM, spec, grid, 2, resume, fetch, hold))
+        factor = plan.search.budget_check
+        if factor:
+            longer = replace(spec, train=replace(
+                spec.train, total_tokens=int(round(spec.train.total_tokens * factor))))
+            frames.append(fit_stage(plan, Stage.BUDGET, longer,
+                                    budget_grid(plan, searched), 3, resume, fetch, hold
+                                    ).assign(budget=float(factor)))
+    return frames
+
+
+def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path, hold: NodeHold | None = None
             ) -> tuple[list[pd.DataFrame], pd.DataFrame]:
     """Optuna's proposals: the search stage and, under successive halving, the promotion
     of the best at the rung to the full budget (``spec``: the references' zero point set).
@@ -178,11 +191,11 @@ def propose(plan: SearchPlan, spec, resume: bool, fetch_to: Path
     stop = halving_stop(plan.search, total, batch)
     searched = fit_stage(plan, Stage.SEARCH, replace(
         spec, rung_tokens=stage_rung_tokens(plan.search, total, batch), stop_tokens=stop), (), 1,
-        resume, fetch_to)
+        resume, fetch_to, hold)
     if not stop:
         return [searched], searched
     promoted = fit_stage(plan, Stage.PROMOTE, spec, promotion_grid(plan, searched), 1,
-                         resume, fetch_to)
+                         resume, fetch_to, hold)
     return [searched, promoted], promoted
 
 

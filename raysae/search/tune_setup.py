@@ -49,6 +49,8 @@ class SearchPlan:
     go there (raysae.search.tracking); None keeps the study in memory."""
     wandb: str | None = None
     """W&B project every trial logs to (RunSettings.wandb); None: no W&B."""
+    keep_nodes: bool = False
+    """Hold an autoscaling cluster's nodes through the search (RunSettings.keep_nodes)."""
 
     def __post_init__(self) -> None:
         check_targets(self.search.targets, self.spec.train.sae.d_sae)
