@@ -1,7 +1,9 @@
 """The report's sentences, each backed by an interval from comparisons.parquet.
 
-A difference is claimed only when its 95% interval excludes 0; otherwise the sentence says
-"no detectable difference" and still gives the interval. Differences are CE(penalty) -
+A difference is claimed only when it is called under false-discovery-rate control across
+the run's comparisons (Benjamini-Hochberg at 5%; raysae.analysis.multiplicity), and the
+interval given is the false-coverage-rate adjusted one, wider than 95%, that agrees with the
+call; otherwise the sentence says "no detectable difference" and still gives the interval. Differences are CE(penalty) -
 CE(reference) at the reference's achieved L0 (basis ``matched_l0``; ``target`` for results
 written before it existed; negative: the penalty is better), paired by seed, searched
 proposals on the seeds that did not choose them (raysae.analysis.confidence).
@@ -80,14 +82,17 @@ def budget_table(comparisons: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def interval_text(row) -> str:
-    """'-0.062 nats [-0.081, -0.043], 3 seeds'."""
+    """'-0.062 nats [-0.081, -0.043] (99.2% FCR-adjusted), 3 seeds'."""
     biased = "" if bool(row.get("fresh_seeds_only", True)) else (
         "; on the replicate that chose it, biased in its favour")
     if not math.isfinite(row["ci_low"]):
         return (f"{row['delta_ce_mean']:+.3f} nats (no interval: {int(row['n_seeds'])} seed"
                 f"{biased})")
-    return (f"{row['delta_ce_mean']:+.3f} nats [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
-            f"{int(row['n_seeds'])} seed{'s' if row['n_seeds'] != 1 else ''}{biased}")
+    level = float(row.get("ci_level", math.nan))
+    adjusted = f" ({level:.1%} FCR-adjusted)" if math.isfinite(level) and level > 0.95 else ""
+    return (f"{row['delta_ce_mean']:+.3f} nats [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+            f"{adjusted}, {int(row['n_seeds'])} seed{'s' if row['n_seeds'] != 1 else ''}"
+            f"{biased}")
 
 
 def verdict(row, reference: str) -> str:

@@ -285,7 +285,7 @@ def _interval_sections(res: pareto.Results) -> list[str]:
         table(ladder, {c: c for c in ladder.columns}, table_id="ladder", left=("label",)),
         ("<p class='note'>Mean CE over seeds (its mean L0, number of SAEs). Each SAE was "
          "trained for its target (lambda driven to it by the controller).</p>"),
-        "<h2>Winner per target L0 (paired differences, 95% intervals)</h2>",
+        "<h2>Winner per target L0 (paired differences, FDR-controlled calls)</h2>",
         table(winners, {c: c for c in winners.columns}, table_id="winners",
               left=("label", "family", *(c for c in winners.columns if c.startswith("vs_")))),
         "<h2>All comparisons</h2>",
@@ -293,12 +293,17 @@ def _interval_sections(res: pareto.Results) -> list[str]:
          "CE read off its own ladder at the reference's achieved held-out L0 (linear in log "
          "L0 between its rungs, never beyond them), seed by seed; <i>target</i>: both trained "
          "for the same target, so an L0 miss counts as CE. A searched proposal's seeds are "
-         "only those that played no part in choosing it.</p>"),
+         "only those that played no part in choosing it. Calls: Benjamini-Hochberg at a 5% "
+         "false discovery rate across every comparison of the run on its basis; intervals: "
+         "false-coverage-rate adjusted to the level shown (Benjamini and Yekutieli 2005), so "
+         "an interval excludes 0 exactly when its row is called. The raw 95% intervals are "
+         "columns ci_low_raw and ci_high_raw of comparisons.parquet.</p>"),
         table(comp, {"label": "penalty", "family": "family", "reference": "vs",
                      "basis": "basis", "target_l0": "target L0 (– = ladder mean)",
                      "l0_reference": "at L0", "n_seeds": "seeds",
-                     "delta_ce_mean": "ΔCE", "ci_low": "95% low", "ci_high": "95% high",
-                     "significant": "excludes 0", "interval": "noise covered",
+                     "delta_ce_mean": "ΔCE", "ci_low": "adjusted low", "ci_high": "adjusted high",
+                     "ci_level": "level", "significant": "called (FDR 5%)",
+                     "significant_raw": "95% excludes 0", "interval": "noise covered",
                      "fresh_seeds_only": "fresh seeds only"},
               table_id="comparisons"),
         *_budget_section(res.comparisons),
