@@ -23,6 +23,7 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from planted import planted_batches  # noqa: E402
+from record import FINDINGS, write_record  # noqa: E402
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig  # noqa: E402
 from raysae.core.ladder import LadderTrainer  # noqa: E402
@@ -53,7 +54,8 @@ def seconds_per_step(t: LadderTrainer, batches: list, skip: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per series")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=FINDINGS / "compile_check.json",
+                        help="where the record goes (default: the committed findings)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as a trial (TrialSpec.torch_threads)
     load = os.getloadavg()[0]
@@ -80,12 +82,7 @@ def main() -> None:
         print(f"{case:<10} {eager * 1e3:>9.2f} {compiled * 1e3:>12.2f} "
               f"{first.compile_seconds:>10.1f} {again.compile_seconds:>8.1f} {even:>17.0f}")
     print(f"load after {os.getloadavg()[0]:.2f}")
-    if args.json:
-        from raysae import io
-
-        io.write_json(args.json, {"torch": torch.__version__, "load_before": load,
-                                  "load_after": os.getloadavg()[0], "rows": rows,
-                                  "default_trial_steps": DEFAULT_STEPS})
+    write_record(args.json, {"rows": rows, "default_trial_steps": DEFAULT_STEPS}, load)
 
 
 if __name__ == "__main__":

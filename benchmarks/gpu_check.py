@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bare_loop import CASES, PRECISIONS, bare_loop, raysae_ladder, shape
+from record import write_record
 from timing import median_times
 
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig
@@ -335,9 +336,7 @@ def main() -> None:
     if args.out:
         args.out.write_text("\n".join(lines))
     if args.json:
-        from raysae import io
-
-        io.write_json(args.json, {**record, "load_after": os.getloadavg()[0]})
+        write_record(args.json, record, record["load_before"])
 
 
 if __name__ == "__main__":

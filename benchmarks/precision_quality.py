@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from record import FINDINGS, write_record
 from scipy import stats
 from trial_work import local_spec, train_and_evaluate
 
@@ -40,7 +43,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--targets", type=float, nargs="+", default=[16.0, 64.0])
     parser.add_argument("--label", default="sqrt", help="a reference point's label")
-    parser.add_argument("--out", default=None, help="also write the rows as Parquet here")
+    parser.add_argument("--json", type=Path, default=FINDINGS / "precision_quality.json",
+                        help="where the record goes (default: the committed findings)")
     args = parser.parse_args()
     points = dict(zip([label for label, _, _ in reference_points()], reference_configs(),
                       strict=True))
@@ -48,7 +52,7 @@ def main() -> None:
         parser.error(f"--label {args.label!r}: one of {sorted(points)}")
     point = points[args.label]
     spec = local_spec(targets=tuple(args.targets))
-    rows = []
+    load, rows, summary = os.getloadavg()[0], [], []
     for seed in args.seeds:
         for bf16 in ("off", "on"):
             start = time.perf_counter()
@@ -67,11 +71,15 @@ def main() -> None:
         half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
         spread = part[("ce_sae", "fp32")].std(ddof=1)
         dl0 = (part[("l0", "bf16")] / part[("l0", "fp32")] - 1).mean()
+        summary.append({"target_l0": float(target), "n_seeds": n,
+                        "delta_ce_mean": float(d.mean()), "ci_low": float(d.mean() - half),
+                        "ci_high": float(d.mean() + half), "fp32_seed_sd": float(spread),
+                        "l0_ratio_minus_1": float(dl0)})
         print(f"L0 target {target:g}: CE bf16 - fp32 = {d.mean():+.4f} "
               f"[{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] (n={n}); fp32 seed sd "
               f"{spread:.4f}; L0 bf16/fp32 - 1 = {dl0:+.3%}")
-    if args.out:
-        df.to_parquet(args.out)
+    write_record(args.json, {"label": args.label, "summary": summary,
+                             "rows": df.to_dict("records")}, load)
 
 
 if __name__ == "__main__":

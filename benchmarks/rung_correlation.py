@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from record import FINDINGS, write_record
 from scipy import stats
 
 from raysae.search.multifidelity import rung_tokens
@@ -117,6 +118,8 @@ def main() -> None:
                         help="folder of the run (reused when it holds analysis/trials.parquet)")
     parser.add_argument("--proposals", type=int, default=12)
     parser.add_argument("--boot", type=int, default=2000)
+    parser.add_argument("--json", type=Path, default=FINDINGS / "rung_correlation.json",
+                        help="where the record goes (default: the committed findings)")
     args = parser.parse_args()
     trials_file = args.results / "analysis" / "trials.parquet"
     if not trials_file.exists():
@@ -129,6 +132,12 @@ def main() -> None:
     print(f"final objective across proposals: sd {df.attrs['objective_sd']:.4f}, range "
           f"{df.attrs['objective_range']:.4f} nats (seed noise at L0 8: 0.03-0.04)")
     df.to_parquet(args.results / "rung_correlation.parquet")
+    run = json.loads((args.results / "analysis" / "search.json").read_text())["provenance"]
+    write_record(args.json, {"run": str(args.results), "run_commit": run.get("commit"),
+                             "settings": settings,
+                             "objective_sd": df.attrs["objective_sd"],
+                             "objective_range": df.attrs["objective_range"],
+                             "rows": df.to_dict("records")}, None)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_loop import CASES, PRECISIONS, bare_loop, raysae_ladder, shape  # noqa: E402
+from record import FINDINGS, write_record  # noqa: E402
 
 MATMULS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "matmul", "_embedding_bag",
            "_embedding_bag_backward", "_embedding_bag_dense_backward",
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the local default's shape")
     parser.add_argument("--case", action="append", choices=list(CASES), default=None)
     parser.add_argument("--precision", action="append", choices=list(PRECISIONS), default=None)
-    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--json", type=Path, default=FINDINGS / "step_count.json",
+                        help="where the record goes (default: the committed findings)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rows = measure(args.small, tuple(args.case or CASES), tuple(args.precision or PRECISIONS))
@@ -115,11 +117,7 @@ def main() -> None:
         print(f"{r['case']:<6} {r['precision']:<5} {r['series']:<10} {r['ops']:>5} "
               f"{r['full_passes']:>12.1f} {r['non_matmul_gb']:>14.2f} "
               f"{r['passes_vs_bare']:>12.2f} {r['bytes_vs_bare']:>11.2f}")
-    if args.json:
-        from raysae import io
-
-        io.write_json(args.json, {"torch": torch.__version__, "shape": shape(args.small),
-                                  "rows": rows})
+    write_record(args.json, {"shape": shape(args.small), "rows": rows}, None)
 
 
 if __name__ == "__main__":

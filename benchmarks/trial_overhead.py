@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from record import FINDINGS, write_record
 from trial_work import local_spec
 
 from raysae.core.training import train_ladder
@@ -64,7 +65,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=FINDINGS / "trial_overhead.json",
+                        help="where the record goes (default: the committed findings)")
     args = parser.parse_args()
     spec = local_spec()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -85,11 +87,7 @@ def main() -> None:
         rows.append({"series": name, "tokens_per_second": best, "vs_alone": best / base,
                      "all": values})
         print(f"{name:<34} {best:>10,.0f} tokens/s  {best / base:.2f}x alone")
-    if args.json:
-        from raysae import io
-
-        io.write_json(args.json, {"load_before": load, "load_after": os.getloadavg()[0],
-                                  "rows": rows})
+    write_record(args.json, {"rounds": args.rounds, "rows": rows}, load)
 
 
 if __name__ == "__main__":

@@ -139,11 +139,13 @@ class SearchConfig:
     """The L0 ladder: every trial trains one SAE per target, each driven to it."""
     num_trials: int = 12
     """Trials Optuna proposes besides the references (each a whole ladder, to ``rung``)."""
-    rung: float = 0.0625
+    rung: float = 0.125
     """Multi-fidelity: each proposal's ladder is scored (the search's objective, held-out)
     at this fraction of the token budget, and stopped there as ``promote`` says
     (raysae.search.multifidelity). References and confirmations always train to the full budget;
-    0 (the default with objective pareto): proposals do too."""
+    0 (the default with objective pareto): proposals do too. The default is the earliest
+    rung whose score ranked proposals like their final one in benchmarks/rung_correlation.py
+    (findings/benchmarks/rung_correlation.json)."""
     promote: int = 2
     """With ``rung``: K > 0 is successive halving, every proposal stops at the rung and the
     K best there are trained to the full budget (stage ``promote``; the search's cost is
