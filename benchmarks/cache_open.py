@@ -5,7 +5,7 @@ first on a node), each in a fresh process, as Tune starts trials.
 A synthetic float16 cache of ``--gib`` GiB at d = 512 (the pythia-70m preset's width) is
 written once under ``--folder``. The file pages stay in the OS page cache here, so the
 hashing time is CPU-bound (sha256); on a cloud volume it is bounded by the disk instead
-(a 51 GB cache at a gp3 volume's 125 MB/s: about 7 minutes).
+(at a gp3 volume's default 125 MB/s: about 16 s per 2 GB).
 
     python benchmarks/cache_open.py [--gib 2] [--folder /tmp/raysae-cache-open] [--runs 3]
 """

@@ -74,8 +74,9 @@ def shard_files(entry: dict) -> list[tuple[str, str]]:
 
 VERIFIED_STAMP = ".verified.json"
 """In a cache folder: each file's (size, mtime_ns, sha256) as last verified on this node, so
-every trial process after the first on a node skips re-hashing the cache (a 51 GB cache on a
-125 MB/s volume: ~7 minutes per trial). A file whose size or time changed is hashed again."""
+every trial process after the first on a node skips re-hashing the cache (minutes per trial
+for the pythia-70m preset's 411 GB: sha256 ran at 1.75 GB/s on one core here). A file whose
+size or time changed is hashed again."""
 
 
 def _read_stamp(folder: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from raysae.search.gpu_memory import check_gpu_share
 from raysae.settings import UserError
 
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -109,10 +110,14 @@ def _gib(n: float) -> str:
 
 
 def check_cluster(nodes: list[dict], *, cpus: float, gpus: float, memory: int,
-                  address: str | None = None) -> None:
+                  address: str | None = None, gpu_memory_gib: float | None = None) -> None:
     """Refuse a search no node can ever run: one trial's CPU/GPU share or memory estimate
-    above the largest node the cluster has (or, with an autoscaler config, could launch)."""
+    above the largest node the cluster has (or, with an autoscaler config, could launch),
+    or its GPU share too small for that estimate (raysae.search.gpu_memory)."""
     alive = [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", True)]
+    check_gpu_share(_autoscaler_config() or {}, gpus=gpus, need_bytes=memory,
+                    gpu_memory_gib=gpu_memory_gib,
+                    live_gpu=any(float(r.get("GPU", 0) or 0) > 0 for r in alive))
     types = autoscaler_node_types()
     if types is None:  # node types of unknown size: the cluster may grow to fit
         return

@@ -185,6 +185,10 @@ class SearchConfig:
     gpus_per_trial: float | None = None
     """GPU share per trial (default: 0.25 when the cluster has GPUs or its autoscaler can
     launch GPU nodes, else 0)."""
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU of the cluster's GPU nodes, GiB, for the check before any work that
+    a trial's GPU share holds its SAEs (default: from each autoscaler node type's EC2
+    InstanceType, raysae.search.gpu_memory; other node types are not checked)."""
     max_failures: int = 2
     """Retries of a failed trial, from its last checkpoint."""
 
@@ -234,6 +238,10 @@ class SearchConfig:
                                                 and self.gpus_per_trial >= 0),
                 "gpus_per_trial", self.gpus_per_trial, "must be >= 0",
                 "pass a GPU share such as 0.25")
+        require(self.gpu_memory_gib is None or (is_number(self.gpu_memory_gib)
+                                                and self.gpu_memory_gib > 0),
+                "gpu_memory_gib", self.gpu_memory_gib, "must be a number of GiB > 0",
+                "pass one GPU's memory, e.g. {gpu_memory_gib} 24")
         check_log_range("lam_range", self.lam_range, "lambda")
         for name, pair in self.ranges.items():
             self._check_param_range(name, tuple(pair))
@@ -292,7 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "local": {},
     "pythia-70m": {
         "model": "EleutherAI/pythia-70m-deduped", "hook": "blocks.3.hook_resid_post",
-        "corpus": "monology/pile-uncopyrighted", "cache_tokens": 50_000_000,
+        "corpus": "monology/pile-uncopyrighted", "cache_tokens": 400_000_000,
         "cache_dtype": "float16", "eval_blocks": 256, "feature_tokens": 1_000_000,
         "total_tokens": 400_000_000,
         "batch_size": 4096, "targets": (8.0, 16.0, 32.0, 64.0, 128.0, 256.0),

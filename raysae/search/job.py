@@ -21,6 +21,7 @@ from raysae.cluster.ray_env import init_ray
 from raysae.core.config import SAEConfig
 from raysae.results.vocabulary import EVALUATED
 from raysae.search import capacity, interrupt, preflight, stored, tracking
+from raysae.search.cache_plan import cache_rows
 from raysae.search.config import JobConfig
 from raysae.search.stages import run_search
 from raysae.search.storage_files import storage_root
@@ -87,13 +88,6 @@ def prepare_activations(cfg: JobConfig, model: str, on_cluster: bool):
     return str(build_cache(src, progress=True)), dataclasses.asdict(src)
 
 
-def cache_rows(cfg: JobConfig) -> int:
-    """Rows of the cache to build: --cache-tokens, grown to the budget check's longer
-    training so that its SAEs see fresh rows, not the same rows twice."""
-    factor = cfg.search.budget_check or 1.0
-    return max(cfg.activations.cache_tokens, int(round(cfg.train.total_tokens * factor)))
-
-
 def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     """The job: check, prepare, search, report; returns the results folder."""
     name = job_name(cfg, sweep)
@@ -125,7 +119,8 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
 
 
 def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
-    """Before any work on Ray: can some node ever run one trial (CPU, GPU, memory)?"""
+    """Before any work on Ray: can some node ever run one trial (CPU, GPU, memory, the
+    memory of its GPU share)?"""
     search = cfg.search
     gpus = search.gpus_per_trial
     if gpus is None:
@@ -134,7 +129,7 @@ def check_cluster(cfg: JobConfig, sweep: bool, info: dict, d_in: int) -> None:
     memory = capacity.trial_memory_bytes(d_in, d_in * cfg.model.expansion, members,
                                           cfg.train.batch_size)
     capacity.check_cluster(ray.nodes(), cpus=search.cpus_per_trial, gpus=gpus, memory=memory,
-                            address=info.get("address"))
+                            address=info.get("address"), gpu_memory_gib=search.gpu_memory_gib)
 
 
 def check_finished(out: Path) -> None:

@@ -21,7 +21,8 @@ from raysae.settings import UserError, flag_name
 SETTINGS_FILE = "job_settings.json"
 NOT_RESULTS = {
     "run": None,  # the whole section: name, folders, resume, address, report, monitoring
-    "search": {"max_concurrent", "cpus_per_trial", "gpus_per_trial", "max_failures"},
+    "search": {"max_concurrent", "cpus_per_trial", "gpus_per_trial", "gpu_memory_gib",
+               "max_failures"},
     "activations": {"cache"},  # where a cache lies; its settings are checked against the model
 }
 """Settings that do not change a search's results: free to differ on --resume."""
