@@ -3,10 +3,11 @@
 A difference is claimed only when it is called under false-discovery-rate control across
 the run's comparisons (Benjamini-Hochberg at 5%; raysae.analysis.multiplicity), and the
 interval given is the false-coverage-rate adjusted one, wider than 95%, that agrees with the
-call; otherwise the sentence says "no detectable difference" and still gives the interval. Differences are CE(penalty) -
-CE(reference) at the reference's achieved L0 (basis ``matched_l0``; ``target`` for results
-written before it existed; negative: the penalty is better), paired by seed, searched
-proposals on the seeds that did not choose them (raysae.analysis.confidence).
+call; otherwise the sentence says "no detectable difference" and still gives the interval.
+Differences are CE(penalty) - CE(reference) at the reference's achieved L0 (basis
+``matched_l0``; ``target`` for results written before it existed; negative: the penalty is
+better), paired by seed, searched proposals on the seeds that did not choose them
+(raysae.analysis.confidence).
 """
 
 from __future__ import annotations
