@@ -21,7 +21,7 @@ from raysae.cluster.ray_env import init_ray
 from raysae.core.config import SAEConfig
 from raysae.results.vocabulary import EVALUATED
 from raysae.search import capacity, interrupt, preflight, stored, tracking
-from raysae.search.cache_plan import cache_rows
+from raysae.search.cache_plan import cache_rows, longest_training, passes_over_cache
 from raysae.search.config import JobConfig
 from raysae.search.stages import run_search
 from raysae.search.storage_files import storage_root
@@ -97,15 +97,16 @@ def run(cfg: JobConfig, *, sweep: bool = False) -> Path:
     if changed:
         print(f"raysae: --resume-changed: continuing {name!r} with changed settings: "
               f"{'; '.join(changed)}", flush=True)
-    acts, total = cfg.activations, cfg.train.total_tokens
+    acts = cfg.activations
     if cache_rows(cfg) > acts.cache_tokens and not (acts.live or acts.cache):
         print(f"raysae: --budget-check {cfg.search.budget_check:g}: the cache holds "
               f"{cache_rows(cfg)} rows, so the longer SAEs see each row once", flush=True)
-    if not (acts.live or acts.cache) and acts.cache_tokens < total:
-        print(f"raysae: note: each SAE trains on {total} tokens from a cache of "
-              f"{acts.cache_tokens} rows, so it sees rows {total / acts.cache_tokens:.1f} "
-              "times and its held-out L0 will overshoot its target; --cache-tokens "
-              f"{total} avoids it", flush=True)
+    passes = None if acts.cache else passes_over_cache(cfg)
+    if passes is not None and passes > 1:
+        print(f"raysae: note: the longest-trained SAE reads {longest_training(cfg)} tokens "
+              f"from a cache of {cache_rows(cfg)} rows, so it sees rows {passes:.1f} times "
+              "and its held-out L0 will overshoot its target; --cache-tokens "
+              f"{longest_training(cfg)} avoids it", flush=True)
     made = preflight.make_dirs(results)
     if "://" not in cfg.run.storage:
         made += preflight.make_dirs(Path(storage_root(cfg.run.storage)) / name)
