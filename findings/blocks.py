@@ -117,3 +117,216 @@ def cluster_cost() -> str:
             f"{b['idle_node_h']:.2f} idle node-hours, ${b['usd_on_demand']:.2f} on demand. "
             f"Computed at {measured_on(d['provenance'])} by `benchmarks/cluster_cost.py`: an "
             "estimate, not a cluster run.\n")
+
+
+@block("benchmarks.precision_quality")
+def precision_quality() -> str:
+    d = read_json("benchmarks/precision_quality.json")
+    rows = [[f"{r['target_l0']:g}", r["n_seeds"],
+             interval(r["delta_ce_mean"], r["ci_low"], r["ci_high"], 4),
+             f"{r['fp32_seed_sd']:.4f}", f"{r['l0_ratio_minus_1']:+.2%}"]
+            for r in d["summary"]]
+    held = all(r["ci_low"] <= 0 <= r["ci_high"] for r in d["summary"])
+    verdict = ("Every interval holds 0: no CE cost of bf16 was detected at this resolution."
+               if held else "An interval excludes 0: bf16 changes CE here.")
+    return (table(rows, ["target L0", "paired seeds", "CE bf16 - fp32 (95% t)",
+                         "fp32 seed sd", "L0 bf16 / fp32 - 1"])
+            + f"\n\n{verdict} Measured on {measured_on(d['provenance'])}.\n")
+
+
+@block("benchmarks.step_count")
+def step_count() -> str:
+    d = read_json("benchmarks/step_count.json")
+    rows = [[r["case"], "raysae" if r["series"] == "raysae" else r["series"], r["ops"],
+             f"{r['full_passes']:.1f}", f"{r['non_matmul_gb']:.2f}",
+             f"{r['passes_vs_bare']:.2f}", f"{r['bytes_vs_bare']:.2f}"]
+            for r in d["rows"] if r["precision"] == "bf16"]
+    return (table(rows, ["case", "series", "ops", "full-size passes", "non-matmul GB",
+                         "passes / bare", "bytes / bare"])
+            + f"\n\nCounted at {measured_on(d['provenance'])}.\n")
+
+
+@block("benchmarks.compile_check")
+def compile_check() -> str:
+    d = read_json("benchmarks/compile_check.json")
+    rows = [[r["case"], f"{r['eager_ms']:.1f}", f"{r['compiled_ms']:.1f}",
+             f"{r['compiled_ms'] / r['eager_ms']:.2f}", f"{r['compile_seconds']:.1f}"]
+            for r in d["rows"]]
+    return (table(rows, ["kind / penalty", "eager ms", "compiled ms", "compiled / eager",
+                         "compile s"])
+            + f"\n\nMeasured on {measured_on(d['provenance'])}.\n")
+
+
+@block("benchmarks.trial_overhead")
+def trial_overhead() -> str:
+    d = read_json("benchmarks/trial_overhead.json")
+    rows = [[r["series"], f"{r['tokens_per_second']:,.0f}", f"{r['vs_alone']:.2f}"]
+            for r in d["rows"]]
+    return (table(rows, ["series", "training tokens per second (best of rounds)",
+                         "vs alone"])
+            + f"\n\nMeasured on {measured_on(d['provenance'])}.\n")
+
+
+# ---------------------------------------------------------------- the default job
+# findings/default_job/: command.txt, search.json, trials.parquet, comparisons.parquet (the
+# run of the README's main job on the final defaults) and timing.json (its wall time beside
+# the same job with one confirmation seed fewer, run back to back on the same machine).
+
+JOB = "default_job"
+
+
+def job_comparisons() -> pd.DataFrame:
+    return read_table(f"{JOB}/comparisons.parquet")
+
+
+def job_trials() -> pd.DataFrame:
+    return read_table(f"{JOB}/trials.parquet")
+
+
+def _claims():
+    from raysae.analysis import claims  # the report's own sentences and tables
+    return claims
+
+
+def _call(row) -> str:
+    if not bool(row["significant"]):
+        return "n.s."
+    return "better" if row["delta_ce_mean"] < 0 else "worse"
+
+
+@block("default_job.answer")
+def default_job_answer() -> str:
+    claims = _claims()
+    items = claims.headline(job_comparisons())
+    return "\n".join(f"- {markdown(item)}" for item in items) + "\n"
+
+
+@block("default_job.run")
+def default_job_run() -> str:
+    search = read_json(f"{JOB}/search.json")
+    trials = job_trials()
+    prov = search.get("provenance", {})
+    hw = prov.get("hardware", {})
+    stages = prov.get("stage_seconds", {})
+    saes = int((trials["status"] == "finished").sum())
+    stopped = trials[trials["status"] == "stopped"]
+    at_rung = int((stopped["rung_tokens"] == stopped["tokens_seen"]).sum())
+    per_stage = trials.groupby("stage", sort=False)["tune_trial_id"].nunique()
+    command = (HERE / JOB / "command.txt").read_text().strip()
+    stage_text = ", ".join(f"{name.rsplit('_', 1)[-1]} {sec:.0f} s"
+                           for name, sec in stages.items())
+    stage_trials = ", ".join(f"{n} {stage}" for stage, n in per_stage.items())
+    return (f"`{command}` at commit {prov.get('commit', '?')}: "
+            f"{trials['tune_trial_id'].nunique()} trials ({stage_trials}), {saes} finished "
+            f"SAEs; the {len(stopped)} proposals stopped at their rung keep none, and "
+            f"{at_rung} of them record as `rung_tokens` the tokens they had seen "
+            f"({', '.join(f'{x:,}' for x in sorted(set(stopped['tokens_seen'])))}). "
+            f"Stages: {stage_text} "
+            f"({sum(stages.values()):.0f} s in all) on {hw.get('cpu_count', '?')} cores "
+            f"({hw.get('cpu', '?')}), torch "
+            f"{prov.get('versions', {}).get('torch', '?')}.\n")
+
+
+@block("default_job.matrices")
+def default_job_matrices() -> str:
+    claims = _claims()
+    comparisons = job_comparisons()
+    out = []
+    for ref in claims.comparison_references():
+        m = claims.reference_matrix(comparisons, ref)
+        if not len(m):
+            continue
+        header = ["label \\ target L0", *("ladder" if c == "ladder" else f"{c:g}"
+                                           for c in m.columns)]
+        rows = []
+        for label, row in m.iterrows():
+            cells = []
+            for cell in row:
+                if not isinstance(cell, tuple):
+                    cells.append("–")
+                    continue
+                delta, call = cell
+                cells.append({-1: f"**{delta:+.3f}** better", 1: f"{delta:+.3f} worse",
+                              0: f"{delta:+.3f} ·"}[call])
+            rows.append([label, *cells])
+        out.append(f"Against **{ref}**:\n\n" + table(rows, header))
+    return "\n\n".join(out) + "\n"
+
+
+@block("default_job.multiplicity")
+def default_job_multiplicity() -> str:
+    claims = _claims()
+    c = claims.claim_rows(job_comparisons())
+    c = c[c["ci_level"].notna()]
+    # each comparison once (sqrt vs L1 and L1 vs sqrt are one), as the family counts them
+    seen, rows = set(), []
+    for _, r in c.iterrows():
+        key = (frozenset((r["label"], r["reference"])), r["target_l0"] if
+               pd.notna(r["target_l0"]) else "ladder")
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+    family = pd.DataFrame(rows)
+    raw, adjusted = int(family["significant_raw"].sum()), int(family["significant"].sum())
+    changed = family[family["significant_raw"].astype(bool) != family["significant"].astype(bool)]
+    text = (f"Of the run's {len(family)} comparisons on the claims' basis (`matched_l0`, each "
+            f"pair once), {raw} exclude 0 by their own 95% interval and {adjusted} are called "
+            f"under Benjamini-Hochberg at a 5% false discovery rate; the called rows' "
+            f"intervals are widened to the {family['ci_level'].iloc[0]:.2%} false-coverage "
+            "level.")
+    if not len(changed):
+        return text + " No call changes.\n"
+    lines = [[r["label"], r["reference"],
+              "ladder" if pd.isna(r["target_l0"]) else f"{r['target_l0']:g}",
+              interval(r["delta_ce_mean"], r["ci_low_raw"], r["ci_high_raw"]),
+              interval(r["delta_ce_mean"], r["ci_low"], r["ci_high"])]
+             for _, r in changed.sort_values(["reference", "label", "target_l0"]).iterrows()]
+    return (text + f" The {len(changed)} calls that change (significant alone, not under "
+            "the rate's control):\n\n"
+            + table(lines, ["label", "against", "target L0", "raw 95%", "adjusted"]) + "\n")
+
+
+@block("default_job.winner")
+def default_job_winner() -> str:
+    claims = _claims()
+    c = claims.claim_rows(job_comparisons())
+    best = claims._best_searched(c[c["target_l0"].isna()])
+    if best is None:
+        return "No searched proposal was confirmed.\n"
+    rows = c[(c["label"] == best)].sort_values(["reference", "target_l0"], na_position="last")
+    lines = [[r["reference"], "ladder" if pd.isna(r["target_l0"]) else f"{r['target_l0']:g}",
+              int(r["n_seeds"]), interval(r["delta_ce_mean"], r["ci_low"], r["ci_high"]),
+              _call(r)] for _, r in rows.iterrows()]
+    return (f"The searched winner, **{best}**, on its fresh seeds only (the seed that chose "
+            "it is left out), against each reference; adjusted intervals:\n\n"
+            + table(lines, ["against", "target L0", "fresh seeds", "CE difference", "call"])
+            + "\n")
+
+
+@block("default_job.l0")
+def default_job_l0() -> str:
+    t = job_trials()
+    t = t[(t["status"] == "finished") & t["target_l0"].notna()]
+    miss = (t["l0"] / t["target_l0"] - 1.0)
+    rows = []
+    for label, g in t.assign(miss=miss).groupby("label"):
+        within = int((g["miss"].abs() <= 0.05).sum())
+        worst = g.loc[g["miss"].abs().idxmax(), "miss"]
+        rows.append([label, f"{within} of {len(g)}", f"{g['miss'].abs().mean():.1%}",
+                     f"{worst:+.1%}"])
+    return (table(rows, ["label", "within 5% of target", "mean abs. miss", "worst miss"])
+            + "\n\nHeld-out L0 against each SAE's target L0.\n")
+
+
+@block("default_job.seeds_price")
+def default_job_seeds_price() -> str:
+    d = read_json(f"{JOB}/timing.json")
+    rows = [[r["label"], r["seeds"], r["trials"], f"{r['wall_s']:.0f}",
+             ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()),
+             f"{r['load_start']:.1f} -> {r['load_end']:.1f}"] for r in d["runs"]]
+    before, after = d["runs"][0], d["runs"][1]
+    return (table(rows, ["run", "--seeds", "trials", "wall s", "stage s", "load"])
+            + f"\n\nThe default's fourth seed costs {after['wall_s'] - before['wall_s']:.0f} s "
+            f"of wall time, {after['wall_s'] / before['wall_s']:.2f}x the three-seed job's; "
+            f"both back to back on {d['machine']}, commit {d['commit'][:7]}, nothing else "
+            "running.\n")

@@ -337,7 +337,7 @@ def test_twenty_concurrent_trials_on_two_cpus(tiny_model_dir, tmp_path):
     assert set(trials["status"]) == {"finished"}, trials["status"].value_counts()
     assert trials["ce_sae"].notna().all() and (tmp_path / "results" / "report.html").exists()
     assert load["max_alive_trials"] >= 10  # they really ran side by side
-    assert load["peak_rss_mib"] < 3072  # bounded: measured ~1.2 GiB (README, Reliability)
+    assert load["peak_rss_mib"] < 3072  # bounded: measured ~1.2 GiB (docs/reliability.md)
     written = [tmp_path / "results", tmp_path / "tune", default_cache_root()]
     for path in (p for folder in written for p in folder.rglob("*") if p.is_file()):
         assert marker.encode() not in path.read_bytes(), f"credential written to {path}"

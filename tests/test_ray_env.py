@@ -194,7 +194,8 @@ print("INFO" + json.dumps({"url": url, "hosts": hosts, "codes": codes}))
 
 def test_embedded_local_ray_dashboard_on_loopback_with_token_auth():
     """The default path (no cluster): the dashboard listens on 127.0.0.1 only and asks for
-    Ray's token. (Ray's own gRPC servers listen on all interfaces; see README, Security.)"""
+    Ray's token. (Ray's own gRPC servers listen on all interfaces; see docs/reliability.md,
+    Security.)"""
     tmp = tempfile.mkdtemp(prefix="rs")
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items()

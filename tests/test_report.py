@@ -20,7 +20,7 @@ import pytest
 from test_pareto import SPACE, TARGETS, make_results, make_trials
 
 from raysae import cli
-from raysae.analysis import pareto, report
+from raysae.analysis import claims, pareto, report
 from raysae.core.metrics import metric_names
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -45,7 +45,8 @@ def test_page_states_the_answer_from_pareto(results):
     assert "3 diverged or errored" in text and "64 finished SAEs" in text
     n_img = len(re.findall(r'<img [^>]*src="data:image/png;base64,', text))
     assert n_img == len(list((root / "figures").glob("*.png"))) == 10
-    assert text.index("Frontier") < text.index('id="summary"') < text.index("Search history")
+    assert (text.index("class='headline'") < text.index("Against each reference")
+            < text.index("Frontier") < text.index("Search history") < text.index('id="summary"'))
     assert "search.num_trials" in text and "http" not in text  # settings shown; nothing external
 
 
@@ -251,6 +252,16 @@ def test_report_claims_carry_intervals(tmp_path):
     for table_id in ("ladder", "winners", "comparisons", "per_seed"):
         assert f'id="{table_id}"' in text
     assert "No provenance recorded" in text
+    # The matrix against L1 says the same as the claims: better at 16 (called), n.s. at 8.
+    comparisons = pd.read_parquet(tmp_path / "comparisons.parquet")
+    m = claims.reference_matrix(comparisons, "L1")
+    assert m.at["sqrt", 16.0][1] == -1 and m.at["sqrt", 8.0][1] == 0
+    matrix = text[text.index("id='matrix-L1'"):]
+    matrix = matrix[:matrix.index("</table>")]
+    row = matrix[matrix.index(">sqrt</td>"):]
+    row = row[:row.index("</tr>")]
+    assert row.count("class='good'") >= 1 and "class='ns'" in row
+    assert text.index("Against each reference") < text.index("<details>")
 
 
 def test_stopped_proposals_are_counted_apart_from_failures(tmp_path):

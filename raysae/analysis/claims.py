@@ -208,3 +208,25 @@ def ladder_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = ["budget_table", "claim_rows", "comparison_references", "fixed_labels", "headline",
            "interval_text", "ladder_table", "target_winners", "verdict", "np"]
+
+
+def reference_matrix(comparisons: pd.DataFrame | None, reference: str) -> pd.DataFrame:
+    """Every label against ``reference`` on the claims' basis: one row per label, one
+    column per target L0 and ``ladder`` (the mean over the ladder). Each cell is
+    ``(difference, call)``: call -1 the label is better (called), +1 worse (called), 0 no
+    detectable difference, None no comparison."""
+    c = claim_rows(comparisons)
+    if c is None or not len(c):
+        return pd.DataFrame()
+    c = c[c["reference"] == reference]
+    if not len(c):
+        return pd.DataFrame()
+    targets = sorted(c["target_l0"].dropna().unique())
+    columns = [*targets, "ladder"]
+    labels = sorted(c["label"].unique(), key=lambda x: (x not in fixed_labels(), x))
+    out = pd.DataFrame(index=labels, columns=columns, dtype=object)
+    for _, r in c.iterrows():
+        col = "ladder" if pd.isna(r["target_l0"]) else r["target_l0"]
+        call = (-1 if r["delta_ce_mean"] < 0 else 1) if bool(r["significant"]) else 0
+        out.at[r["label"], col] = (float(r["delta_ce_mean"]), call)
+    return out

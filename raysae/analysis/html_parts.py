@@ -27,6 +27,9 @@ th{background:#f1f1ef;text-align:center} td.l,th.l{text-align:left}
 tr:nth-child(even) td{background:#f8f8f6} .good{color:#18794e;font-weight:600}
 .bad{color:#b3261e} .note{color:#666;font-size:.9em}
 .prov td{text-align:left;font-family:monospace;font-size:.85em}
+.matrix td.ns{color:#777} .matrix td.good{background:#e3f3ea} .matrix td.bad{background:#fbe9e7}
+h3{font-size:1em;margin:1.2em 0 .2em} details{margin:.4em 0}
+details>summary{cursor:pointer;font-weight:600;padding:.3em 0;border-bottom:1px solid #eee}
 """
 
 

@@ -227,16 +227,22 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
             "label": "penalty", "lam": "λ", "l0": "L0", y: "CE", f"{y}_L1": "CE of L1 front",
             "saved_vs_L1": "saved vs L1", f"{y}_sqrt": "CE of sqrt front",
             "saved_vs_sqrt": "saved vs sqrt", "n_near": "trials near"}
+    files = ("<p class='note'>The rows behind every table: <a href='trials.parquet'>"
+             "trials.parquet</a>, <a href='comparisons.parquet'>comparisons.parquet</a> "
+             "(this folder).</p>")
     parts = [
         f"<h1>Which sparsity penalty wins?</h1>{subtitle(results_dir, counts)}",
-        f"<div class='headline'>{_claims_or_headline(res, a)}</div>", fig_html[0],
-        *_interval_sections(res),
-        "<h2>Best penalty per target L0</h2>",
+        f"<div class='headline'>{_claims_or_headline(res, a)}</div>",
+        *_matrix_sections(res.comparisons),
+        "<h2>Figures</h2>", *fig_html,
+        "<h2>Tables</h2>", files,
+        *_fold_each(_interval_sections(res)),
+        *_folded(["<h2>Best penalty per target L0</h2>",
         table(a["summary"], summ, ("saved_vs_L1", "saved_vs_sqrt"), "summary"),
         ("<p class='note'>Best = lowest CE among finished SAEs whose L0 is within 25% of the "
          "target; savings compare with a family's front at that SAE's own L0 (positive = "
-         "better). Fronts include threshold sweeps of each family's SAEs.</p>"),
-        *fig_html[1:2], "<h2>Who wins where</h2>",
+         "better). Fronts include threshold sweeps of each family's SAEs.</p>")]),
+        *_folded(["<h2>Who wins where</h2>",
         "<p class='note'>L0 ranges where each family's front has the lowest CE.</p>",
         table(a["wins"], {"family": "family", "l0_from": "from L0", "l0_to": "to L0",
                            "max_margin": "max CE margin"}, table_id="wins"),
@@ -245,21 +251,75 @@ def render(results_dir: Path, res: pareto.Results, a: dict, figs: list) -> str:
         table(a["switch"], {"family": "family", "side": "beats L1", "l0": "L0",
                              "max_gain": "max CE gain", "max_gain_l0": "at L0",
                              "n_crossings": "crossings", "l0_min": "compared from L0",
-                             "l0_max": "to L0"}, table_id="switch"),
-        "<h2>Hypervolume</h2>", table(a["hv"], {"metric": "metric", "family": "family",
-               "n_points": "points", "n_front": "on front", "hypervolume": "hypervolume"}),
+                             "l0_max": "to L0"}, table_id="switch")]),
+        *_folded(["<h2>Hypervolume</h2>", table(a["hv"], {"metric": "metric",
+               "family": "family", "n_points": "points", "n_front": "on front",
+               "hypervolume": "hypervolume"}),
         ("<p class='note'>Area dominated in (log10 L0, metric) space, bounded by a reference "
          "point shared by all families: the maximum of each axis over all finished points plus "
-         f"10% of its range ({_refs(a['hv'])}). Larger is better.</p>"),
-        "<h2>Trials</h2>", table(counts.reset_index(), {c: c for c in
-                                                         ["family", *counts.columns]}),
-        "<h2>Search settings</h2>", table(settings_table(res.search), {"setting": "setting",
-                                                                   "value": "value"},
-                                           table_id="settings", left=("value",)),
-        "<h2>Provenance</h2>", provenance_block(res.search),
-        "<h2>More figures</h2>", *fig_html[2:]]
+         f"10% of its range ({_refs(a['hv'])}). Larger is better.</p>")]),
+        *_folded(["<h2>Trials</h2>", table(counts.reset_index(), {c: c for c in
+                                                         ["family", *counts.columns]})]),
+        *_folded(["<h2>Search settings</h2>", table(settings_table(res.search),
+                                                    {"setting": "setting", "value": "value"},
+                                                    table_id="settings", left=("value",))]),
+        *_folded(["<h2>Provenance</h2>", provenance_block(res.search)])]
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>raysae report"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _folded(section: list[str]) -> list[str]:
+    """A section (its <h2> first) folded into <details>, its heading the summary: the
+    tables are there to check the claims, not to stand between them and the figures."""
+    if not section:
+        return []
+    title = section[0].removeprefix("<h2>").removesuffix("</h2>")
+    return [f"<details><summary>{title}</summary>", *section[1:], "</details>"]
+
+
+def _fold_each(parts: list[str]) -> list[str]:
+    """Each <h2> section of ``parts`` folded on its own (``_folded``)."""
+    sections: list[list[str]] = []
+    for part in parts:
+        if part.startswith("<h2>") or not sections:
+            sections.append([])
+        sections[-1].append(part)
+    return [piece for section in sections for piece in _folded(section)]
+
+
+def _matrix_cell(cell) -> str:
+    if not isinstance(cell, tuple):
+        return "<td class='na'>–</td>"
+    delta, call = cell
+    cls, mark = {-1: ("good", "better"), 1: ("bad", "worse"), 0: ("ns", "n.s.")}[call]
+    return f"<td class='{cls}' title='{mark}'>{delta:+.3f}{'' if call else ' ·'}</td>"
+
+
+def _matrix_sections(comparisons) -> list[str]:
+    """One matrix per reference (label x target L0, and the ladder mean): the difference
+    in CE on the claims' basis and its call, coloured (better, worse, not called)."""
+    out = []
+    for ref in claims.comparison_references():
+        m = claims.reference_matrix(comparisons, ref)
+        if not len(m):
+            continue
+        head = "".join(f"<th>{'ladder' if c == 'ladder' else f'{c:g}'}</th>"
+                       for c in m.columns)
+        rows = "".join(f"<tr><td class='l'>{html.escape(str(label))}</td>"
+                       + "".join(_matrix_cell(cell) for cell in row) + "</tr>"
+                       for label, row in m.iterrows())
+        out.append(f"<h3>Against {html.escape(ref)}</h3><table class='matrix' "
+                   f"id='matrix-{html.escape(ref)}'><thead><tr><th class='l'>label \\ "
+                   f"target L0</th>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    if not out:
+        return []
+    return ["<h2>Against each reference</h2>",
+            ("<p class='note'>CE(label) - CE(reference) in nats at the reference's achieved "
+             "L0, mean over paired seeds (a searched proposal: its fresh seeds only). "
+             "<span class='good'>Green</span>: the label is better, <span class='bad'>red"
+             "</span>: worse, both called under false-discovery-rate control across the "
+             "run; ·: no detectable difference. Intervals: the claims above and the "
+             "comparisons table.</p>"), *out]
 
 
 def _claims_or_headline(res: pareto.Results, a: dict) -> str:

@@ -157,16 +157,17 @@ class TrainConfig:
     no sync): 'on' only; 'auto' keeps their dense decoder, which is faster (README, "The GPU
     path"). 'off' never (dense batched matmuls)."""
     autocast_bf16: Switch = "auto"
-    """Run the dense step's matmuls in bfloat16 autocast: 'auto' on CUDA (faster, and no CE
-    cost was detected: README, "The GPU path"), 'on' everywhere (on CPU: to check its effect on
-    CE), 'off' never. The penalty, the loss and the master weights stay fp32."""
+    """Run the dense step's matmuls in bfloat16 autocast: 'auto' on CUDA (the tensor
+    cores' rate; its CE cost is measured by benchmarks/precision_quality.py,
+    docs/performance.md), 'on' everywhere (on CPU: to check its effect on CE), 'off' never.
+    The penalty, the loss and the master weights stay fp32."""
     compile: Literal["off", "on"] = "off"
     """Compile the dense step's forward, its loss terms and its backward with
     torch.compile (Inductor), once per trial process (its seconds reported as
     ``compile_seconds``): 'on', or 'off' (eager, the reference in tests). The relu sparse
     step is never compiled (on a CPU pair 'on' with --sparse-step off). Off by default:
-    benchmarks/compile_check.py found it faster for the relu kinds but slower for TopK,
-    BatchTopK and JumpReLU on 2 CPU cores, and it is not yet measured on a GPU."""
+    whether it pays depends on the kind and the device (benchmarks/compile_check.py;
+    docs/performance.md)."""
     tf32: bool = True
     """Let CUDA matmuls use TF32 (Ampere and later) during training steps; no effect on
     CPU. Evaluation (spliced CE) always runs at full fp32."""

@@ -8,8 +8,8 @@ reconstruction loss reaches theta the same way through the jump of f.
 
 Why SAELens's and dictionary_learning's settings do not reach a target in raysae's budgets:
 thresholds start at 0.001 and Adam moves them by about one learning rate per step, so a run
-of a thousand steps ends with its L0 wherever the initial thresholds put it (measured here
-with those settings: L0 16-22 for targets 4 and 8 after 600 steps). Here, instead:
+of a thousand steps ends with its L0 wherever the initial thresholds put it
+(benchmarks/kind_l0_check.py measures where a kind lands). Here, instead:
 
 - **thresholds start at the target**: on the first batch every feature of member k gets the
   threshold that keeps round(t_k * B) of the batch's pre-activations, so L0 starts at t_k;
@@ -19,8 +19,7 @@ with those settings: L0 16-22 for targets 4 and 8 after 600 steps). Here, instea
   per step). L0 answers a shift of every threshold within the same step (it is a tail count
   of the pre-activations), so this loop is first order and settles in a few steps.
   Steering lambda alone does not: lambda moves theta only through Adam's momentum, an
-  integrator behind an integrator, and L0 oscillated (measured here: held-out L0 -12% and
-  +14% at targets 64 and 128);
+  integrator behind an integrator, and L0 oscillates;
 - **lambda takes over from the calibration**: lambda_k (the L0 penalty's coefficient, the
   Lagrange multiplier of the L0 budget) grows while delta_k > 0 (the learned thresholds are
   too low for the budget) and shrinks while delta_k < 0, through the trainer's controller

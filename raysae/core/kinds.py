@@ -122,7 +122,7 @@ the CUDA step's ops on a CPU turn it off."""
 
 def _penalty(cfg: TrainConfig, f: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
     """Per-token penalty [K, B]. On CPU in token chunks of ~2 MB so that the penalty's
-    elementwise passes and their backward run in cache (sqrt: ~8% off the step)."""
+    elementwise passes and their backward run in cache rather than in memory."""
     name, floor = cfg.penalty.name, cfg.penalty.grad_floor
     if f.device.type != "cpu" or not CPU_CHUNKS:
         return penalty_per_token(name, f, params, floor, nonnegative=True)

@@ -62,18 +62,15 @@ from raysae.core.transfer import to_compute
 
 SPARSE_STEP_MAX_DENSITY = 1 / 10
 """``sparse_step = "auto"`` uses the sparse step after a logging step whose members' mean L0
-is at most this fraction of d_sae (its cost follows the active entries of all members).
-Measured on 2 CPU cores (benchmarks/train_throughput.py, d_in 512, d_sae 2048, batch 4096):
-sparse / dense step time 0.27 at 2% density, 0.46 at 6%, 0.74 at 12.5%, 1.36 at 25%; at
-the local default (d_in 128, d_sae 512, batch 512, ladder 4..128, mean density 8%): 0.89
-(L1) and 0.65 (sqrt); twice as dense: 1.32 and 0.94."""
+is at most this fraction of d_sae (its cost follows the active entries of all members;
+above about this density the dense step is faster on a CPU: benchmarks/train_throughput.py
+measures the ratio at several densities)."""
 
 FIXED_K_AUTO = False
 """Whether ``sparse_step = "auto"`` picks the fixed-k decoder for TopK and BatchTopK (at most
-``SPARSE_STEP_MAX_DENSITY`` of d_sae per token). Off: benchmarks/gpu_check.py measured it
-slower than the dense decoder everywhere: H200 bf16, d_in 512, d_sae 2048, batch 4096,
-0.25x the dense step's speed on the ladder 8..256 and 0.43x on 8..128; 2 CPU cores, d_sae
-512: 0.50x on 4..128, 0.84-0.95x on 4..16 (embedding_bag's backward sorts the indices)."""
+``SPARSE_STEP_MAX_DENSITY`` of d_sae per token). Off: it was slower than the dense decoder
+wherever benchmarks/gpu_check.py measured it, on a CPU and on a GPU (embedding_bag's
+backward sorts the indices)."""
 
 
 def sparse_step_now(trainer) -> bool:

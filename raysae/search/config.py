@@ -85,7 +85,7 @@ class ActivationSettings:
     cache_tokens: int = 500_000
     """Activation rows in the cache built for the search. The default is the default
     --total-tokens, so no SAE sees a row twice (SAEs fit repeated rows and their held-out
-    L0 overshoots the target; measured in the README)."""
+    L0 overshoots the target)."""
     cache: str | None = None
     """Use this existing activation cache folder (checked against the model, hook and
     context length) instead of building one."""
