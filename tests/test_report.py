@@ -45,8 +45,10 @@ def test_page_states_the_answer_from_pareto(results):
     assert "3 diverged or errored" in text and "64 finished SAEs" in text
     n_img = len(re.findall(r'<img [^>]*src="data:image/png;base64,', text))
     assert n_img == len(list((root / "figures").glob("*.png"))) == 10
-    assert (text.index("class='headline'") < text.index("Against each reference")
-            < text.index("Frontier") < text.index("Search history") < text.index('id="summary"'))
+    # top down: the answer, the figures, then the tables folded away
+    assert (text.index("class='headline'") < text.index("Frontier")
+            < text.index("Search history") < text.index("<details>")
+            < text.index('id="summary"'))
     assert "search.num_trials" in text and "http" not in text  # settings shown; nothing external
 
 
