@@ -201,34 +201,12 @@ def default_job_answer() -> str:
     return "\n".join(f"- {markdown(item)}" for item in items) + "\n"
 
 
-def _listed(rows: pd.DataFrame) -> str:
-    return "; ".join(f"{r['label']} {interval(r['delta_ce_mean'], r['ci_low'], r['ci_high'])}"
-                     for _, r in rows.sort_values("delta_ce_mean").iterrows())
-
-
 @block("default_job.plain")
 def default_job_plain() -> str:
-    """Per target L0: does any penalty reach TopK? (The answer may be that none does.)"""
-    from raysae.core.kinds import baseline_labels
-    claims = _claims()
-    c = claims.claim_rows(job_comparisons())
-    c = c[(c["reference"] == "TopK") & c["target_l0"].notna()
-          & ~c["label"].isin(baseline_labels())]
-    lines = []
-    for target, g in c.groupby("target_l0"):
-        better = g[g["significant"] & (g["delta_ce_mean"] < 0)]
-        worse = g[g["significant"] & (g["delta_ce_mean"] > 0)]
-        if len(better):
-            text = f"better than TopK: {_listed(better)}"
-        elif len(worse) == len(g):
-            closest = g.loc[[g["delta_ce_mean"].idxmin()]]
-            text = f"TopK beats every penalty; the closest: {_listed(closest)}"
-        else:
-            text = "no penalty is detectably better than TopK" + (
-                f"; worse: {_listed(worse)}" if len(worse) else "")
-        lines.append(f"- **L0 {target:g}**: {text}.")
-    return ("CE(penalty) - CE(TopK) at TopK's achieved L0 in nats, FCR-adjusted intervals:"
-            "\n\n" + "\n".join(lines) + "\n")
+    """Per target L0: does any penalty reach TopK? (raysae.analysis.claims.baseline_reach)"""
+    items = _claims().baseline_reach(job_comparisons(), "TopK")
+    return ("CE(penalty) - CE(TopK) at TopK's achieved L0, FCR-adjusted intervals:\n\n"
+            + "\n".join(f"- {markdown(item)}" for item in items) + "\n")
 
 
 @block("default_job.run")

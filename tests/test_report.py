@@ -306,3 +306,20 @@ def test_a_small_job_makes_its_claims_on_matched_l0(tiny_model_dir, ray_local, t
         matched[matched["budget"] == 1.0])
     page = (out / "report.html").read_text()
     assert "sqrt vs L1</b> at each target" in page
+
+
+def test_the_plain_answer_says_target_by_target_whether_a_penalty_reaches_topk():
+    def row(label, target, delta, called):
+        return {"family": label, "label": label, "reference": "TopK", "basis": "matched_l0",
+                "target_l0": target, "n_seeds": 4, "delta_ce_mean": delta,
+                "ci_low": delta - 0.01, "ci_high": delta + 0.01, "significant": called,
+                "ci_level": 0.97, "fresh_seeds_only": True}
+    comparisons = pd.DataFrame([row("sqrt", 8.0, 0.10, True), row("L1", 8.0, 0.15, True),
+                                row("sqrt", 32.0, -0.02, True), row("L1", 32.0, 0.0, False),
+                                row("BatchTopK", 8.0, -0.05, True)])
+    first, second = claims.baseline_reach(comparisons, "TopK")
+    assert first.startswith("<b>L0 8</b>: no penalty is detectably better than TopK; worse: "
+                            "sqrt +0.100 nats")
+    assert "L1 +0.150" in first and "BatchTopK" not in first + second  # baselines apart
+    assert second.startswith("<b>L0 32</b>: better than TopK: sqrt -0.020 nats")
+    assert claims.headline(comparisons)[0].startswith("Does any penalty reach <b>TopK</b>?")

@@ -116,6 +116,9 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
     if c is None or not len(c):
         return []
     items = []
+    reach = baseline_reach(comparisons)
+    if reach:
+        items.append("Does any penalty reach <b>TopK</b>? " + "; ".join(reach) + ".")
     vs_l1 = c[(c["label"] == "sqrt") & (c["reference"] == "L1")]
     per = vs_l1[vs_l1["target_l0"].notna()].sort_values("target_l0")
     if len(per):
@@ -230,3 +233,29 @@ def reference_matrix(comparisons: pd.DataFrame | None, reference: str) -> pd.Dat
         call = (-1 if r["delta_ce_mean"] < 0 else 1) if bool(r["significant"]) else 0
         out.at[r["label"], col] = (float(r["delta_ce_mean"]), call)
     return out
+
+
+def _listed(rows: pd.DataFrame) -> str:
+    return "; ".join(f"{_name(r)} {interval_text(r)}"
+                     for _, r in rows.sort_values("delta_ce_mean").iterrows())
+
+
+def baseline_reach(comparisons: pd.DataFrame | None, baseline: str = "TopK") -> list[str]:
+    """Per target L0: does any penalty reach ``baseline``? The penalties called better than
+    it, or that none is (and which are called worse). The answer may be that none does."""
+    c = claim_rows(comparisons)
+    if c is None or not len(c):
+        return []
+    c = c[(c["reference"] == baseline) & c["target_l0"].notna()
+          & ~c["label"].isin(baseline_labels())]
+    items = []
+    for target, g in c.groupby("target_l0"):
+        better = g[g["significant"].astype(bool) & (g["delta_ce_mean"] < 0)]
+        worse = g[g["significant"].astype(bool) & (g["delta_ce_mean"] > 0)]
+        if len(better):
+            text = f"better than {baseline}: {_listed(better)}"
+        else:
+            text = f"no penalty is detectably better than {baseline}" + (
+                f"; worse: {_listed(worse)}" if len(worse) else "")
+        items.append(f"<b>L0 {target:g}</b>: {text}")
+    return items
