@@ -26,7 +26,7 @@ a cloud console or a spot interruption would; see PROVIDER): the autoscaler laun
 replacement, and Tune retries the trial from its checkpoint. Both fault scenarios train
 longer and checkpoint every few seconds, so the fault lands mid-trial; what the driver had
 seen before the fault goes into the summary. ``keep-nodes`` and ``lose-nodes`` run a search
-whose promotion keeps one worker busy for longer than the autoscaler's idle timeout (30 s
+whose promotion keeps one worker busy for longer than the autoscaler's idle timeout (12 s
 here) between stages that use both: with the driver holding the cluster's size (the
 default) no worker is removed until the search ends, and then both go; ``lose-nodes`` runs
 it with --no-keep-nodes, where the idle worker is removed and another launched later.
@@ -68,12 +68,13 @@ JOB_NAME = "exponent_search"
 TAIL = 8000
 SCENARIOS = ("plain", "live", "fault-baseline", "driver-kill", "worker-kill", "keep-nodes",
              "lose-nodes")
-STAGED_ARGS = ["--total-tokens", "262144", "--expansion", "2", "--log-every", "4",
+STAGED_ARGS = ["--total-tokens", "393216", "--expansion", "2", "--log-every", "4",
                "--num-trials", "2", "--promote", "1", "--rung", "0.25", "--seeds", "2"]
 """keep-nodes / lose-nodes: a search whose stages need different node counts (references
-on both workers, one promoted proposal for a minute on one, the confirmation on both again),
-under an idle timeout (IDLE_MINUTES) shorter than the promotion."""
-IDLE_MINUTES = 0.5
+on both workers, one promoted proposal on one, the confirmation on both again), under an
+idle timeout (IDLE_MINUTES) well under the promotion (which took 24 s at 262144 tokens on a
+2-core Xeon: too close to a 30 s timeout for the loss to show)."""
+IDLE_MINUTES = 0.2
 RELEASE_WAIT_S = 150
 """keep-nodes: how long to wait after the job for the released workers to be removed."""
 FAULT_ARGS = ["--total-tokens", "131072", "--expansion", "2", "--log-every", "4",

@@ -293,9 +293,16 @@ def test_live_search_on_an_autoscaling_cluster(pythia_dir, corpus_dir, tmp_path)
     assert "up to 2 trials at once" in Path(summary["job_log"]).read_text(), why
 
 
+HEAD_RESOURCE = "node:__internal_head__"
+TERMINATED = re.compile(r"^(\S+ \S+),\d+\s.*Terminating the node with id (\S+) .*\(idle\)",
+                        re.M)
+RELEASED = re.compile(r"raysae: released the cluster at (\S+ \S+):")
+
+
 def _staged_run(summary: dict) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """keep-nodes / lose-nodes: the job's table (every stage finished) and the worker nodes
-    right after it, (alive, dead): ray.nodes() lists a removed node as dead."""
+    right after it, (alive, dead): ray.nodes() lists a removed node as dead, with no
+    resources, so a worker is any node but the head."""
     why = _diagnosis(summary)
     assert not summary.get("job_timed_out"), f"the search ran past {JOB_TIMEOUT_S} s\n{why}"
     assert summary.get("job_rc") == 0, f"the search exited {summary.get('job_rc')}\n{why}"
@@ -304,9 +311,19 @@ def _staged_run(summary: dict) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     assert trials[trials["stage"] != "search"]["status"].eq("finished").all(), why
     nodes = summary["nodes"]
     assert isinstance(nodes, list), nodes
-    workers = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
+    workers = [n for n in nodes if HEAD_RESOURCE not in n["Resources"]]
+    head = [n for n in nodes if HEAD_RESOURCE in n["Resources"]]
+    assert len(head) == 1, nodes
     return (trials, [n for n in workers if n["Alive"]],
             [n for n in workers if not n["Alive"]])
+
+
+def _idle_terminations(summary: dict) -> list[tuple[str, str]]:
+    """(local time, node id) of every idle worker the autoscaler terminated, from its log."""
+    logs = sorted(Path(summary["workdir"]).glob("monitor.*"))
+    text = "\n".join(p.read_text(errors="replace") for p in logs) or summary[
+        "autoscaler_log_tail"]
+    return TERMINATED.findall(text)
 
 
 def test_idle_workers_are_removed_between_stages_without_the_hold(pythia_dir, corpus_dir,
@@ -317,28 +334,35 @@ def test_idle_workers_are_removed_between_stages_without_the_hold(pythia_dir, co
     summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "lose-nodes")
     trials, alive, dead = _staged_run(summary)
     why = _diagnosis(summary)
-    assert dead, f"no worker was removed: the rehearsal cannot see the loss\n{why}"
+    assert dead and _idle_terminations(summary), (
+        f"no worker was removed: the rehearsal cannot see the loss\n{why}")
     used = {s: set(trials[trials["stage"] == s]["node_id"]) for s in ("refs", "confirm")}
     assert used["confirm"] - used["refs"], (used, why)  # a node launched after the loss
+    assert "released the cluster" not in Path(summary["job_log"]).read_text()
 
 
 def test_the_search_holds_its_workers_until_its_last_stage_ends(pythia_dir, corpus_dir,
                                                                 tmp_path):
-    """The same search with the hold (the default): no worker is removed from the first
-    stage to the last, every stage runs on the nodes the references ran on (their caches),
-    and once the search has ended and released the hold, the idle workers go."""
+    """The same search with the hold (the default): the autoscaler terminates no worker
+    before the search releases the hold after its last stage, every stage runs on the nodes
+    the references ran on (their caches), and once released, the idle workers go."""
     summary = _run_rehearsal(pythia_dir, corpus_dir, tmp_path, "keep-nodes")
-    trials, alive, dead = _staged_run(summary)
+    trials, _alive, _dead = _staged_run(summary)
     why = _diagnosis(summary)
-    assert not dead, f"workers removed during the search: {dead}\n{why}"
-    assert len(alive) == MAX_WORKERS, (alive, why)
-    assert set(trials["node_id"]) == {n["NodeID"] for n in alive}, why
-    assert "raysae: holding the cluster at 2 trial(s)" in summary["job_log_tail"] or \
-        "raysae: holding the cluster at 2 trial(s)" in Path(summary["job_log"]).read_text()
+    log = Path(summary["job_log"]).read_text()
+    assert "raysae: holding the cluster at 2 trial(s)" in log, why
+    released = RELEASED.findall(log)
+    assert len(released) == 1, (released, why)
+    terminated = _idle_terminations(summary)
+    early = [(t, node) for t, node in terminated if t < released[0]]
+    assert not early, f"workers removed before the hold was released: {early}\n{why}"
+    used = {s: set(trials[trials["stage"] == s]["node_id"]) for s in set(trials["stage"])}
+    assert all(nodes <= used["refs"] for nodes in used.values()), (used, why)
     after = summary["nodes_after_release"]
     assert isinstance(after, list), after
     assert not [n for n in after if n["Alive"] and n["Resources"].get("GPU", 0) > 0], (
         f"the workers outlived the search's hold\n{why}")
+    assert len(terminated) >= len(used["refs"]), (terminated, why)  # then they all went
 
 
 def test_jsonl_zst_folder_reads_the_text_field(corpus_dir):

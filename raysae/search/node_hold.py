@@ -14,6 +14,7 @@ as before. It is a no-op without an autoscaler (a local Ray, a fixed cluster).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import ray
@@ -54,6 +55,8 @@ class NodeHold:
         if self.active and self.held and ray.is_initialized():
             request_resources(bundles=[])
             self.held = 0
+            print(f"raysae: released the cluster at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  "idle workers now end after the autoscaler's idle timeout", flush=True)
 
 
 def holds_nodes(keep_nodes: bool) -> bool:
