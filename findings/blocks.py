@@ -204,8 +204,11 @@ def default_job_answer() -> str:
 @block("default_job.plain")
 def default_job_plain() -> str:
     """Per target L0: does any penalty reach TopK? (raysae.analysis.claims.baseline_reach)"""
-    items = _claims().baseline_reach(job_comparisons(), "TopK")
-    return ("CE(penalty) - CE(TopK) at TopK's achieved L0, FCR-adjusted intervals:\n\n"
+    claims = _claims()
+    baseline = claims.first_baseline()
+    items = claims.baseline_reach(job_comparisons(), baseline)
+    return (f"CE(penalty) - CE({baseline}) at {baseline}'s achieved L0, FCR-adjusted "
+            "intervals:\n\n"
             + "\n".join(f"- {markdown(item)}" for item in items) + "\n")
 
 

@@ -9,6 +9,13 @@ reproduces the records to float tolerance; one that only reorders arithmetic cha
 by ~1e-7 relative, which these short, controller-driven runs amplify (to 1e-1 over 150
 steps for the sqrt and p-anneal cases, measured when the fused penalty came in): such a
 change is re-recorded, with its one-step difference measured first.
+
+Another CPU amplifies the same way: its SIMD kernels and MKL's code path round differently
+(records made on an AMD EPYC missed by up to 0.15 on an Intel Xeon; on one machine, ATen's
+default kernels against its AVX-512 ones moved the sqrt cases by 0.13 after 150 steps). So
+cases are recorded and checked in a child process with the math pinned (``PINNED_ENV``:
+ATen's portable kernels, MKL's conditional-numerical-reproducibility mode COMPATIBLE), which
+x86 CPUs compute alike.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from planted import planted_batches  # noqa: E402
 from raysae.core.config import PenaltyConfig, SAEConfig, TrainConfig  # noqa: E402
 from raysae.core.training import train_ladder  # noqa: E402
 
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Read when torch loads, so set for a child process (``pinned_run``)."""
 RECORDS = Path(__file__).resolve().parent / "records"
 TENSORS, METRICS = RECORDS / "kinds.safetensors", RECORDS / "kinds.json"
 D_IN, D_SAE, STEPS, BATCH = 16, 64, 150, 64
@@ -74,21 +84,35 @@ def run_case(case: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, metrics
 
 
-def write() -> None:
+def run_all(tensors_path: Path, metrics_path: Path) -> None:
+    """Every case, here (call it with the math pinned: ``pinned_run``)."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    RECORDS.mkdir(exist_ok=True)
     tensors, metrics = {}, {}
     for case in CASES:
         t, m = run_case(case)
         tensors.update(t)
         metrics[case] = m
-    save_file(tensors, str(TENSORS))
-    METRICS.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    save_file(tensors, str(tensors_path))
+    metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+
+
+def pinned_run(tensors_path: Path, metrics_path: Path) -> None:
+    """``run_all`` in a child process with ``PINNED_ENV``."""
+    import os
+    import subprocess
+
+    subprocess.run([sys.executable, __file__, "--to", str(tensors_path), str(metrics_path)],
+                   env={**os.environ, **PINNED_ENV}, check=True, timeout=1200)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
+    args = sys.argv[1:]
+    if args == ["--write"]:  # re-record (the math pinned, in a child)
+        RECORDS.mkdir(exist_ok=True)
+        pinned_run(TENSORS, METRICS)
+    elif len(args) == 3 and args[0] == "--to":
+        run_all(Path(args[1]), Path(args[2]))
+    else:
         raise SystemExit("usage: python tests/kind_records.py --write")
-    write()

@@ -125,7 +125,7 @@ def test_gradient_clipping_is_per_member_like_clip_grad_norm():
             a.grad = a.detach().clone()
         torch.nn.utils.clip_grad_norm_(alone, 1.0)
         expected.append([a.grad for a in alone])
-    trainer._clip_grads(1.0)
+    trainer._clip_grads([p.grad for p in params], 1.0)
     for k in range(3):
         for p, want in zip(params, expected[k], strict=True):
             torch.testing.assert_close(p.grad[k], want)

@@ -64,6 +64,9 @@ def test_wandb_offline_run_per_trial_with_member_l0_history(tracked):
     runs = {}
     for path in (results / "wandb").glob("offline-run-*/run-*.wandb"):
         info = wandb_records.run_info(path)
+        if not info:  # a file W&B opened and closed with no run record (seen once under
+            assert not wandb_records.history(path), path  # load, from the resumed run):
+            continue  # it must hold nothing a reader would miss
         runs.setdefault(info["run_id"], []).append(path)
     # One run per Tune trial (the resume reran none), grouped by search, typed by stage.
     assert set(runs) == set(trials["tune_trial_id"]), sorted(runs)

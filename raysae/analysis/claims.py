@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raysae.analysis.confidence import REFERENCES
-from raysae.core.kinds import baseline_labels
+from raysae.core.kinds import KINDS, baseline_labels, default_baselines
 from raysae.core.penalties import reference_points
 from raysae.results.vocabulary import Status
 
@@ -118,7 +118,8 @@ def headline(comparisons: pd.DataFrame | None) -> list[str]:
     items = []
     reach = baseline_reach(comparisons)
     if reach:
-        items.append("Does any penalty reach <b>TopK</b>? " + "; ".join(reach) + ".")
+        items.append(f"Does any penalty reach <b>{first_baseline()}</b>? "
+                     + "; ".join(reach) + ".")
     vs_l1 = c[(c["label"] == "sqrt") & (c["reference"] == "L1")]
     per = vs_l1[vs_l1["target_l0"].notna()].sort_values("target_l0")
     if len(per):
@@ -240,9 +241,19 @@ def _listed(rows: pd.DataFrame) -> str:
                      for _, r in rows.sort_values("delta_ce_mean").iterrows())
 
 
-def baseline_reach(comparisons: pd.DataFrame | None, baseline: str = "TopK") -> list[str]:
-    """Per target L0: does any penalty reach ``baseline``? The penalties called better than
-    it, or that none is and the closest one. The answer may be that none does."""
+def first_baseline() -> str | None:
+    """The label of the first baseline kind of the default search (TopK today): the one
+    the plain answer measures every penalty against."""
+    labels = [KINDS[name].label for name in default_baselines()]
+    return labels[0] if labels else None
+
+
+def baseline_reach(comparisons: pd.DataFrame | None, baseline: str | None = None
+                   ) -> list[str]:
+    """Per target L0: does any penalty reach ``baseline`` (default: ``first_baseline``)?
+    The penalties called better than it, or that none is and the closest one. The answer
+    may be that none does."""
+    baseline = baseline or first_baseline()
     c = claim_rows(comparisons)
     if c is None or not len(c):
         return []
