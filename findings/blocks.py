@@ -197,7 +197,8 @@ def _call(row) -> str:
 @block("default_job.answer")
 def default_job_answer() -> str:
     claims = _claims()
-    items = claims.headline(job_comparisons())
+    reach = "Does any penalty reach"  # its own block, default_job.plain, lists it by target
+    items = [i for i in claims.headline(job_comparisons()) if not i.startswith(reach)]
     return "\n".join(f"- {markdown(item)}" for item in items) + "\n"
 
 
