@@ -3,6 +3,7 @@ from its bytes and fed its seed's stream from the row it reached ends bit for bi
 the uninterrupted ladder ends, for every kind (the controller, the sparse-step switch, the
 dead-feature counters, JumpReLU's calibration and BatchTopK's threshold included)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,7 +111,8 @@ def _running_with_checkpoint(experiment) -> float | None:
         result = trial / "result.json"
         last = result.read_text().splitlines()[-1:] if result.exists() else []
         if checkpoints and last and json.loads(last[0]).get("status") == "running":
-            return checkpoints[0].stat().st_mtime
+            with contextlib.suppress(FileNotFoundError):  # Tune may drop an older one
+                return checkpoints[0].stat().st_mtime  # between the listing and now
     return None
 
 
