@@ -272,15 +272,8 @@ def default_job_multiplicity() -> str:
     claims = _claims()
     c = claims.claim_rows(job_comparisons())
     c = c[c["ci_level"].notna()]
-    # each comparison once (sqrt vs L1 and L1 vs sqrt are one), as the family counts them
-    seen, rows = set(), []
-    for _, r in c.iterrows():
-        key = (frozenset((r["label"], r["reference"])), r["target_l0"] if
-               pd.notna(r["target_l0"]) else "ladder")
-        if key not in seen:
-            seen.add(key)
-            rows.append(r)
-    family = pd.DataFrame(rows)
+    from raysae.analysis.multiplicity import pair_key  # each comparison once, as the family
+    family = c[~c.apply(pair_key, axis=1).duplicated()]
     raw, adjusted = int(family["significant_raw"].sum()), int(family["significant"].sum())
     changed = family[family["significant_raw"].astype(bool) != family["significant"].astype(bool)]
     text = (f"Of the run's {len(family)} comparisons on the claims' basis (`matched_l0`, each "

@@ -56,6 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isolated import pids_using  # noqa: E402
+from rehearsal_provider import NODE_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "raysae-rehearsal"
@@ -84,9 +85,6 @@ mid-trial with a checkpoint to resume from (later flags override the plain comma
 PROVIDER = "rehearsal_provider.TerminableFakeProvider"
 """worker-kill's provider: the fake one, plus termination requested from outside (a file
 per node id; see tests/rehearsal_provider.py), as a cloud console terminates an instance."""
-NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"
-"""The fake provider starts each worker's raylet with its node id in this variable; the
-raylet's workers and agents inherit it, which marks every process of that node."""
 
 
 def free_port() -> int:

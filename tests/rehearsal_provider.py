@@ -27,7 +27,8 @@ from isolated import pids_using
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
 NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"
-"""The fake provider's marker of a node's processes (as tests/autoscaler_rehearsal.py)."""
+"""The fake provider starts each worker's raylet with its node id in this variable; the
+raylet's workers and agents inherit it, which marks every process of that node."""
 
 logger = logging.getLogger(__name__)
 

@@ -65,6 +65,14 @@ def p_value(mean: float, terms: list[tuple[float, float]]) -> float:
     return 1.0 - (low + high) / 2
 
 
+def pair_key(row) -> tuple:
+    """One comparison, whichever way it was made: sqrt against L1 and L1 against sqrt at the
+    same target L0 (or both over the ladder) share this key."""
+    target = row["target_l0"]
+    return (frozenset((row["label"], row["reference"])),
+            target if math.isfinite(target) else "ladder")
+
+
 def control(rows: list[dict], q: float = FDR_Q) -> list[dict]:
     """Benjamini-Hochberg calls and false-coverage-rate intervals over ``rows`` (one family;
     each row has ``delta_ce_mean``, ``interval``, ``ci_low``, ``ci_high``, ``significant``
@@ -72,9 +80,7 @@ def control(rows: list[dict], q: float = FDR_Q) -> list[dict]:
     family = [r for r in rows if r["interval"] in CALLABLE and r["_terms"]]
     pairs: dict[tuple, list[dict]] = {}  # a comparison made in both directions counts once
     for row in family:
-        key = (frozenset((row["label"], row["reference"])), row["target_l0"])
-        pairs.setdefault(key if math.isfinite(row["target_l0"]) else (key[0], "ladder"),
-                         []).append(row)
+        pairs.setdefault(pair_key(row), []).append(row)
     first = [group[0] for group in pairs.values()]
     pvals = np.array([p_value(r["delta_ce_mean"], r["_terms"]) for r in first])
     adjusted = stats.false_discovery_control(pvals, method="bh") if len(first) else pvals
